@@ -1,0 +1,451 @@
+"""The training configuration: pico-train's sections, keys and defaults, as dataclasses.
+
+A pico-train YAML file loads unchanged. Keys that only meant something to Lightning Fabric are accepted and
+mapped onto accelerate (or noted as unused); any `transformers.TrainingArguments` field can be passed through
+the extra `training_arguments` block. Unknown keys are errors that name the closest valid key.
+
+    config = load_config("recipes/configs/demo.yaml", ["training.max_steps=50"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..tokenization import OLMO_TOKENIZER_ID
+
+DEFAULT_LAYER_SUFFIXES = ["attention.v_proj", "attention.o_proj", "swiglu.w_2"]
+# The pico-lm suite's global batch: 1024 sequences of 2048 tokens.
+BATCH_SIZE = 1024
+MAX_SEQ_LEN = 2048
+VOCAB_SIZE = 50304
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported before any training work starts."""
+
+
+# --- data -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DatasetConfig:
+    # A Hub dataset id, a local directory or parquet file/glob, or "embedded" (the corpus shipped with
+    # pico-hf). Rows hold `input_ids` of max_seq_len + 1 tokens (or a multiple of max_seq_len, plus one).
+    name: str = "pico-lm/pretokenized-dolma"
+    # None: stream Hub datasets, memory-map local ones.
+    streaming: bool | None = None
+
+
+@dataclass
+class DataLoaderConfig:
+    # Global batch size in sequences, across processes and gradient-accumulation steps.
+    batch_size: int = BATCH_SIZE
+
+
+@dataclass
+class TokenizerConfig:
+    name: str = OLMO_TOKENIZER_ID
+    vocab_size: int = VOCAB_SIZE
+
+
+@dataclass
+class DataConfig:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    dataloader: DataLoaderConfig = field(default_factory=DataLoaderConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+
+# --- model ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    model_type: str = "pico_decoder"
+    d_model: int = 768
+    n_layers: int = 12
+    vocab_size: int = VOCAB_SIZE
+    batch_size: int = BATCH_SIZE
+    max_seq_len: int = MAX_SEQ_LEN
+    attention_n_heads: int = 12
+    attention_n_kv_heads: int | None = 4
+    activation_hidden_dim: int = 3072
+    norm_eps: float = 1e-6
+    position_emb_theta: float = 10000.0
+
+
+# --- training -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FabricConfig:
+    """Lightning Fabric's launch settings. Under accelerate the process count comes from `accelerate launch`;
+    `precision` and `accelerator` still apply."""
+
+    num_nodes: int = 1
+    num_devices: int = 1
+    precision: str = "bf16-mixed"
+    accelerator: str = "cuda"
+
+
+@dataclass
+class OptimizationConfig:
+    optimizer: str = "adamw"
+    lr: float = 3e-4
+    lr_scheduler: str = "linear_with_warmup"
+    lr_warmup_steps: int = 2500
+    gradient_accumulation_steps: int = 128
+
+
+@dataclass
+class TrainingConfig:
+    fabric: FabricConfig = field(default_factory=FabricConfig)
+    optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
+    max_steps: int = 200_000
+
+
+# --- evaluation -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class PalomaEvaluationConfig:
+    dataset_name: str = "pico-lm/pretokenized-paloma-tinsy"
+    dataset_split: str = "val"
+    max_length: int = MAX_SEQ_LEN
+    batch_size: int = 16
+
+
+@dataclass
+class EvaluationConfig:
+    metrics: list[str] | None = field(default_factory=lambda: ["paloma"])
+    paloma: PalomaEvaluationConfig = field(default_factory=PalomaEvaluationConfig)
+
+
+# --- monitoring -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoggingConfig:
+    log_level: str = "INFO"
+    log_every_n_steps: int = 100
+
+
+@dataclass
+class WandbConfig:
+    project: str = ""
+    entity: str = ""
+
+
+@dataclass
+class PicoReportConfig:
+    lab_hash: str = ""
+    auto_commit: bool = True
+
+
+@dataclass
+class MonitoringConfig:
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    save_to_wandb: bool = False
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    save_to_picolabs: bool = False
+    pico_report: PicoReportConfig = field(default_factory=PicoReportConfig)
+
+
+# --- checkpointing --------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingCheckpointingConfig:
+    auto_resume: bool = True
+
+
+@dataclass
+class EvaluationCheckpointingConfig:
+    eval_results_dir: str = "eval_results"
+
+
+@dataclass
+class LearningDynamicsCheckpointingConfig:
+    layer_suffixes: list[str] = field(default_factory=lambda: list(DEFAULT_LAYER_SUFFIXES))
+    sequence_idx: int = -1
+    batch_size: int = 8
+    eval_data: str | None = "pico-lm/pretokenized-paloma-tinsy"
+
+
+@dataclass
+class HuggingFaceCheckpointingConfig:
+    repo_id: str = ""
+    collection_slug: str | None = None
+
+
+@dataclass
+class CheckpointingConfig:
+    run_name: str | None = None
+    runs_dir: str = "runs"
+    checkpoints_dir: str = "checkpoints"
+    logs_dir: str = "logs"
+    fabric_checkpoint_dir: str = "fabric_state"
+    fabric_checkpoint_filename: str = "checkpoint.pt"
+    learning_dynamics_dir: str = "learning_dynamics"
+    save_every_n_steps: int = 1000
+    save_to_hf: bool | None = False
+    hf_checkpoint: HuggingFaceCheckpointingConfig = field(default_factory=HuggingFaceCheckpointingConfig)
+    training: TrainingCheckpointingConfig = field(default_factory=TrainingCheckpointingConfig)
+    evaluation: EvaluationCheckpointingConfig = field(default_factory=EvaluationCheckpointingConfig)
+    learning_dynamics: LearningDynamicsCheckpointingConfig = field(
+        default_factory=LearningDynamicsCheckpointingConfig
+    )
+
+
+# --- the whole run --------------------------------------------------------------------------------------
+
+
+@dataclass
+class PicoTrainingConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+    checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
+    # Any `transformers.TrainingArguments` field, applied last (e.g. {report_to: [wandb], optim: adamw_torch_fused}).
+    training_arguments: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.checkpointing.runs_dir) / str(self.checkpointing.run_name)
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.run_dir / self.checkpointing.checkpoints_dir
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.run_dir / self.checkpointing.logs_dir
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save_yaml(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=True))
+
+
+# Keys that configured Lightning Fabric or pico's own services; accepted, with one line on what they do here.
+FABRIC_NOTES = {
+    "training.fabric.num_devices": "the process count comes from `accelerate launch --num_processes`",
+    "training.fabric.num_nodes": "the node count comes from `accelerate launch --num_machines`",
+    "checkpointing.fabric_checkpoint_filename": "the training state is saved as Trainer/accelerate files "
+    "in the `fabric_checkpoint_dir` folder",
+    "monitoring.save_to_picolabs": "Pico Labs reporting is not supported; use `training_arguments.report_to`",
+    "monitoring.pico_report": "Pico Labs reporting is not supported; use `training_arguments.report_to`",
+}
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}{f.name}"
+        keys.append(path)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.extend(_all_keys(hints[f.name], path + "."))
+    return keys
+
+
+def _unknown_key(path: str, siblings: list[str]) -> ConfigError:
+    """Name the closest valid key: a sibling with a similar name, else any key with a similar dotted path."""
+    section, _, leaf = path.rpartition(".")
+    close = [f"{section}.{m}" if section else m for m in difflib.get_close_matches(leaf, siblings, n=1)]
+    close = close or difflib.get_close_matches(path, _all_keys(PicoTrainingConfig), n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys here: {', '.join(siblings)}"
+    return ConfigError(f"Unknown config key '{path}'{hint}")
+
+
+def _coerce(value: Any, annotation: Any, path: str) -> Any:
+    """Check (and gently convert, e.g. YAML's string "3e-4" to a float) a value against its field type."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, path)
+            except ConfigError as error:
+                errors.append(error)
+        raise errors[0]
+    if origin is list:
+        if not isinstance(value, list):
+            value = [value] if isinstance(value, str) else value
+        if not isinstance(value, list):
+            raise ConfigError(f"'{path}' must be a list, got {value!r}")
+        (item_type,) = typing.get_args(annotation)
+        return [_coerce(v, item_type, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or annotation is Any:
+        if origin is dict and not isinstance(value, dict):
+            raise ConfigError(f"'{path}' must be a mapping, got {value!r}")
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"'{path}' must be true or false, got {value!r}")
+    if annotation is int:
+        if not isinstance(value, bool):
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                number = float("nan")
+            if number.is_integer():
+                return int(number)
+        raise ConfigError(f"'{path}' must be an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"'{path}' must be a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"'{path}' must be a string, got {value!r}")
+    raise ConfigError(f"'{path}' has an unsupported type {annotation}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str, notes: list[str]) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = _field_names(cls)
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            raise _unknown_key(path, names)
+        if path in FABRIC_NOTES:
+            notes.append(f"{path}: {FABRIC_NOTES[path]}.")
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[key] = _build(annotation, value or {}, path + ".", notes)
+        else:
+            kwargs[key] = _coerce(value, annotation, path)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"Override '{dotted}' goes through '{key}', which is not a section")
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`training.max_steps=50` -> ("training.max_steps", 50); values are parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"Override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> tuple[PicoTrainingConfig, list[str]]:
+    """Read a pico-train-style YAML file and dotted overrides into a validated config.
+
+    Returns the config and notes on keys that are accepted but mean something different here."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file {path} does not exist")
+        tree = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(
+                f"Config file {path} must hold a mapping of sections, got {type(tree).__name__}"
+            )
+    for override in overrides or []:
+        key, value = parse_override(override)
+        _set_dotted(tree, key, value)
+    notes: list[str] = []
+    config = _build(PicoTrainingConfig, tree, "", notes)
+    validate(config)
+    if config.checkpointing.run_name is None:
+        config.checkpointing.run_name = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    return config, notes
+
+
+def validate(config: PicoTrainingConfig) -> None:
+    """Value checks that need no data, model or process group."""
+    optimization = config.training.optimization
+    if optimization.optimizer.lower() != "adamw":
+        raise ConfigError(f"training.optimization.optimizer must be 'adamw', got '{optimization.optimizer}'")
+    if optimization.lr_scheduler != "linear_with_warmup":
+        raise ConfigError(
+            f"training.optimization.lr_scheduler must be 'linear_with_warmup', got '{optimization.lr_scheduler}'"
+        )
+    positive = {
+        "training.max_steps": config.training.max_steps,
+        "training.optimization.gradient_accumulation_steps": optimization.gradient_accumulation_steps,
+        "data.dataloader.batch_size": config.data.dataloader.batch_size,
+        "checkpointing.save_every_n_steps": config.checkpointing.save_every_n_steps,
+        "monitoring.logging.log_every_n_steps": config.monitoring.logging.log_every_n_steps,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    if config.training.fabric.precision not in PRECISIONS:
+        raise ConfigError(
+            f"training.fabric.precision must be one of {sorted(PRECISIONS)}, got '{config.training.fabric.precision}'"
+        )
+    if config.checkpointing.save_to_hf and not config.checkpointing.hf_checkpoint.repo_id:
+        raise ConfigError("checkpointing.save_to_hf is true but checkpointing.hf_checkpoint.repo_id is empty")
+    if config.model.model_type != "pico_decoder":
+        raise ConfigError(f"model.model_type must be 'pico_decoder', got '{config.model.model_type}'")
+
+
+# Lightning precision strings -> (mixed-precision mode for accelerate, parameter dtype).
+PRECISIONS = {
+    "32": ("no", "float32"),
+    "32-true": ("no", "float32"),
+    "bf16-mixed": ("bf16", "float32"),
+    "bf16": ("bf16", "float32"),
+    "16-mixed": ("fp16", "float32"),
+    "bf16-true": ("no", "bfloat16"),
+}
+
+
+def describe_sections() -> str:
+    """Every section and key with its default, for `--help`."""
+    lines = []
+
+    def walk(cls: type, prefix: str, instance: Any) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            value = getattr(instance, f.name)
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], f"{prefix}{f.name}.", value)
+            else:
+                lines.append(f"  {prefix}{f.name} = {value!r}")
+
+    walk(PicoTrainingConfig, "", PicoTrainingConfig())
+    return "\n".join(lines)

@@ -1,0 +1,294 @@
+"""Pretokenized training data in the `pico-lm/pretokenized-dolma` format, in a resumable global order.
+
+Rows hold `input_ids` of `k * max_seq_len + 1` tokens (2049 for the published runs, k = 1); a longer row is
+read as k windows of `max_seq_len + 1` tokens that share their boundary token, so one corpus serves any
+context length. The model sees `window[:-1]` and learns to predict `window[1:]`.
+
+The order is global and deterministic: optimizer step `s` consumes sequences `[s*B, (s+1)*B)` of the stream
+(B = `data.dataloader.batch_size`), split into `G * P` micro-batches (G accumulation steps, P processes);
+process `p` takes micro-batches `g*P + p`. Any process count therefore trains on the same global batches, and
+resuming at step `s` starts exactly at sequence `s*B`: by index for memory-mapped data, from a saved
+`datasets` stream state (whole shards and record batches skipped, nothing re-read from the start) for
+streamed data. The stream wraps around at its end.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pyarrow.compute as pc
+import torch
+
+from ..assets import CORPUS_DIR
+from ..hub import hub_reachable, offline_requested
+from .config import ConfigError
+
+EMBEDDED = "embedded"
+INPUT_IDS = "input_ids"
+
+
+def open_pretokenized(name: str, split: str = "train", streaming: bool | None = None):
+    """A pretokenized dataset by Hub id, local path (directory, parquet file or glob), or `"embedded"`.
+
+    Returns a `datasets.Dataset` (memory-mapped) or, for streamed Hub data, a `datasets.IterableDataset`."""
+    if name == EMBEDDED:
+        folder = CORPUS_DIR / ("train" if split == "train" else "validation")
+        return datasets.load_dataset(
+            "parquet", data_files=sorted(map(str, folder.glob("*.parquet"))), split="train"
+        )
+    path = Path(name)
+    if path.exists() or glob.has_magic(name):
+        if path.is_dir() and (path / "dataset_info.json").exists():
+            return datasets.load_from_disk(str(path))
+        if path.is_dir():
+            files = sorted(map(str, path.rglob("*.parquet")))
+            if not files:
+                raise ConfigError(f"Dataset directory {path} holds no parquet files")
+        else:
+            files = sorted(glob.glob(name)) if glob.has_magic(name) else [str(path)]
+            if not files:
+                raise ConfigError(f"No files match dataset pattern {name}")
+        return datasets.load_dataset("parquet", data_files=files, split="train", streaming=bool(streaming))
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ConfigError(f"Dataset path {name} does not exist")
+    if not hub_reachable() and not offline_requested():
+        raise ConfigError(
+            f"Dataset '{name}' is not a local path and the Hugging Face Hub is unreachable. Offline, use "
+            "data.dataset.name=embedded or a local path (or set HF_HUB_OFFLINE=1 to use a cached copy)."
+        )
+    try:
+        return datasets.load_dataset(name, split=split, streaming=True if streaming is None else streaming)
+    except Exception as error:  # datasets raises several types for unreachable or unknown repos
+        raise ConfigError(
+            f"Dataset '{name}' is neither a local path nor a reachable Hub dataset ({type(error).__name__}: "
+            f"{error}). Offline, use data.dataset.name=embedded or a local path."
+        ) from error
+
+
+def check_columns(dataset, name: str) -> None:
+    columns = dataset.column_names if dataset.column_names is not None else list(dataset.features or {})
+    if INPUT_IDS not in columns:
+        raise ConfigError(f"Dataset '{name}' has no '{INPUT_IDS}' column (columns: {columns})")
+
+
+def windows_per_row(row_length: int, max_seq_len: int, where: str) -> int:
+    """How many training sequences of `max_seq_len + 1` tokens a row of `row_length` tokens holds."""
+    if row_length < max_seq_len + 1 or (row_length - 1) % max_seq_len != 0:
+        raise ConfigError(
+            f"{where} has {row_length} tokens; rows must hold k * max_seq_len + 1 tokens "
+            f"(max_seq_len={max_seq_len}, e.g. {max_seq_len + 1})"
+        )
+    return (row_length - 1) // max_seq_len
+
+
+def check_token_ids(batch: torch.Tensor, vocab_size: int, where: str) -> None:
+    low, high = int(batch.min()), int(batch.max())
+    if low < 0 or high >= vocab_size:
+        raise ConfigError(
+            f"{where} holds token id {high if high >= vocab_size else low}, outside the model's "
+            f"vocabulary of {vocab_size} (model.vocab_size)"
+        )
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How a global batch splits into micro-batches across accumulation steps and processes."""
+
+    global_batch: int
+    gradient_accumulation_steps: int
+    num_processes: int
+    process_index: int
+
+    def __post_init__(self) -> None:
+        parts = self.gradient_accumulation_steps * self.num_processes
+        if self.global_batch % parts:
+            raise ConfigError(
+                f"data.dataloader.batch_size ({self.global_batch}) must be divisible by "
+                f"training.optimization.gradient_accumulation_steps ({self.gradient_accumulation_steps}) x "
+                f"processes ({self.num_processes}) = {parts}"
+            )
+
+    @property
+    def micro_batch(self) -> int:
+        return self.global_batch // (self.gradient_accumulation_steps * self.num_processes)
+
+    def micro_batches(self, step_batch: torch.Tensor) -> list[torch.Tensor]:
+        """This process's micro-batches of one step's (B, T+1) global batch, in accumulation order."""
+        m, p, n = self.micro_batch, self.process_index, self.num_processes
+        return [
+            step_batch[(g * n + p) * m : (g * n + p + 1) * m] for g in range(self.gradient_accumulation_steps)
+        ]
+
+
+class PretokenizedStream:
+    """The global stream of training sequences (max_seq_len + 1 tokens each), from any position."""
+
+    def __init__(self, name: str, max_seq_len: int, vocab_size: int, streaming: bool | None = None) -> None:
+        self.name = name
+        self.max_seq_len = max_seq_len
+        self.vocab_size = vocab_size
+        self.dataset = open_pretokenized(name, "train", streaming)
+        check_columns(self.dataset, name)
+        self.streaming = isinstance(self.dataset, datasets.IterableDataset)
+        if self.streaming:
+            first = next(iter(self.dataset.select_columns([INPUT_IDS])))[INPUT_IDS]
+            self.row_length = len(first)
+            self.windows = windows_per_row(self.row_length, max_seq_len, f"Row 0 of dataset '{name}'")
+            self.num_rows = None
+        else:
+            self._check_all_rows()
+            self.dataset = self.dataset.select_columns([INPUT_IDS]).with_format("torch")
+
+    def _check_all_rows(self) -> None:
+        """Lengths and ids of every row, vectorised over the memory-mapped arrow table."""
+        if len(self.dataset) == 0:
+            raise ConfigError(f"Dataset '{self.name}' is empty")
+        column = self.dataset.data.column(INPUT_IDS)
+        lengths = pc.list_value_length(column)
+        self.row_length = int(pc.min(lengths).as_py())
+        self.windows = windows_per_row(self.row_length, self.max_seq_len, f"A row of dataset '{self.name}'")
+        if pc.max(lengths).as_py() != self.row_length:
+            bad = int(pc.index(lengths, pc.max(lengths)).as_py())
+            raise ConfigError(
+                f"Rows of dataset '{self.name}' differ in length: row 0.. has {self.row_length} tokens, "
+                f"row {bad} has {pc.max(lengths).as_py()}; all rows must have the same length"
+            )
+        values = pc.list_flatten(column)
+        low, high = pc.min_max(values).values()
+        if low.as_py() < 0 or high.as_py() >= self.vocab_size:
+            raise ConfigError(
+                f"Dataset '{self.name}' holds token id {high.as_py() if high.as_py() >= self.vocab_size else low.as_py()}, "
+                f"outside the model's vocabulary of {self.vocab_size} (model.vocab_size)"
+            )
+        self.num_rows = len(self.dataset)
+
+    @property
+    def num_sequences(self) -> int | None:
+        return None if self.num_rows is None else self.num_rows * self.windows
+
+    def _split_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """(R, k*T + 1) rows -> (R*k, T + 1) windows sharing boundary tokens."""
+        return rows.unfold(1, self.max_seq_len + 1, self.max_seq_len).reshape(-1, self.max_seq_len + 1)
+
+    def batches(
+        self, start: int, batch_size: int, stream_state: dict | None = None
+    ) -> Iterator[tuple[torch.Tensor, dict]]:
+        """Yield (batch of `batch_size` sequences, position after it), forever, from sequence `start`."""
+        if self.streaming:
+            yield from self._streamed_batches(start, batch_size, stream_state)
+            return
+        total = self.num_sequences
+        position = start
+        while True:
+            seq_ids = torch.arange(position, position + batch_size) % total
+            row_ids = seq_ids // self.windows
+            rows = self.dataset[row_ids.tolist()][INPUT_IDS]  # (batch, k*T + 1), repeats allowed
+            starts = (seq_ids % self.windows) * self.max_seq_len
+            batch = torch.stack(
+                [rows[i, s : s + self.max_seq_len + 1] for i, s in enumerate(starts.tolist())]
+            )
+            position += batch_size
+            yield batch.long(), {"sequence": position}
+
+    def _streamed_batches(
+        self, start: int, batch_size: int, stream_state: dict | None
+    ) -> Iterator[tuple[torch.Tensor, dict]]:
+        dataset = self.dataset.select_columns([INPUT_IDS])
+        skip_windows = start % self.windows if stream_state is None else stream_state["window"]
+        if stream_state is not None:
+            dataset.load_state_dict(stream_state["datasets"])
+        elif start >= self.windows:
+            dataset = dataset.skip(start // self.windows)  # no saved state: reading ahead is the only way
+        previous_state = dataset.state_dict()  # the position before the row being read
+        pending: list[torch.Tensor] = []
+        pending_count = 0
+        position = start
+        row_index = start // self.windows
+        while True:
+            for row in dataset:
+                state = dataset.state_dict()  # the position after this row
+                ids = torch.as_tensor(row[INPUT_IDS], dtype=torch.long)
+                if ids.numel() != self.row_length:
+                    raise ValueError(
+                        f"Row {row_index} of dataset '{self.name}' has {ids.numel()} tokens, expected {self.row_length}"
+                    )
+                row_index += 1
+                windows = self._split_rows(ids[None])[skip_windows:]
+                for offset, window in enumerate(windows, start=skip_windows):
+                    pending.append(window)
+                    pending_count += 1
+                    position += 1
+                    if pending_count == batch_size:
+                        done_row = offset + 1 == self.windows
+                        after = {
+                            "sequence": position,
+                            "datasets": state if done_row else previous_state,
+                            "window": 0 if done_row else offset + 1,
+                        }
+                        yield torch.stack(pending), after
+                        pending, pending_count = [], 0
+                skip_windows = 0
+                previous_state = state
+            dataset = self.dataset.select_columns([INPUT_IDS])  # end of data: wrap around
+            previous_state = dataset.state_dict()
+
+
+class TrainingSequences(torch.utils.data.IterableDataset):
+    """This process's training micro-batches, from optimizer step `start_step` on.
+
+    Every process reads each whole global batch, so the stream position after any step is the same on all
+    of them (one saved position serves every process count)."""
+
+    def __init__(
+        self,
+        stream: PretokenizedStream,
+        layout: BatchLayout,
+        start_step: int = 0,
+        stream_state: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.stream = stream
+        self.layout = layout
+        self.resume_at(start_step, stream_state)
+
+    def resume_at(self, step: int, stream_state: dict | None = None) -> None:
+        self.start_step = step
+        self.stream_state = stream_state
+        # Stream position after each step read so far; a checkpoint looks up its own step.
+        self._positions = {step: stream_state or {"sequence": step * self.layout.global_batch}}
+
+    def position_after(self, step: int) -> dict[str, Any]:
+        """Where the stream stands once `step` optimizer steps are done (what a checkpoint at `step` saves)."""
+        return self._positions[step]
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        start = self.start_step * self.layout.global_batch
+        global_batches = self.stream.batches(start, self.layout.global_batch, self.stream_state)
+        for step, (batch, position) in enumerate(global_batches, start=self.start_step):
+            check_token_ids(batch, self.stream.vocab_size, f"Training batch of step {step}")
+            self._positions = {k: v for k, v in self._positions.items() if k >= step - 1}
+            self._positions[step + 1] = position
+            for micro_batch in self.layout.micro_batches(batch):
+                yield to_model_inputs(micro_batch)
+
+
+def to_model_inputs(sequences: torch.Tensor) -> dict[str, torch.Tensor]:
+    """(m, T+1) sequences -> model inputs. `labels` follow the transformers convention (aligned with the
+    inputs, shifted inside the model); `shift_labels` carries the already-shifted targets, including the
+    last token's, so every one of the T positions is trained as in pico-train."""
+    inputs = sequences[:, :-1]
+    return {"input_ids": inputs, "labels": inputs, "shift_labels": sequences[:, 1:]}
+
+
+def save_position(path: Path, step: int, position: dict[str, Any]) -> None:
+    path.write_text(json.dumps({"step": step, **position}))
+
+
+def load_position(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.exists() else None

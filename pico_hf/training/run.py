@@ -1,0 +1,296 @@
+"""Build and run a pico training job from a `PicoTrainingConfig`: the recipe's whole body."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import TrainerCallback, TrainingArguments, set_seed
+from transformers.integrations import TensorBoardCallback
+
+from ..models.pico_decoder import PicoDecoderConfig, PicoDecoderForCausalLM
+from ..tokenization import load_tokenizer
+from .config import PRECISIONS, ConfigError, PicoTrainingConfig
+from .data import BatchLayout, PretokenizedStream, TrainingSequences
+from .trainer import PicoTrainer, RunLayout, no_clipping
+
+logger = logging.getLogger("pico_hf.training")
+SEED = 42  # pico-train seeds every run with 42
+
+
+def training_arguments(config: PicoTrainingConfig, run: RunLayout) -> TrainingArguments:
+    """pico-train's settings as TrainingArguments, then the `training_arguments` block on top."""
+    fabric, optimization = config.training.fabric, config.training.optimization
+    use_cpu = fabric.accelerator == "cpu" or not torch.cuda.is_available()
+    mixed, _ = PRECISIONS[fabric.precision]
+    if use_cpu and mixed != "no":
+        mixed = "no"  # CPU runs train in float32; mixed precision is a GPU setting
+    values: dict[str, Any] = dict(
+        output_dir=str(run.checkpoints_dir),
+        max_steps=config.training.max_steps,
+        gradient_accumulation_steps=optimization.gradient_accumulation_steps,
+        learning_rate=optimization.lr,
+        lr_scheduler_type="linear",
+        warmup_steps=optimization.lr_warmup_steps,
+        optim="adamw_torch",
+        weight_decay=0.01,  # torch.optim.AdamW's default, which pico-train uses
+        max_grad_norm=no_clipping(),
+        seed=SEED,
+        bf16=mixed == "bf16",
+        fp16=mixed == "fp16",
+        use_cpu=use_cpu,
+        logging_steps=config.monitoring.logging.log_every_n_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=config.checkpointing.save_every_n_steps,
+        eval_strategy="no",
+        report_to=["tensorboard", *(["wandb"] if config.monitoring.save_to_wandb else [])],
+        run_name=config.checkpointing.run_name,
+        ignore_data_skip=True,  # the data stream is positioned exactly on resume
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        include_num_input_tokens_seen=True,
+        ddp_find_unused_parameters=False,
+        disable_tqdm=False,
+    )
+    valid = {f.name for f in dataclasses.fields(TrainingArguments)}
+    for key in config.training_arguments:
+        if key not in valid:
+            close = difflib.get_close_matches(key, sorted(valid), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"Unknown config key 'training_arguments.{key}': not a TrainingArguments field{hint}"
+            )
+    values.update(config.training_arguments)
+    # The per-device batch is derived from the global batch; it cannot be set independently.
+    values.pop("per_device_train_batch_size", None)
+    return TrainingArguments(**values)
+
+
+def build_model(config: PicoTrainingConfig, tokenizer: Any) -> PicoDecoderForCausalLM:
+    fields = {f.name: getattr(config.model, f.name) for f in dataclasses.fields(config.model)}
+    fields.pop("model_type")
+    model_config = PicoDecoderConfig(
+        **fields,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    set_seed(SEED)  # identical initial weights for every run, process count and restart
+    model = PicoDecoderForCausalLM(model_config)
+    _, dtype = PRECISIONS[config.training.fabric.precision]
+    return model.to(getattr(torch, dtype))
+
+
+def check_run_dir_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"Run directory {run_dir} is not writable: {error}") from error
+
+
+class MetricsFileCallback(TrainerCallback):
+    """Every log line also goes to `logs/metrics.jsonl`, one JSON object per line, on the main process."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+def setup_logging(run: RunLayout, level: str, is_main: bool) -> Path | None:
+    """pico-train's log file: `logs/log_<time>.log`, same format, with transformers' and pico-hf's records."""
+    if not is_main:
+        return None
+    run.logs_dir.mkdir(parents=True, exist_ok=True)
+    path = run.logs_dir / f"log_{datetime.now().strftime('%Y%m%d_%H%M%S')}.log"
+    handler = logging.FileHandler(path)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s", "%Y-%m-%d %H:%M:%S")
+    )
+    logging.getLogger("transformers").addHandler(handler)  # its warnings and errors, at its own verbosity
+    logging.getLogger("pico_hf").addHandler(handler)
+    if not any(isinstance(h, logging.StreamHandler) and h.stream is sys.stderr for h in logger.handlers):
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(console)
+    logger.setLevel(level.upper())
+    return path
+
+
+@dataclass
+class TrainingJob:
+    config: PicoTrainingConfig
+    trainer: PicoTrainer
+    run: RunLayout
+    resume_from: Path | None
+    log_file: Path | None
+
+
+def build_job(
+    config: PicoTrainingConfig, extra_callbacks: list[TrainerCallback] | None = None
+) -> TrainingJob:
+    """Everything a run needs, with every input checked before the first step."""
+    run = RunLayout(
+        config.run_dir,
+        config.checkpointing.checkpoints_dir,
+        config.checkpointing.logs_dir,
+        config.checkpointing.fabric_checkpoint_dir,
+    )
+    args = training_arguments(config, run)
+    is_main = args.process_index == 0
+    if is_main:
+        check_run_dir_writable(run.run_dir)
+        run.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    log_file = setup_logging(run, config.monitoring.logging.log_level, is_main)
+
+    layout = BatchLayout(
+        global_batch=config.data.dataloader.batch_size,
+        gradient_accumulation_steps=config.training.optimization.gradient_accumulation_steps,
+        num_processes=args.world_size,
+        process_index=args.process_index,
+    )
+    args.per_device_train_batch_size = layout.micro_batch
+
+    tokenizer = load_tokenizer(config.data.tokenizer.name)
+    if len(tokenizer) > config.model.vocab_size:
+        raise ConfigError(
+            f"Tokenizer '{config.data.tokenizer.name}' has {len(tokenizer)} tokens but model.vocab_size is "
+            f"{config.model.vocab_size}: the model cannot embed every token"
+        )
+    if config.data.tokenizer.vocab_size != config.model.vocab_size:
+        raise ConfigError(
+            f"data.tokenizer.vocab_size ({config.data.tokenizer.vocab_size}) and model.vocab_size "
+            f"({config.model.vocab_size}) must agree"
+        )
+    stream = PretokenizedStream(
+        config.data.dataset.name,
+        config.model.max_seq_len,
+        config.model.vocab_size,
+        config.data.dataset.streaming,
+    )
+    model = build_model(config, tokenizer)
+
+    resume_from = None
+    if is_main:
+        run.remove_partial_checkpoints()
+    if config.checkpointing.training.auto_resume:
+        resume_from = run.latest_checkpoint()
+    if is_main:
+        saved = run.run_dir / "training_config.yaml"
+        if not saved.exists():
+            config.save_yaml(saved)
+
+    callbacks: list[TrainerCallback] = [MetricsFileCallback(run.logs_dir / "metrics.jsonl")]
+    if "tensorboard" in args.report_to and is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        args.report_to = [r for r in args.report_to if r != "tensorboard"]
+        callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(run.logs_dir / "tensorboard"))))
+    trainer = PicoTrainer(
+        model=model,
+        args=args,
+        processing_class=tokenizer,
+        train_sequences=TrainingSequences(stream, layout),
+        run=run,
+        callbacks=callbacks + list(extra_callbacks or []),
+    )
+    return TrainingJob(config, trainer, run, resume_from, log_file)
+
+
+def run_training(
+    config: PicoTrainingConfig,
+    notes: list[str] | None = None,
+    extra_callbacks: list[TrainerCallback] | None = None,
+) -> dict[str, Any]:
+    """Train (resuming if a checkpoint exists and auto_resume is on) and return a summary."""
+    transformers.logging.set_verbosity_warning()
+    job = build_job(config, extra_callbacks)
+    trainer, run = job.trainer, job.run
+    is_main = trainer.args.process_index == 0
+    if is_main:
+        for note in notes or []:
+            logger.info("Note: %s", note)
+        stream = trainer.train_sequences.stream
+        logger.info(
+            "Training %s (%.1fM parameters) on '%s' (%s sequences of %d tokens) for %d steps, global batch %d "
+            "= %d processes x %d accumulation x %d",
+            run.run_dir.name,
+            trainer.model.num_parameters() / 1e6,
+            stream.name,
+            stream.num_sequences if stream.num_sequences is not None else "streamed",
+            stream.max_seq_len,
+            config.training.max_steps,
+            config.data.dataloader.batch_size,
+            trainer.args.world_size,
+            trainer.args.gradient_accumulation_steps,
+            trainer.args.per_device_train_batch_size,
+        )
+        if job.resume_from is not None:
+            logger.info("Resuming from %s", job.resume_from)
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(job.resume_from) if job.resume_from else None)
+    summary = summarize(job, time.perf_counter() - start)
+    if is_main:
+        logger.info(format_summary(summary))
+    return summary
+
+
+def summarize(job: TrainingJob, seconds: float) -> dict[str, Any]:
+    losses = [(entry["step"], entry["loss"]) for entry in job.trainer.state.log_history if "loss" in entry]
+    latest = job.run.latest_checkpoint()
+    return {
+        "run_dir": str(job.run.run_dir),
+        "steps": job.trainer.state.global_step,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "checkpoints": sorted(
+            (p.name for p in job.run.checkpoints_dir.glob("step_*")), key=lambda n: int(n[5:])
+        ),
+        "latest_checkpoint": str(latest) if latest else None,
+        "log_file": str(job.log_file) if job.log_file else None,
+        "tensorboard": str(job.run.logs_dir / "tensorboard"),
+        "seconds": round(seconds, 1),
+        "resumed_from": str(job.resume_from) if job.resume_from else None,
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    def loss(entry: tuple[int, float] | None) -> str:
+        return "n/a" if entry is None or not math.isfinite(entry[1]) else f"{entry[1]:.3f} (step {entry[0]})"
+
+    checkpoints = summary["checkpoints"]
+    shown = (
+        ", ".join(checkpoints)
+        if len(checkpoints) <= 6
+        else f"{', '.join(checkpoints[:3])}, ..., {checkpoints[-1]}"
+    )
+    return "\n".join(
+        [
+            "",
+            f"Finished {summary['steps']} steps in {summary['seconds']:.0f}s"
+            + (f" (resumed from {summary['resumed_from']})" if summary["resumed_from"] else ""),
+            f"  loss:        {loss(summary['first_loss'])} -> {loss(summary['final_loss'])}",
+            f"  run:         {summary['run_dir']}",
+            f"  checkpoints: {shown}  (latest: {summary['latest_checkpoint']})",
+            f"  logs:        {summary['log_file']}",
+            f"  tensorboard: tensorboard --logdir {summary['tensorboard']}",
+        ]
+    )

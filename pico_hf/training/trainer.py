@@ -1,0 +1,248 @@
+"""`PicoTrainer`: transformers' Trainer with pico-train's data order, run layout and crash-safe checkpoints.
+
+Run layout (pico-train's):
+
+    runs/<run_name>/
+        training_config.yaml                  the resolved config
+        logs/                                 log file, metrics.jsonl, tensorboard/
+        checkpoints/
+            step_<N>/                         a valid pico-lm checkpoint (config.json, model.safetensors,
+                                              tokenizer, model code) plus what callbacks add
+                fabric_state/                 the state to resume: optimizer, scheduler, RNG, trainer
+                                              state, data position (accelerate/Trainer files)
+            latest -> step_<N>
+
+A checkpoint is written to `.step_<N>.tmp/` and renamed into place when complete, then `latest` is swapped
+atomically; a run killed at any moment resumes from a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
+from transformers.trainer_callback import ExportableState
+
+from .data import TrainingSequences, load_position, save_position
+
+DATA_POSITION_NAME = "data_position.json"
+LATEST = "latest"
+
+
+class CheckpointContributor(TrainerCallback):
+    """A callback that adds files to each checkpoint before it is published (learning dynamics, evaluation).
+
+    `on_checkpoint` runs on every process with the checkpoint's temporary directory; whatever it writes there
+    appears atomically with the rest of the checkpoint."""
+
+    def on_checkpoint(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        checkpoint_dir: Path,
+        **kwargs,
+    ) -> None:
+        pass
+
+
+class RunLayout:
+    """Paths of one run, in pico-train's layout."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        checkpoints_dirname: str = "checkpoints",
+        logs_dirname: str = "logs",
+        state_dirname: str = "fabric_state",
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.checkpoints_dir = self.run_dir / checkpoints_dirname
+        self.logs_dir = self.run_dir / logs_dirname
+        self.state_dirname = state_dirname
+
+    def step_dir(self, step: int) -> Path:
+        return self.checkpoints_dir / f"step_{step}"
+
+    def state_dir(self, step_dir: Path) -> Path:
+        return Path(step_dir) / self.state_dirname
+
+    def is_complete(self, step_dir: Path) -> bool:
+        state = self.state_dir(step_dir)
+        return all((step_dir / f).is_file() for f in ("config.json", "model.safetensors")) and all(
+            (state / f).is_file() for f in (TRAINER_STATE_NAME, DATA_POSITION_NAME)
+        )
+
+    def latest_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint: `latest` if it is sound, else the highest complete `step_N`."""
+        latest = self.checkpoints_dir / LATEST
+        if latest.is_symlink() and self.is_complete(latest.resolve()):
+            return latest.resolve()
+        steps = sorted(
+            (p for p in self.checkpoints_dir.glob("step_*") if p.name[5:].isdigit() and self.is_complete(p)),
+            key=lambda p: int(p.name[5:]),
+        )
+        return steps[-1] if steps else None
+
+    def remove_partial_checkpoints(self) -> None:
+        for partial in self.checkpoints_dir.glob(".step_*.tmp"):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _fsync_tree(path: Path) -> None:
+    for file in path.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def publish(tmp_dir: Path, final_dir: Path, latest: Path) -> None:
+    """Move a finished checkpoint into place and point `latest` at it, each step atomic."""
+    _fsync_tree(tmp_dir)
+    if final_dir.exists():  # re-saving a step (e.g. the last one after a resume): replace it whole
+        old = final_dir.with_name(f".{final_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        final_dir.rename(old)
+        tmp_dir.rename(final_dir)
+        shutil.rmtree(old)
+    else:
+        tmp_dir.rename(final_dir)
+    link = latest.with_name(f".{LATEST}.tmp")
+    link.unlink(missing_ok=True)
+    link.symlink_to(final_dir.name, target_is_directory=True)
+    os.replace(link, latest)
+
+
+class PicoTrainer(Trainer):
+    """transformers.Trainer for pico: one training loop, with pico-train's global data order, checkpoint layout
+    (pico-lm model files + resumable state), step-0 checkpoint, and throughput/inf-nan logging."""
+
+    def __init__(self, *args: Any, train_sequences: TrainingSequences, run: RunLayout, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.train_sequences = train_sequences
+        self.run = run
+        self.add_callback(_StepZeroCheckpoint(self))
+        self._nonfinite_losses = 0
+        self._last_log: tuple[float, int] | None = None
+
+    # --- data ---------------------------------------------------------------------------------------------
+
+    def get_train_dataloader(self) -> DataLoader:
+        # Already per-process micro-batches in the global order: no sampler, no accelerate re-sharding.
+        return DataLoader(self.train_sequences, batch_size=None, num_workers=0)
+
+    def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
+        # pico-train's optimizer is torch's AdamW on every parameter (weight decay 0.01 on norms too).
+        return [name for name, _ in model.named_parameters()]
+
+    # --- training step and logging ------------------------------------------------------------------------
+
+    def training_step(
+        self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
+    ) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._nonfinite_losses = self._nonfinite_losses + (~torch.isfinite(loss.detach())).long()  # no sync
+        return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log, not the end-of-training summary
+            now, tokens = time.perf_counter(), self.state.num_input_tokens_seen
+            if self._last_log is not None and now > self._last_log[0]:
+                logs["tokens_per_second"] = round((tokens - self._last_log[1]) / (now - self._last_log[0]), 1)
+            self._last_log = (now, tokens)
+            logs["inf_or_nan_count"] = int(self._nonfinite_losses)
+            self._nonfinite_losses = 0
+        super().log(logs, start_time)
+
+    # --- checkpoints --------------------------------------------------------------------------------------
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        step = self.state.global_step
+        final_dir = self.run.step_dir(step)
+        tmp_dir = final_dir.with_name(f".{final_dir.name}.tmp")
+        state_dir = self.run.state_dir(tmp_dir)
+        if self.args.should_save:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            state_dir.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+
+        self.store_flos()
+        self.save_model(str(tmp_dir), _internal_call=True)  # pico-lm model files + tokenizer
+        if self.args.should_save and (tmp_dir / TRAINING_ARGS_NAME).exists():
+            (tmp_dir / TRAINING_ARGS_NAME).rename(state_dir / TRAINING_ARGS_NAME)
+        if not self.args.save_only_model:
+            self._save_optimizer_and_scheduler(str(state_dir))
+            self._save_scaler(str(state_dir))
+            self._save_rng_state(str(state_dir))
+        if self.args.should_save:
+            for callback in [*self.callback_handler.callbacks, self.control]:
+                if isinstance(callback, ExportableState):
+                    self.state.stateful_callbacks[callback.__class__.__name__] = callback.state()
+            self.state.save_to_json(str(state_dir / TRAINER_STATE_NAME))
+            save_position(state_dir / DATA_POSITION_NAME, step, self.train_sequences.position_after(step))
+
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, CheckpointContributor):
+                callback.on_checkpoint(
+                    self.args,
+                    self.state,
+                    self.control,
+                    checkpoint_dir=tmp_dir,
+                    model=self.model,
+                    trainer=self,
+                )
+
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            publish(tmp_dir, final_dir, self.run.checkpoints_dir / LATEST)
+        self.accelerator.wait_for_everyone()
+
+    def train(self, resume_from_checkpoint: str | None = None, **kwargs: Any):
+        """Train; `resume_from_checkpoint` is a `step_N` directory (or its state folder)."""
+        if resume_from_checkpoint is not None:
+            step_dir = Path(resume_from_checkpoint)
+            if step_dir.name == self.run.state_dirname:
+                step_dir = step_dir.parent
+            position = load_position(self.run.state_dir(step_dir) / DATA_POSITION_NAME)
+            if position is None:
+                raise ValueError(f"{step_dir} is not a resumable checkpoint: {DATA_POSITION_NAME} is missing")
+            stream_state = {k: v for k, v in position.items() if k != "step"}
+            self.train_sequences.resume_at(position["step"], stream_state if "datasets" in position else None)
+            resume_from_checkpoint = str(self.run.state_dir(step_dir))
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _load_from_checkpoint(
+        self, resume_from_checkpoint: str, model: torch.nn.Module | None = None
+    ) -> None:
+        # The weights live beside the state folder, in the pico-lm format; load them through from_pretrained,
+        # which knows that format, then copy into the live model.
+        step_dir = Path(resume_from_checkpoint).parent
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        loaded = type(target).from_pretrained(step_dir, dtype=next(target.parameters()).dtype)
+        target.load_state_dict(loaded.state_dict())
+
+
+class _StepZeroCheckpoint(TrainerCallback):
+    """pico-train checkpoints (and evaluates) the untrained model too: save step 0 when a run starts fresh."""
+
+    def __init__(self, trainer: PicoTrainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ):
+        if state.global_step == 0 and not self.trainer.run.step_dir(0).exists():
+            self.trainer._save_checkpoint(self.trainer.model, trial=None)
+
+
+def no_clipping() -> float:
+    """`max_grad_norm` that never clips (pico-train does not) but still makes the Trainer report the norm."""
+    return math.inf

@@ -1,0 +1,101 @@
+import os
+
+# Tests never touch the network: set before huggingface_hub is imported anywhere.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+REFERENCE_CHECKPOINT = SHARED / "fixtures" / "pico-decoder-reference"
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+
+
+def tiny_config(**overrides):
+    from pico_hf import PicoDecoderConfig
+
+    values = dict(
+        d_model=64,
+        n_layers=2,
+        attention_n_heads=4,
+        attention_n_kv_heads=2,
+        activation_hidden_dim=128,
+        vocab_size=128,
+        max_seq_len=64,
+        pad_token_id=0,
+    )
+    values.update(overrides)
+    return PicoDecoderConfig(**values)
+
+
+def make_word_tokenizer(path, vocab_size=100):
+    """A small fast tokenizer (word level, ids 0..vocab_size-1) saved as a transformers tokenizer directory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<|padding|>": 0, "<|endoftext|>": 1, **{f"w{i}": i for i in range(2, vocab_size)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<|padding|>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|padding|>"
+    )
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def make_pretokenized(path, n_rows, row_length, vocab_size=100, seed=0, column="input_ids"):
+    """A parquet file of random token rows in the pico-lm/pretokenized-dolma layout."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randint(2, vocab_size, (n_rows, row_length), generator=generator).tolist()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({column: rows}), path)
+    return path
+
+
+def tiny_training_overrides(tmp_path, **extra):
+    """Dotted overrides for a seconds-long CPU training run on synthetic data."""
+    tokenizer = tmp_path / "tokenizer"
+    if not tokenizer.exists():
+        make_word_tokenizer(tokenizer)
+    data = tmp_path / "data" / "train.parquet"
+    if not data.exists():
+        make_pretokenized(data, n_rows=48, row_length=33)
+    values = {
+        "data.dataset.name": str(data),
+        "data.tokenizer.name": str(tokenizer),
+        "data.tokenizer.vocab_size": 128,
+        "data.dataloader.batch_size": 8,
+        "model.d_model": 32,
+        "model.n_layers": 2,
+        "model.attention_n_heads": 4,
+        "model.attention_n_kv_heads": 2,
+        "model.activation_hidden_dim": 64,
+        "model.vocab_size": 128,
+        "model.max_seq_len": 16,
+        "training.max_steps": 6,
+        "training.optimization.lr": 0.01,
+        "training.optimization.lr_warmup_steps": 2,
+        "training.optimization.gradient_accumulation_steps": 2,
+        "training.fabric.accelerator": "cpu",
+        "training.fabric.precision": "32-true",
+        "checkpointing.runs_dir": str(tmp_path / "runs"),
+        "checkpointing.run_name": "tiny",
+        "checkpointing.save_every_n_steps": 2,
+        "checkpointing.learning_dynamics.eval_data": "null",
+        "evaluation.metrics": "[]",
+        "monitoring.logging.log_every_n_steps": 1,
+        **extra,
+    }
+    return [f"{key}={value}" for key, value in values.items()]

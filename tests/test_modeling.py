@@ -1,0 +1,383 @@
+"""pico-decoder as a transformers model: parity with the reference, caches, masks, losses, errors."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import REFERENCE_CHECKPOINT, tiny_config
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
+
+import pico_hf
+from pico_hf import PicoDecoderConfig, PicoDecoderForCausalLM, PicoDecoderModel
+
+EXPECTED = load_file(REFERENCE_CHECKPOINT / "expected.safetensors")
+
+
+@pytest.fixture(scope="module")
+def reference_model():
+    return AutoModelForCausalLM.from_pretrained(REFERENCE_CHECKPOINT).eval()
+
+
+# --- parity with the original pico-train model -------------------------------------------------------
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_logits_match_reference(attn_implementation):
+    model = AutoModelForCausalLM.from_pretrained(
+        REFERENCE_CHECKPOINT, attn_implementation=attn_implementation
+    )
+    assert isinstance(model, PicoDecoderForCausalLM)
+    with torch.no_grad():
+        logits = model(EXPECTED["input_ids"]).logits
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, EXPECTED["logits"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_greedy_generation_matches_reference(reference_model, use_cache):
+    prompt = EXPECTED["input_ids"][:1, :5]
+    generated = reference_model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=use_cache)
+    assert torch.equal(generated, EXPECTED["greedy_ids"])
+
+
+def test_rope_is_per_instance():
+    """The reference kept one RoPE table per process; here each model owns its frequencies."""
+    a = PicoDecoderForCausalLM(tiny_config(position_emb_theta=10000.0)).eval()
+    b = PicoDecoderForCausalLM(tiny_config(position_emb_theta=500.0, max_seq_len=16)).eval()
+    b.load_state_dict(a.state_dict())
+    ids = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        before = a(ids).logits
+        assert not torch.allclose(before, b(ids).logits)
+        PicoDecoderForCausalLM(tiny_config(position_emb_theta=3.0))  # a third model changes nothing
+        torch.testing.assert_close(a(ids).logits, before, atol=0, rtol=0)
+
+
+# --- config ---------------------------------------------------------------------------------------------
+
+
+def test_config_keeps_pico_keys_and_exposes_standard_names(tmp_path):
+    config = AutoConfig.from_pretrained(REFERENCE_CHECKPOINT)
+    assert isinstance(config, PicoDecoderConfig)
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (64, 2, 4)
+    assert (config.num_key_value_heads, config.intermediate_size, config.head_dim) == (2, 160, 16)
+    assert (config.rms_norm_eps, config.rope_theta, config.max_position_embeddings) == (1e-6, 10000.0, 64)
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    original = json.loads((REFERENCE_CHECKPOINT / "config.json").read_text())
+    pico_keys = [
+        "d_model",
+        "n_layers",
+        "attention_n_heads",
+        "attention_n_kv_heads",
+        "activation_hidden_dim",
+        "norm_eps",
+        "position_emb_theta",
+        "vocab_size",
+        "max_seq_len",
+        "batch_size",
+    ]
+    assert {k: saved[k] for k in pico_keys} == {k: original[k] for k in pico_keys}
+    assert saved["model_type"] == "pico_decoder"
+    assert not {"hidden_size", "num_hidden_layers", "rope_theta"} & saved.keys()
+
+
+def test_config_tolerates_unknown_keys_and_legacy_model_type(tmp_path):
+    raw = json.loads((REFERENCE_CHECKPOINT / "config.json").read_text())
+    raw.update(model_type="pico", some_future_key={"nested": 1})
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(config, PicoDecoderConfig)
+    assert config.some_future_key == {"nested": 1}
+    assert config.d_model == 64
+
+
+@pytest.mark.parametrize(
+    ("preset", "n_params"),
+    [("tiny", 11.3e6), ("small", 64.6e6), ("medium", 181.1e6), ("large", 569.8e6)],
+)
+def test_presets_match_published_sizes(preset, n_params):
+    config = PicoDecoderConfig.from_preset(preset)
+    assert (config.n_layers, config.attention_n_heads, config.attention_n_kv_heads) == (12, 12, 4)
+    assert config.activation_hidden_dim == 4 * config.d_model
+    assert (config.vocab_size, config.max_seq_len, config.eos_token_id) == (50304, 2048, 50279)
+    with torch.device("meta"):
+        model = PicoDecoderForCausalLM(config)
+    assert round(model.num_parameters() / 1e6, 1) == n_params / 1e6
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (
+            dict(d_model=100, attention_n_heads=12),
+            r"d_model \(100\) must be divisible by attention_n_heads \(12\)",
+        ),
+        (
+            dict(attention_n_heads=12, attention_n_kv_heads=5),
+            r"attention_n_heads \(12\) must be divisible by",
+        ),
+        (dict(d_model=36, attention_n_heads=12, attention_n_kv_heads=4), r"head dim .* must be even"),
+        (dict(n_layers=0), r"n_layers must be positive"),
+    ],
+)
+def test_invalid_shapes_fail_at_construction(fields, message):
+    with pytest.raises(ValueError, match=message):
+        PicoDecoderConfig(**fields)
+
+
+def test_unknown_preset_lists_choices():
+    with pytest.raises(ValueError, match=r"Unknown pico-decoder preset 'huge'.*'tiny'"):
+        PicoDecoderConfig.from_preset("huge")
+
+
+# --- checkpoint format ---------------------------------------------------------------------------------
+
+
+def test_save_writes_the_published_format(reference_model, tmp_path):
+    reference_model.save_pretrained(tmp_path)
+    saved, original = (
+        load_file(tmp_path / "model.safetensors"),
+        load_file(REFERENCE_CHECKPOINT / "model.safetensors"),
+    )
+    assert saved.keys() == original.keys()
+    for name, tensor in original.items():
+        assert torch.equal(saved[name], tensor), name
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_pico_decoder.PicoDecoderConfig",
+        "AutoModelForCausalLM": "modeling_pico_decoder.PicoDecoderForCausalLM",
+    }
+    assert (tmp_path / "modeling_pico_decoder.py").is_file()
+    assert (tmp_path / "configuration_pico_decoder.py").is_file()
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reloaded(EXPECTED["input_ids"]).logits, EXPECTED["logits"], atol=1e-5, rtol=0
+        )
+
+
+def test_base_model_loads_from_causal_lm_checkpoint():
+    base = AutoModel.from_pretrained(REFERENCE_CHECKPOINT)
+    assert isinstance(base, PicoDecoderModel)
+    reference = load_file(REFERENCE_CHECKPOINT / "model.safetensors")
+    assert torch.equal(base.embedding_proj.weight, reference["pico_decoder.embedding_proj.weight"])
+
+
+def test_checkpoint_with_wrong_shapes_is_an_error(reference_model, tmp_path):
+    reference_model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "activation_hidden_dim": 96}))
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "n_layers": 3}))
+    with pytest.raises(ValueError, match=r"does not match its config: 9 tensor.*layers\.2\.attention"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+# --- inputs, caches, masks -----------------------------------------------------------------------------
+
+
+def test_bad_inputs_get_clear_errors():
+    model = PicoDecoderForCausalLM(tiny_config()).eval()
+    with pytest.raises(ValueError, match=r"token id 128, outside the model's vocabulary \(vocab_size=128"):
+        model(torch.tensor([[1, 128]]))
+    with pytest.raises(ValueError, match=r"token id -3"):
+        model(torch.tensor([[-3, 1]]))
+    with pytest.raises(ValueError, match=r"65 tokens is longer than the model's max_seq_len \(64\)"):
+        model(torch.ones(1, 65, dtype=torch.long))
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_one_token_cached_decoding_matches_full_forward(n_kv_heads, attn_implementation):
+    config = tiny_config(attention_n_kv_heads=n_kv_heads)
+    config._attn_implementation = attn_implementation
+    model = PicoDecoderForCausalLM(config).eval()
+    ids = torch.randint(0, 128, (2, 10))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = DynamicCache(config=config)
+        prefix = model(ids[:, :6], cache=cache, use_cache=True)
+        steps = [prefix.logits]
+        for t in range(6, 10):  # one token at a time: the case the reference crashed on
+            steps.append(model(ids[:, t : t + 1], cache=cache, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_eager_and_sdpa_agree():
+    config = tiny_config()
+    eager = PicoDecoderForCausalLM(config).eval()
+    sdpa = PicoDecoderForCausalLM(config).eval()
+    sdpa.load_state_dict(eager.state_dict())
+    eager.set_attn_implementation("eager")
+    sdpa.set_attn_implementation("sdpa")
+    ids = torch.randint(0, 128, (2, 20))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(
+            eager(ids, attention_mask=mask).logits, sdpa(ids, attention_mask=mask).logits
+        )
+
+
+def test_padded_rows_match_unpadded_rows():
+    model = PicoDecoderForCausalLM(tiny_config()).eval()
+    short, long = torch.randint(1, 128, (1, 6)), torch.randint(1, 128, (1, 9))
+    left_padded = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1), long])
+    mask = torch.ones_like(left_padded)
+    mask[0, :3] = 0
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        batched = model(left_padded, attention_mask=mask, position_ids=position_ids).logits
+        torch.testing.assert_close(batched[0, 3:], model(short).logits[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(batched[1], model(long).logits[0], atol=1e-5, rtol=1e-5)
+        right_padded = torch.cat([short, torch.zeros(1, 3, dtype=torch.long)], 1)
+        right = model(right_padded, attention_mask=(right_padded != 0).long() | (torch.arange(9) < 6)).logits
+        torch.testing.assert_close(right[0, :6], model(short).logits[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
+def test_left_padded_batched_generation_equals_one_by_one(cache_implementation):
+    model = PicoDecoderForCausalLM(tiny_config()).eval()
+    prompts = [torch.randint(1, 128, (n,)) for n in (7, 3, 5)]
+    width = max(len(p) for p in prompts)
+    ids = torch.stack([F.pad(p, (width - len(p), 0), value=0) for p in prompts])
+    mask = torch.stack([F.pad(torch.ones_like(p), (width - len(p), 0)) for p in prompts])
+    kwargs = dict(max_new_tokens=8, do_sample=False, cache_implementation=cache_implementation)
+    batched = model.generate(ids, attention_mask=mask, **kwargs)
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(prompt[None], **kwargs)
+        assert torch.equal(batched[row, width:], alone[0, len(prompt) :]), row
+
+
+def test_hidden_states_and_tuple_outputs(reference_model):
+    ids = EXPECTED["input_ids"]
+    with torch.no_grad():
+        out = reference_model(ids, output_hidden_states=True)
+        as_tuple = reference_model(ids, return_dict=False)
+    assert len(out.hidden_states) == reference_model.config.n_layers + 1
+    assert all(h.shape == (3, 17, 64) for h in out.hidden_states)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], out.logits)
+
+
+def test_half_precision_dtypes():
+    model = AutoModelForCausalLM.from_pretrained(REFERENCE_CHECKPOINT, dtype=torch.bfloat16)
+    assert model.pico_decoder.layers[0].attention.q_proj.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        logits = model(EXPECTED["input_ids"]).logits
+    assert logits.dtype == torch.float32  # as pico-train returns them
+    torch.testing.assert_close(logits, EXPECTED["logits"], atol=0.1, rtol=0.05)
+
+
+# --- training-side behaviour ---------------------------------------------------------------------------
+
+
+def _reference_loss(logits, labels, num_items=None):
+    shift_logits, shift_labels = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+    total = F.cross_entropy(shift_logits.float(), shift_labels, ignore_index=-100, reduction="sum")
+    return total / (num_items if num_items is not None else (shift_labels != -100).sum())
+
+
+@pytest.mark.parametrize("chunk_elements", [2**24, 128 * 5])  # one chunk; several chunks with a ragged tail
+@pytest.mark.parametrize("num_items", [None, 37])
+def test_chunked_loss_equals_full_logits_loss(monkeypatch, chunk_elements, num_items):
+    monkeypatch.setattr(PicoDecoderForCausalLM, "loss_chunk_elements", chunk_elements)
+    model = PicoDecoderForCausalLM(tiny_config()).train()
+    ids = torch.randint(0, 128, (3, 13))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    labels[2, 7:] = -100
+    kwargs = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+
+    chunked = model(ids, labels=labels, **kwargs)
+    assert chunked.logits is None  # not materialised in training mode
+    chunked.loss.backward()
+    chunked_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    logits = model(ids, skip_logits=False).logits
+    expected = _reference_loss(logits, labels, num_items)
+    expected.backward()
+    torch.testing.assert_close(chunked.loss, expected, atol=1e-6, rtol=1e-5)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(chunked_grads[name], param.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+    with torch.no_grad():
+        evaluated = model.eval()(ids, labels=labels, **kwargs)
+    assert evaluated.logits.shape == (3, 13, 128)
+    torch.testing.assert_close(evaluated.loss, expected.detach(), atol=1e-6, rtol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = PicoDecoderForCausalLM(tiny_config()).train()
+    ids = torch.randint(0, 128, (2, 16))
+
+    def grads():
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain = grads()
+    model.activation_checkpointing_enable()
+    assert model.pico_decoder.layers[0].gradient_checkpointing
+    checkpointed = grads()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_peft_lora_on_attention_and_swiglu():
+    from peft import LoraConfig, get_peft_model
+
+    model = PicoDecoderForCausalLM(tiny_config())
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "w_0", "w_1", "w_2"]
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert len(trainable) == 2 * len(targets) * 2  # A and B, per target, per layer
+    ids = torch.randint(0, 128, (2, 8))
+    peft_model.train()
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for n, p in peft_model.named_parameters() if n in trainable)
+    peft_model.eval()
+    with torch.no_grad():
+        adapted = peft_model(input_ids=ids).logits
+        merged = peft_model.merge_and_unload()(ids).logits
+    torch.testing.assert_close(adapted, merged, atol=1e-5, rtol=1e-5)
+
+
+def test_torch_compile_fullgraph():
+    model = PicoDecoderForCausalLM(tiny_config()).eval()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids).logits, model(ids).logits)
+
+
+def test_text_generation_pipeline():
+    from transformers import pipeline
+
+    from pico_hf.tokenization import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    model = PicoDecoderForCausalLM(tiny_config(vocab_size=50304, pad_token_id=1, eos_token_id=50279)).eval()
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    prompts = ["The cat", "Once upon a time there"]
+    out = generator(prompts, max_new_tokens=5, do_sample=False)
+    assert [o[0]["generated_text"][: len(p)] for o, p in zip(out, prompts, strict=True)] == prompts
+    prompt_ids = tokenizer("The cat", return_tensors="pt").input_ids
+    direct = model.generate(prompt_ids, max_new_tokens=5, do_sample=False)
+    assert out[0][0]["generated_text"] == tokenizer.decode(direct[0])
+
+
+def test_package_registers_auto_classes():
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    assert CONFIG_MAPPING["pico_decoder"] is PicoDecoderConfig
+    assert isinstance(AutoModelForCausalLM.from_config(tiny_config()), PicoDecoderForCausalLM)
+    assert isinstance(AutoModel.from_config(tiny_config()), PicoDecoderModel)
+    assert pico_hf.__version__
