@@ -174,10 +174,18 @@ class EvaluationCheckpointingConfig:
 
 @dataclass
 class LearningDynamicsCheckpointingConfig:
+    # An empty list turns capture off.
     layer_suffixes: list[str] = field(default_factory=lambda: list(DEFAULT_LAYER_SUFFIXES))
     sequence_idx: int = -1
+    # Sub-batch size (across processes) for the `val` split's forward/backward.
     batch_size: int = 8
+    # The `val` split: a Hub id, a local path or "embedded"; null for no `val` split.
     eval_data: str | None = "pico-lm/pretokenized-paloma-tinsy"
+    # Use only the first N rows of eval_data (all when null).
+    eval_max_samples: int | None = None
+    # Metrics computed at every checkpoint, in pico-analyze's format ({metric_name, data_split, components,
+    # ...}); comparative ones (cka, pwcca) compare with `target_checkpoint`, by default the previous checkpoint.
+    metrics: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass

@@ -19,6 +19,9 @@ import transformers
 from transformers import TrainerCallback, TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
 
+from ..evaluation.callback import build_evaluation_callbacks
+from ..hub.publish import build_hub_callbacks
+from ..learning_dynamics.callback import build_learning_dynamics_callbacks
 from ..models.pico_decoder import PicoDecoderConfig, PicoDecoderForCausalLM
 from ..tokenization import load_tokenizer
 from .config import PRECISIONS, ConfigError, PicoTrainingConfig
@@ -198,7 +201,14 @@ def build_job(
         if not saved.exists():
             config.save_yaml(saved)
 
-    callbacks: list[TrainerCallback] = [MetricsFileCallback(run.logs_dir / "metrics.jsonl")]
+    # Order matters: learning dynamics and evaluation add to each checkpoint before it is published; the Hub
+    # publisher pushes it once it is complete.
+    callbacks: list[TrainerCallback] = [
+        MetricsFileCallback(run.logs_dir / "metrics.jsonl"),
+        *build_learning_dynamics_callbacks(config, run),
+        *build_evaluation_callbacks(config, run),
+        *build_hub_callbacks(config, run),
+    ]
     if "tensorboard" in args.report_to and is_main:
         from torch.utils.tensorboard import SummaryWriter
 

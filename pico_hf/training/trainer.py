@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,20 +39,43 @@ LATEST = "latest"
 
 
 class CheckpointContributor(TrainerCallback):
-    """A callback that adds files to each checkpoint before it is published (learning dynamics, evaluation).
+    """A callback that takes part in writing each checkpoint (learning dynamics, evaluation, publishing).
 
-    `on_checkpoint` runs on every process with the checkpoint's temporary directory; whatever it writes there
-    appears atomically with the rest of the checkpoint."""
+    - `on_checkpoint` runs on every process with the checkpoint's temporary directory, after the model and
+      training state are written: whatever it writes there appears atomically with the rest.
+    - `needs_next_step` asks to keep the checkpoint open until the next optimizer step, whose micro-batches
+      and gradients (before the update) belong to it; `on_checkpoint_next_step` then runs just before that
+      update, again with the temporary directory. The last checkpoint of a run never waits.
+    - `on_checkpoint_published` runs on every process once the checkpoint is complete under its final name.
+    """
 
     def on_checkpoint(
-        self,
-        args: TrainingArguments,
-        state: TrainerState,
-        control: TrainerControl,
-        checkpoint_dir: Path,
-        **kwargs,
-    ) -> None:
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ):
         pass
+
+    def needs_next_step(self, state: TrainerState) -> bool:
+        return False
+
+    def on_checkpoint_next_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ):
+        pass
+
+    def on_checkpoint_published(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ):
+        pass
+
+
+@dataclass
+class PendingCheckpoint:
+    """A checkpoint written to its temporary directory, waiting for the next optimizer step."""
+
+    step: int
+    tmp_dir: Path
+    final_dir: Path
+    waiting: list[CheckpointContributor]
 
 
 class RunLayout:
@@ -129,7 +153,8 @@ class PicoTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.train_sequences = train_sequences
         self.run = run
-        self.add_callback(_StepZeroCheckpoint(self))
+        self.add_callback(_CheckpointScheduling(self))
+        self._pending: PendingCheckpoint | None = None
         self._nonfinite_losses = 0
         self._last_log: tuple[float, int] | None = None
 
@@ -189,21 +214,46 @@ class PicoTrainer(Trainer):
             self.state.save_to_json(str(state_dir / TRAINER_STATE_NAME))
             save_position(state_dir / DATA_POSITION_NAME, step, self.train_sequences.position_after(step))
 
-        for callback in self.callback_handler.callbacks:
-            if isinstance(callback, CheckpointContributor):
-                callback.on_checkpoint(
+        for contributor in self.contributors:
+            contributor.on_checkpoint(
+                self.args, self.state, self.control, checkpoint_dir=tmp_dir, model=self.model, trainer=self
+            )
+        waiting = [c for c in self.contributors if c.needs_next_step(self.state)]
+        if waiting and step < self.state.max_steps:
+            self._pending = PendingCheckpoint(step, tmp_dir, final_dir, waiting)
+        else:
+            self._publish(tmp_dir, final_dir)
+
+    @property
+    def contributors(self) -> list[CheckpointContributor]:
+        return [c for c in self.callback_handler.callbacks if isinstance(c, CheckpointContributor)]
+
+    def finish_pending_checkpoint(self, next_step_ran: bool = True) -> None:
+        """Complete the checkpoint kept open for this optimizer step (just before its update), then publish it."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        if next_step_ran:
+            for contributor in pending.waiting:
+                contributor.on_checkpoint_next_step(
                     self.args,
                     self.state,
                     self.control,
-                    checkpoint_dir=tmp_dir,
+                    checkpoint_dir=pending.tmp_dir,
                     model=self.model,
                     trainer=self,
                 )
+        self._publish(pending.tmp_dir, pending.final_dir)
 
+    def _publish(self, tmp_dir: Path, final_dir: Path) -> None:
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             publish(tmp_dir, final_dir, self.run.checkpoints_dir / LATEST)
         self.accelerator.wait_for_everyone()
+        for contributor in self.contributors:
+            contributor.on_checkpoint_published(
+                self.args, self.state, self.control, checkpoint_dir=final_dir, model=self.model, trainer=self
+            )
 
     def train(self, resume_from_checkpoint: str | None = None, **kwargs: Any):
         """Train; `resume_from_checkpoint` is a `step_N` directory (or its state folder)."""
@@ -230,8 +280,9 @@ class PicoTrainer(Trainer):
         target.load_state_dict(loaded.state_dict())
 
 
-class _StepZeroCheckpoint(TrainerCallback):
-    """pico-train checkpoints (and evaluates) the untrained model too: save step 0 when a run starts fresh."""
+class _CheckpointScheduling(TrainerCallback):
+    """pico-train checkpoints (and evaluates) the untrained model too: save step 0 when a run starts fresh.
+    A checkpoint kept open for the next optimizer step is completed just before that step's update."""
 
     def __init__(self, trainer: PicoTrainer) -> None:
         self.trainer = trainer
@@ -241,6 +292,18 @@ class _StepZeroCheckpoint(TrainerCallback):
     ):
         if state.global_step == 0 and not self.trainer.run.step_dir(0).exists():
             self.trainer._save_checkpoint(self.trainer.model, trial=None)
+
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ):
+        self.trainer.finish_pending_checkpoint()
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ):
+        self.trainer.finish_pending_checkpoint(
+            next_step_ran=False
+        )  # a run stopped early publishes what it has
 
 
 def no_clipping() -> float:

@@ -1,0 +1,208 @@
+"""Capturing learning-dynamics states: per layer, activations, weights and gradients.
+
+Keys are pico-train's: module names relative to the decoder trunk, e.g. `layers.0.attention.v_proj`, for the
+modules whose name contains one of the configured layer suffixes. Per split, a checkpoint's
+`learning_dynamics/` folder holds:
+
+    {split}_activations.safetensors   [n_samples, out_features]: the module's output at `sequence_idx`
+    {split}_weights.safetensors       [out_features, in_features]
+    {split}_gradients.safetensors     [out_features, in_features]: gradient of the mean next-token loss
+    {split}_data/                     the samples' `input_ids` and decoded `text` (datasets.save_to_disk)
+
+`load_states` reads these, and the `.pt` files written by the original pico-train (`torch.load` with
+`weights_only=True`, Lightning/DeepSpeed wrapper prefixes stripped).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+DATA_TYPES = ("activations", "weights", "gradients")
+# Wrappers the original pico-train saved keys under (Lightning Fabric, DeepSpeed, DDP).
+_WRAPPER_PREFIX = re.compile(r"^(?:_forward_module\.)?(?:module\.)?(?:_orig_mod\.)?")
+
+
+def trunk(model: nn.Module) -> nn.Module:
+    """The decoder trunk whose module names are pico-train's (`layers.{i}...`)."""
+    return getattr(model, getattr(model, "base_model_prefix", ""), model)
+
+
+def find_layers(model: nn.Module, layer_suffixes: Sequence[str]) -> dict[str, nn.Linear]:
+    """Modules of the trunk whose name contains a configured suffix, in model order (pico-train's rule)."""
+    modules = {
+        name: module
+        for name, module in trunk(model).named_modules()
+        if name
+        and any(suffix in name for suffix in layer_suffixes)
+        and isinstance(getattr(module, "weight", None), torch.Tensor)
+    }
+    if not modules:
+        raise ValueError(
+            f"No module of the model matches the learning-dynamics layer suffixes {list(layer_suffixes)}"
+        )
+    return modules
+
+
+class ActivationRecorder:
+    """Forward hooks keeping each layer's output at one token per sample, only while armed.
+
+    A layer that runs twice in one model forward (activation-checkpointing recomputation) is recorded once.
+    `positions` (one index per row, for padded batches) overrides `sequence_idx` for the next forward."""
+
+    def __init__(self, model: nn.Module, layers: dict[str, nn.Module], sequence_idx: int = -1) -> None:
+        self.sequence_idx = sequence_idx
+        self.armed = False
+        self.positions: torch.Tensor | None = None
+        self.outputs: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+        self._seen: set[str] = set()
+        self._handles = [model.register_forward_pre_hook(self._new_forward)]
+        self._handles += [module.register_forward_hook(self._hook(name)) for name, module in layers.items()]
+
+    def _new_forward(self, module: nn.Module, args: Any) -> None:
+        self._seen.clear()
+
+    def _hook(self, name: str):
+        def record(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+            if not self.armed or name in self._seen:
+                return
+            self._seen.add(name)
+            output = output.detach()
+            if self.positions is None:
+                picked = output[:, self.sequence_idx]  # (batch, out_features)
+            else:
+                picked = output[
+                    torch.arange(output.shape[0], device=output.device), self.positions.to(output.device)
+                ]
+            self.outputs[name].append(picked.float().cpu())
+
+        return record
+
+    def start(self) -> None:
+        self.outputs = {name: [] for name in self.outputs}
+        self._seen.clear()
+        self.armed = True
+
+    def stop(self) -> dict[str, torch.Tensor]:
+        """Disarm; each layer's recorded rows, concatenated in forward order."""
+        self.armed = False
+        self.positions = None
+        return {name: torch.cat(rows) for name, rows in self.outputs.items() if rows}
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+@contextmanager
+def recording(recorder: ActivationRecorder):
+    recorder.start()
+    try:
+        yield recorder
+    finally:
+        recorder.armed = False
+
+
+def weights_of(layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    return {name: module.weight.detach().float().cpu().clone() for name, module in layers.items()}
+
+
+def gradients_of(layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Each layer's accumulated weight gradient (DeepSpeed ZeRO's partitioned gradients are gathered)."""
+    gradients = {}
+    for name, module in layers.items():
+        grad = _full_grad(module.weight)
+        if grad is None:
+            raise RuntimeError(f"Layer {name} has no gradient to capture; is it frozen?")
+        gradients[name] = grad.detach().float().cpu().clone()
+    return gradients
+
+
+def _full_grad(param: torch.Tensor) -> torch.Tensor | None:
+    if getattr(param, "ds_id", None) is not None or hasattr(param, "ds_tensor"):  # DeepSpeed-managed
+        from deepspeed.utils import safe_get_full_grad
+
+        return safe_get_full_grad(param)
+    return param.grad
+
+
+def to_sample_order(
+    local: torch.Tensor, gathered: torch.Tensor, num_processes: int, micro_batch: int
+) -> torch.Tensor:
+    """Reorder rows gathered across processes into global sample order.
+
+    Process p's g-th micro-batch of m rows holds global rows (g*P + p)*m ... ; `gathered` is every process's
+    `local` concatenated in process order: (P * G * m, ...)."""
+    if num_processes == 1:
+        return local
+    rows_per_process = local.shape[0]
+    steps = rows_per_process // micro_batch
+    shaped = gathered.reshape(num_processes, steps, micro_batch, *local.shape[1:])
+    return shaped.transpose(0, 1).reshape(num_processes * rows_per_process, *local.shape[1:])
+
+
+def save_states(
+    directory: Path,
+    split: str,
+    activations: dict[str, torch.Tensor],
+    weights: dict[str, torch.Tensor],
+    gradients: dict[str, torch.Tensor] | None,
+    input_ids: Sequence[Sequence[int]] | None = None,
+    tokenizer: Any = None,
+) -> None:
+    """Write one split's states (and its samples) in the layout described in the module docstring."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for data_type, tensors in (("activations", activations), ("weights", weights), ("gradients", gradients)):
+        if tensors:
+            save_file(
+                {k: v.contiguous() for k, v in tensors.items()},
+                directory / f"{split}_{data_type}.safetensors",
+            )
+    if input_ids is not None:
+        import datasets
+
+        rows = [list(map(int, ids)) for ids in input_ids]
+        columns: dict[str, list] = {"input_ids": rows}
+        if tokenizer is not None:
+            columns["text"] = tokenizer.batch_decode(rows, skip_special_tokens=True)
+        bars_were_on = not datasets.are_progress_bars_disabled()
+        datasets.disable_progress_bars()  # a bar per checkpoint would bury the training progress bar
+        try:
+            datasets.Dataset.from_dict(columns).save_to_disk(str(directory / f"{split}_data"))
+        finally:
+            if bars_were_on:
+                datasets.enable_progress_bars()
+
+
+def strip_wrapper_prefix(name: str) -> str:
+    return _WRAPPER_PREFIX.sub("", name)
+
+
+def load_states(directory: Path, split: str) -> dict[str, dict[str, torch.Tensor]]:
+    """One split's states from a `learning_dynamics/` folder: ours (safetensors) or pico-train's (`.pt`).
+
+    Returns {data_type: {layer_name: tensor}} for the data types present; empty if the split is absent."""
+    states: dict[str, dict[str, torch.Tensor]] = {}
+    for data_type in DATA_TYPES:
+        ours, theirs = directory / f"{split}_{data_type}.safetensors", directory / f"{split}_{data_type}.pt"
+        if ours.exists():
+            tensors = load_file(ours)
+        elif theirs.exists():
+            # pico-train pickled plain dicts of tensors: weights_only keeps arbitrary code out of the load.
+            tensors = torch.load(theirs, map_location="cpu", weights_only=True)
+        else:
+            continue
+        states[data_type] = {strip_wrapper_prefix(name): tensor for name, tensor in tensors.items()}
+    return states
+
+
+def batched(rows: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(rows), size):
+        yield rows[start : start + size]
