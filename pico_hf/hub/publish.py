@@ -1,9 +1,632 @@
-"""Publishing a run's checkpoints to the Hugging Face Hub, beside where they are written."""
+"""Publishing a training run to the Hugging Face Hub beside its checkpoints, commit for commit as pico-train.
+
+With `checkpointing.save_to_hf: true`, the run goes to `checkpointing.hf_checkpoint.repo_id` on a branch named
+after `checkpointing.run_name` (the repo is created if needed and added to `collection_slug` if one is set).
+Every checkpoint `step_N` becomes these commits, in this order (pico-train's titles, and its order: evaluation
+results are written before the learning dynamics of the same step):
+
+    Saving HF Model -- Step N                          config, weights, model code, generation config
+    Saving Tokenizer -- Step 0                         step 0 only: the tokenizer files
+    Saving Training Config -- Step 0                   step 0 only: training_config.yaml
+    Saving Fabric Checkpoint -- Step N                 fabric_state/ (the state to resume from)
+    Saving Evaluation Results -- Step N                eval_results/ up to step N, when step_N.json exists
+    Saving Learning Dynamics Data (train) -- Step N    learning_dynamics/train_*   (one commit per split
+    Saving Learning Dynamics Data (val) -- Step N      learning_dynamics/val_*      present; other files,
+                                                       e.g. metrics.json, go with the last split)
+
+The repo's files are the latest state; the history is the record, which is why pico-analyze finds a step by
+commit title and reads the repo at that commit.
+
+The token is HF_TOKEN's or the `hf auth login` one. Pushes never hold up training: a checkpoint is queued once
+the trainer has published it complete under `checkpoints/step_N/` (`on_checkpoint_published`), and one
+background worker pushes the queue in order. A failed push is retried (pico-train's policy: twice more, after
+1 s and 2 s); if it still fails, an error naming the step and commit is logged, training goes on (the
+checkpoint is safe on disk), and later pushes wait behind it so the branch history stays in order; the queue
+is retried at each new checkpoint and once more at the end. Whatever is still unpushed then makes the run end
+with `HubPushError`, which says how to finish the upload:
+
+    python -m pico_hf.hub.publish runs/<run_name> --repo_id <repo_id>
+
+That command (also for runs trained without `save_to_hf`) pushes every local checkpoint in step order with the
+same commits, skipping commits whose titles the branch already has, so it completes a partial upload. A
+resumed run does the same for the checkpoints that precede it.
+"""
 
 from __future__ import annotations
 
-from transformers import TrainerCallback
+import argparse
+import logging
+import re
+import sys
+import threading
+import time
+import warnings
+from collections import deque
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
+from huggingface_hub.errors import HfHubHTTPError
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from ..training.config import ConfigError
+from ..training.trainer import CheckpointContributor
+from . import hub_reachable, offline_requested
+
+logger = logging.getLogger("pico_hf.training.hub")  # under the training logger: same console and log file
+
+RETRY_DELAYS: tuple[float, ...] = (1.0, 2.0)  # pico-train's backoff: two retries, 1 s then 2 s apart
+CONFIG_FILE = "training_config.yaml"
+
+# Learning-dynamics entries of one split: `{split}_{activations|weights|gradients}.{safetensors|pt}` files and
+# the `{split}_data/` dataset folder.
+_LD_STATES = re.compile(r"^(?P<split>.+?)_(?:activations|weights|gradients)\.(?:safetensors|pt)$")
+_LD_DATA = re.compile(r"^(?P<split>.+)_data$")
+_SPLIT_ORDER = ("train", "val")  # pico-train saves train, then val; other splits follow alphabetically
+_TOKENIZER_FILES = re.compile(
+    r"^(?:tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\.(?:json|txt)|merges\.txt"
+    r"|spiece\.model|sentencepiece\.bpe\.model|chat_template\.(?:jinja|json))$"
+)
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_EVAL_FILE = re.compile(r"^step_(\d+)\.json$")
+
+# The learning-dynamics `{split}_data/` folder holds an .arrow file; huggingface_hub warns about data files in
+# model repos on every such commit. pico-train stores them there on purpose.
+warnings.filterwarnings(
+    "ignore", message="It seems that you are about to commit a data file", category=UserWarning
+)
 
 
-def build_hub_callbacks(config, run) -> list[TrainerCallback]:
-    return []
+class HubSetupError(ConfigError):
+    """The Hub cannot be used as configured (offline, no token, repo or branch cannot be created)."""
+
+
+class HubPushError(RuntimeError):
+    """Some commits could not be pushed; the local checkpoints are complete and can be pushed later."""
+
+
+# --- what to push -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunFolders:
+    """Folder names inside a run and its checkpoints; the same names are used in the Hub repo."""
+
+    checkpoints: str = "checkpoints"
+    fabric_state: str = "fabric_state"
+    learning_dynamics: str = "learning_dynamics"
+    eval_results: str = "eval_results"
+
+    @classmethod
+    def from_checkpointing(cls, checkpointing: Any) -> RunFolders:
+        return cls(
+            checkpoints=checkpointing.checkpoints_dir,
+            fabric_state=checkpointing.fabric_checkpoint_dir,
+            learning_dynamics=checkpointing.learning_dynamics_dir,
+            eval_results=checkpointing.evaluation.eval_results_dir,
+        )
+
+    @classmethod
+    def from_run_dir(cls, run_dir: Path) -> RunFolders:
+        """The names recorded in the run's training_config.yaml, else the defaults."""
+        checkpointing = _saved_config(run_dir).get("checkpointing") or {}
+        defaults = cls()
+        return cls(
+            checkpoints=checkpointing.get("checkpoints_dir") or defaults.checkpoints,
+            fabric_state=checkpointing.get("fabric_checkpoint_dir") or defaults.fabric_state,
+            learning_dynamics=checkpointing.get("learning_dynamics_dir") or defaults.learning_dynamics,
+            eval_results=(checkpointing.get("evaluation") or {}).get("eval_results_dir")
+            or defaults.eval_results,
+        )
+
+
+@dataclass(frozen=True)
+class PlannedCommit:
+    """One commit: its title and the files it uploads, as (local file, path in the repo)."""
+
+    step: int
+    title: str
+    files: tuple[tuple[Path, str], ...]
+
+
+def _saved_config(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        return {}
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from error
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _visible(path: Path) -> bool:
+    return not path.name.startswith(".")
+
+
+def _files_under(folder: Path, repo_prefix: str) -> list[tuple[Path, str]]:
+    """Every file below `folder` (hidden ones excluded), with its path in the repo under `repo_prefix`."""
+    found = []
+    for file in sorted(folder.rglob("*")):
+        relative = file.relative_to(folder)
+        if file.is_file() and all(not part.startswith(".") for part in relative.parts):
+            found.append((file, f"{repo_prefix}/{relative.as_posix()}"))
+    return found
+
+
+def _is_checkpoint(step_dir: Path) -> bool:
+    # Checkpoints are renamed into place when complete, so a step folder with its model config is finished.
+    return step_dir.is_dir() and (step_dir / "config.json").is_file()
+
+
+def checkpoint_steps(run_dir: Path, folders: RunFolders = RunFolders()) -> list[int]:
+    """The steps of the run's complete checkpoints, ascending."""
+    checkpoints = Path(run_dir) / folders.checkpoints
+    if not checkpoints.is_dir():
+        return []
+    steps = []
+    for entry in checkpoints.iterdir():
+        match = _STEP_DIR.match(entry.name)
+        if match and not entry.is_symlink() and _is_checkpoint(entry):
+            steps.append(int(match[1]))
+    return sorted(steps)
+
+
+def _learning_dynamics_commits(step: int, folder: Path, repo_dir: str) -> list[PlannedCommit]:
+    if not folder.is_dir():
+        return []
+    by_split: dict[str, list[tuple[Path, str]]] = {}
+    others: list[tuple[Path, str]] = []
+    for entry in sorted(filter(_visible, folder.iterdir())):
+        states, data = _LD_STATES.match(entry.name), _LD_DATA.match(entry.name)
+        if entry.is_file() and states:
+            by_split.setdefault(states["split"], []).append((entry, f"{repo_dir}/{entry.name}"))
+        elif entry.is_dir() and data:
+            by_split.setdefault(data["split"], []).extend(_files_under(entry, f"{repo_dir}/{entry.name}"))
+        elif entry.is_file():
+            others.append((entry, f"{repo_dir}/{entry.name}"))
+        else:
+            others.extend(_files_under(entry, f"{repo_dir}/{entry.name}"))
+    splits = [s for s in _SPLIT_ORDER if s in by_split] + sorted(set(by_split) - set(_SPLIT_ORDER))
+    if not splits:
+        if others:
+            logger.warning("%s has no learning-dynamics split files; not pushed", folder)
+        return []
+    by_split[splits[-1]].extend(others)  # e.g. metrics.json: computed once both splits are there
+    return [
+        PlannedCommit(step, f"Saving Learning Dynamics Data ({split}) -- Step {step}", tuple(by_split[split]))
+        for split in splits
+    ]
+
+
+def _evaluation_commit(step: int, folder: Path, repo_dir: str) -> PlannedCommit | None:
+    if not (folder / f"step_{step}.json").is_file():
+        return None  # no evaluation at this step
+    files = []
+    for local, in_repo in _files_under(folder, repo_dir):
+        match = _EVAL_FILE.match(local.name)
+        if match is None or int(match[1]) <= step:  # the folder as it was at step N
+            files.append((local, in_repo))
+    return PlannedCommit(step, f"Saving Evaluation Results -- Step {step}", tuple(files))
+
+
+def plan_checkpoint_commits(
+    run_dir: Path, step: int, folders: RunFolders = RunFolders()
+) -> list[PlannedCommit]:
+    """The commits that publish checkpoint `step` of the run in `run_dir`, in pico-train's order."""
+    run_dir = Path(run_dir)
+    step_dir = run_dir / folders.checkpoints / f"step_{step}"
+    if not _is_checkpoint(step_dir):
+        raise FileNotFoundError(f"{step_dir} is not a complete checkpoint (no config.json)")
+    top_level = [p for p in sorted(step_dir.iterdir()) if p.is_file() and _visible(p)]
+    model = [(p, p.name) for p in top_level if not _TOKENIZER_FILES.match(p.name)]
+    tokenizer = [(p, p.name) for p in top_level if _TOKENIZER_FILES.match(p.name)]
+
+    commits = [PlannedCommit(step, f"Saving HF Model -- Step {step}", tuple(model))]
+    if step == 0:
+        commits.append(PlannedCommit(step, "Saving Tokenizer -- Step 0", tuple(tokenizer)))
+        config = run_dir / CONFIG_FILE
+        if config.is_file():
+            commits.append(PlannedCommit(step, "Saving Training Config -- Step 0", ((config, CONFIG_FILE),)))
+    fabric = _files_under(step_dir / folders.fabric_state, folders.fabric_state)
+    commits.append(PlannedCommit(step, f"Saving Fabric Checkpoint -- Step {step}", tuple(fabric)))
+    evaluation = _evaluation_commit(step, run_dir / folders.eval_results, folders.eval_results)
+    if evaluation is not None:
+        commits.append(evaluation)
+    commits += _learning_dynamics_commits(
+        step, step_dir / folders.learning_dynamics, folders.learning_dynamics
+    )
+    return [commit for commit in commits if commit.files]
+
+
+# --- pushing ----------------------------------------------------------------------------------------------
+
+
+def describe_error(error: BaseException | None) -> str:
+    """One line: huggingface_hub's HTTP errors span several lines (status, docs link, server message)."""
+    if error is None:
+        return "no error recorded"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith("For more information check")]
+    return f"{type(error).__name__}: {' | '.join(lines)}"
+
+
+def check_hub_ready(what: str = "checkpointing.save_to_hf is true") -> None:
+    """Fail fast, before any training, when pushes cannot work: offline, unreachable, or no token."""
+    endpoint = constants.ENDPOINT
+    remedy = (
+        "or set checkpointing.save_to_hf=false and push the run later with `python -m pico_hf.hub.publish`"
+    )
+    if offline_requested():
+        raise HubSetupError(
+            f"{what} but Hugging Face Hub access is switched off (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is "
+            f"set): unset it, {remedy}"
+        )
+    if not hub_reachable():
+        raise HubSetupError(
+            f"{what} but the Hugging Face Hub at {endpoint} cannot be reached: check the network and "
+            f"HF_ENDPOINT, {remedy}"
+        )
+    if get_token() is None:
+        raise HubSetupError(
+            f"{what} but no Hugging Face token is available: set HF_TOKEN or run `hf auth login`, {remedy}"
+        )
+
+
+class HubPublisher:
+    """Creates the repo and branch, then pushes commits to the branch in order, in the background or now.
+
+    Background pushes run on huggingface_hub's single worker thread (`HfApi.run_as_future`), first in, first
+    out. After a push fails for good, the ones behind it wait (so the branch never records a later step
+    before an earlier one) until the next `submit` or `finish` tries again."""
+
+    def __init__(
+        self,
+        repo_id: str,
+        branch: str,
+        collection_slug: str | None = None,
+        api: HfApi | None = None,
+        run_dir: Path | None = None,
+    ) -> None:
+        if not repo_id:
+            raise HubSetupError(
+                "No Hub repo id: set checkpointing.hf_checkpoint.repo_id (e.g. my-user/my-run)"
+            )
+        self.repo_id, self.branch, self.collection_slug = repo_id, branch, collection_slug
+        self.run_dir = run_dir  # named in error messages
+        self.api = api if api is not None else HfApi()
+        self.known_titles: set[str] = set()
+        self.pushed: list[tuple[PlannedCommit, str]] = []  # (commit, commit oid), in push order
+        self._pending: deque[PlannedCommit] = deque()
+        self._blocked: tuple[PlannedCommit, BaseException] | None = None
+        self._futures: list[Future[None]] = []
+        self._lock = threading.Lock()
+
+    @property
+    def where(self) -> str:
+        return f"{self.api.endpoint}/{self.repo_id} (branch '{self.branch}')"
+
+    def prepare(self) -> None:
+        """Create the repo (if needed), add it to the collection, create the branch; learn what it holds."""
+        try:
+            repo = self.api.create_repo(self.repo_id, exist_ok=True)
+            self.repo_id = repo.repo_id  # a bare name becomes "<user>/<name>"
+            if self.collection_slug:
+                self.api.add_collection_item(self.collection_slug, self.repo_id, "model", exists_ok=True)
+            try:
+                self.api.create_branch(self.repo_id, branch=self.branch)
+                existing: set[str] = set()
+            except HfHubHTTPError as error:
+                if error.response is None or error.response.status_code != 409:
+                    raise
+                # The branch exists (a resumed run, a re-push): its commits are not pushed again.
+                existing = {c.title for c in self.api.list_repo_commits(self.repo_id, revision=self.branch)}
+        except Exception as error:
+            raise HubSetupError(
+                f"Could not set up the Hub repo {self.where}: {describe_error(error)}"
+            ) from error
+        with self._lock:
+            self.known_titles |= existing
+
+    def submit(self, commits: Iterable[PlannedCommit]) -> None:
+        """Queue commits for the background worker (those the branch already has are skipped)."""
+        with self._lock:
+            skip = self.known_titles | {c.title for c in self._pending}
+            self._pending.extend(c for c in commits if c.title not in skip)
+            if self._blocked is not None:
+                logger.warning(
+                    "Retrying the Hub push of '%s' and the %d after it",
+                    self._blocked[0].title,
+                    len(self._pending) - 1,
+                )
+                self._blocked = None
+        self._futures = [f for f in self._futures if not f.done()]
+        self._futures.append(self.api.run_as_future(self._drain))
+
+    def finish(self) -> None:
+        """Wait for every queued push (retrying a failed one once more); raise HubPushError if any is left."""
+        wait(self._futures)  # let pushes in flight settle first, so a failure among them gets its retry below
+        with self._lock:
+            retry, queued = self._blocked is not None, len(self._pending)
+        if retry:
+            self.submit([])
+        if queued:
+            logger.info("Waiting for %d Hub push(es) to %s to finish", queued, self.where)
+        wait(self._futures)
+        with self._lock:
+            left, blocked = list(self._pending), self._blocked
+        if left:
+            commit, error = blocked if blocked is not None else (left[0], None)
+            raise HubPushError(
+                f"{len(left)} Hub commit(s) to {self.where} were not pushed, from step {commit.step} "
+                f"'{commit.title}' on ({describe_error(error)}). The checkpoints are complete on disk; "
+                "push them with: "
+                f"python -m pico_hf.hub.publish {self.run_dir or 'RUN_DIR'} --repo_id {self.repo_id} "
+                f"--branch {self.branch}"
+            )
+
+    def push(self, commit: PlannedCommit) -> str:
+        """Push one commit now (with retries) and return its commit id."""
+        last_error: BaseException | None = None
+        for attempt in range(len(RETRY_DELAYS) + 1):
+            if attempt > 0:
+                if self._head_title() == commit.title:  # the failed attempt landed after all
+                    return self._head_oid()
+                logger.warning(
+                    "Hub push of '%s' failed (attempt %d of %d): %s; retrying in %.0f s",
+                    commit.title,
+                    attempt,
+                    len(RETRY_DELAYS) + 1,
+                    describe_error(last_error),
+                    RETRY_DELAYS[attempt - 1],
+                )
+                time.sleep(RETRY_DELAYS[attempt - 1])
+            try:
+                info = self.api.create_commit(
+                    self.repo_id,
+                    # One commit per title, whatever the number or size of files (upload_folder may split).
+                    operations=[
+                        CommitOperationAdd(path_in_repo=in_repo, path_or_fileobj=str(local))
+                        for local, in_repo in commit.files
+                    ],
+                    commit_message=commit.title,
+                    revision=self.branch,
+                )
+            except Exception as error:
+                last_error = error
+                continue
+            with self._lock:
+                self.known_titles.add(commit.title)
+                self.pushed.append((commit, info.oid))
+            return info.oid
+        assert last_error is not None
+        raise last_error
+
+    def _head_title(self) -> str | None:
+        try:
+            return self.api.list_repo_commits(self.repo_id, revision=self.branch)[0].title
+        except Exception:
+            return None
+
+    def _head_oid(self) -> str:
+        return self.api.list_repo_commits(self.repo_id, revision=self.branch)[0].commit_id
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                if self._blocked is not None or not self._pending:
+                    return
+                commit = self._pending[0]
+            try:
+                oid = self.push(commit)
+            except Exception as error:
+                with self._lock:
+                    self._blocked = (commit, error)
+                    waiting = len(self._pending) - 1
+                logger.error(
+                    "Hub push FAILED for step %d, commit '%s' to %s after %d attempts: %s. Training goes on; "
+                    "this push and the %d after it wait, and are retried at the next checkpoint and at the "
+                    "end.",
+                    commit.step,
+                    commit.title,
+                    self.where,
+                    len(RETRY_DELAYS) + 1,
+                    describe_error(error),
+                    waiting,
+                )
+                return
+            with self._lock:
+                self._pending.popleft()
+                step_done = not self._pending or self._pending[0].step != commit.step
+            logger.debug("Pushed '%s' to %s (%s)", commit.title, self.where, oid[:8])
+            if step_done:
+                logger.info("Pushed checkpoint step_%d to %s (%s)", commit.step, self.where, oid[:8])
+
+
+class HubPublishCallback(CheckpointContributor):
+    """Pushes each checkpoint of the run once it is published complete on disk (main process only)."""
+
+    def __init__(self, publisher: HubPublisher, run_dir: Path, folders: RunFolders) -> None:
+        self.publisher, self.run_dir, self.folders = publisher, Path(run_dir), folders
+        self._prepared = False
+        self._ended = False
+        self._trainer: Any = None
+
+    def _prepare(self) -> None:
+        if not self._prepared:
+            self.publisher.prepare()
+            self._prepared = True
+
+    def _submit(self, step: int) -> None:
+        self.publisher.submit(plan_checkpoint_commits(self.run_dir, step, self.folders))
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        self._prepare()
+        # Checkpoints written before this start (a resumed or re-run job): push what the branch lacks of them.
+        for step in checkpoint_steps(self.run_dir, self.folders):
+            if step <= state.global_step:
+                self._submit(step)
+
+    def on_checkpoint_published(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        checkpoint_dir: Path | None = None,
+        **kwargs: Any,
+    ):
+        self._trainer = kwargs.get("trainer", self._trainer)
+        if not state.is_world_process_zero:
+            return
+        self._prepare()
+        match = _STEP_DIR.match(Path(checkpoint_dir).name) if checkpoint_dir is not None else None
+        self._submit(int(match[1]) if match else state.global_step)
+        if self._ended:  # published while training was being wrapped up: nobody waits for it later
+            self.publisher.finish()
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        # A checkpoint still open (a run stopped early) is published first, on every process as the trainer
+        # would, so that it is pushed too and survives a HubPushError below.
+        if self._trainer is not None and hasattr(self._trainer, "finish_pending_checkpoint"):
+            self._trainer.finish_pending_checkpoint(next_step_ran=False)
+        if not state.is_world_process_zero:
+            return
+        self._ended = True
+        self.publisher.finish()
+
+
+def build_hub_callbacks(config: Any, run: Any) -> list[TrainerCallback]:
+    """The Hub publisher when `checkpointing.save_to_hf` is on (checked to be usable before training)."""
+    checkpointing = config.checkpointing
+    if not checkpointing.save_to_hf:
+        return []
+    check_hub_ready()
+    publisher = HubPublisher(
+        checkpointing.hf_checkpoint.repo_id,
+        branch=str(checkpointing.run_name),
+        collection_slug=checkpointing.hf_checkpoint.collection_slug,
+        run_dir=run.run_dir,
+    )
+    return [HubPublishCallback(publisher, run.run_dir, RunFolders.from_checkpointing(checkpointing))]
+
+
+# --- pushing an existing run ------------------------------------------------------------------------------
+
+
+def publish_run(
+    run_dir: Path,
+    repo_id: str | None = None,
+    branch: str | None = None,
+    collection_slug: str | None = None,
+    steps: Sequence[int] | None = None,
+    dry_run: bool = False,
+    out: Any = None,
+) -> list[PlannedCommit]:
+    """Push a local run's checkpoints in step order with pico-train's commits; return the commits pushed.
+
+    Commits whose titles the branch already has are skipped, so this also completes an interrupted upload.
+    `repo_id`, `branch` and `collection_slug` default to the run's training_config.yaml (branch: run name)."""
+    out = out if out is not None else sys.stdout
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"Run directory {run_dir} does not exist")
+    saved = _saved_config(run_dir).get("checkpointing") or {}
+    hf = saved.get("hf_checkpoint") or {}
+    repo_id = repo_id or hf.get("repo_id")
+    if not repo_id:
+        raise ConfigError(f"No repo id: pass --repo_id (the run's {CONFIG_FILE} names none)")
+    branch = branch or saved.get("run_name") or run_dir.name
+    collection_slug = collection_slug or hf.get("collection_slug")
+    folders = RunFolders.from_run_dir(run_dir)
+    available = checkpoint_steps(run_dir, folders)
+    if not available:
+        raise ConfigError(
+            f"{run_dir / folders.checkpoints} holds no complete checkpoint (step_N/config.json)"
+        )
+    if steps is not None:
+        missing = sorted(set(steps) - set(available))
+        if missing:
+            raise ConfigError(f"No checkpoint for step(s) {missing} in {run_dir}; available: {available}")
+        available = [s for s in available if s in set(steps)]
+    plan = [commit for step in available for commit in plan_checkpoint_commits(run_dir, step, folders)]
+
+    if dry_run:
+        print(f"Would push {len(plan)} commits from {run_dir} to {repo_id} (branch '{branch}'):", file=out)
+        for commit in plan:
+            size = sum(local.stat().st_size for local, _ in commit.files)
+            print(f"  {commit.title}  ({_count(commit.files)}, {_human(size)})", file=out)
+        return plan
+
+    check_hub_ready(f"Pushing {run_dir} to the Hub")
+    publisher = HubPublisher(repo_id, branch, collection_slug, run_dir=run_dir)
+    publisher.prepare()
+    print(f"Pushing {run_dir} to {publisher.where}", file=out)
+    pushed = []
+    for commit in plan:
+        if commit.title in publisher.known_titles:
+            print(f"  skip  {commit.title}  (already on the branch)", file=out)
+            continue
+        try:
+            oid = publisher.push(commit)
+        except Exception as error:
+            raise HubPushError(
+                f"Pushing step {commit.step} '{commit.title}' to {publisher.where} failed: "
+                f"{describe_error(error)}. "
+                "Run the same command again to continue from there."
+            ) from error
+        print(f"  push  {commit.title}  ({_count(commit.files)}) -> {oid[:8]}", file=out)
+        pushed.append(commit)
+    print(f"Done: {len(pushed)} pushed, {len(plan) - len(pushed)} already there.", file=out)
+    return pushed
+
+
+def _count(files: Sequence[object]) -> str:
+    return f"{len(files)} file{'' if len(files) == 1 else 's'}"
+
+
+def _human(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} TB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pico_hf.hub.publish",
+        description="Push a local pico training run to the Hugging Face Hub, checkpoint by checkpoint, with "
+        "pico-train's commits (commits already on the branch are skipped).",
+    )
+    parser.add_argument("run_dir", type=Path, help="the run directory, e.g. runs/my-run")
+    parser.add_argument(
+        "--repo_id", "--repo-id", dest="repo_id", help="default: the run's hf_checkpoint.repo_id"
+    )
+    parser.add_argument("--branch", help="default: the run name")
+    parser.add_argument("--collection_slug", "--collection-slug", dest="collection_slug")
+    parser.add_argument("--steps", type=int, nargs="+", help="only these checkpoint steps")
+    parser.add_argument(
+        "--dry-run", "--dry_run", dest="dry_run", action="store_true", help="list, push nothing"
+    )
+    args = parser.parse_args(argv)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+    try:
+        publish_run(args.run_dir, args.repo_id, args.branch, args.collection_slug, args.steps, args.dry_run)
+    except (ConfigError, HubPushError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2 if isinstance(error, ConfigError) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -121,6 +121,8 @@ class PalomaEvaluationConfig:
     dataset_split: str = "val"
     max_length: int = MAX_SEQ_LEN
     batch_size: int = 16
+    # Evaluate on the first N texts only (all when null): caps the cost of evaluating every checkpoint.
+    max_samples: int | None = None
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import TrainerCallback, TrainingArguments, set_seed
+from transformers import ProgressCallback, TrainerCallback, TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
 
 from ..evaluation.callback import build_evaluation_callbacks
@@ -106,6 +106,25 @@ def check_run_dir_writable(run_dir: Path) -> None:
         raise ConfigError(f"Run directory {run_dir} is not writable: {error}") from error
 
 
+class PicoProgressCallback(ProgressCallback):
+    """The Trainer's progress bar; per-component learning-dynamics values go to the log files and TensorBoard,
+    not the console, which shows how many were logged."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        component_values = [key for key in logs or {} if key.startswith("learning_dynamics/")]
+        if component_values:
+            logs = {
+                k: v
+                for k, v in logs.items()
+                if k not in component_values and k not in ("epoch", "num_input_tokens_seen")
+            }
+            logs = {
+                f"learning_dynamics (step {state.global_step})": f"{len(component_values)} values",
+                **logs,
+            }
+        super().on_log(args, state, control, logs=logs, **kwargs)
+
+
 class MetricsFileCallback(TrainerCallback):
     """Every log line also goes to `logs/metrics.jsonl`, one JSON object per line, on the main process."""
 
@@ -172,6 +191,7 @@ def build_job(
     )
     args.per_device_train_batch_size = layout.micro_batch
 
+    hub_callbacks = build_hub_callbacks(config, run)  # fails fast when pushes could not work
     tokenizer = load_tokenizer(config.data.tokenizer.name)
     if len(tokenizer) > config.model.vocab_size:
         raise ConfigError(
@@ -207,7 +227,7 @@ def build_job(
         MetricsFileCallback(run.logs_dir / "metrics.jsonl"),
         *build_learning_dynamics_callbacks(config, run),
         *build_evaluation_callbacks(config, run),
-        *build_hub_callbacks(config, run),
+        *hub_callbacks,
     ]
     if "tensorboard" in args.report_to and is_main:
         from torch.utils.tensorboard import SummaryWriter
@@ -222,6 +242,9 @@ def build_job(
         run=run,
         callbacks=callbacks + list(extra_callbacks or []),
     )
+    trainer.remove_callback(ProgressCallback)
+    if not args.disable_tqdm:
+        trainer.add_callback(PicoProgressCallback())
     return TrainingJob(config, trainer, run, resume_from, log_file)
 
 

@@ -1,0 +1,139 @@
+"""PicoTrainer vs a bare PyTorch training loop, and the data pipeline vs what training consumes.
+
+Same model (demo shapes), same data, optimizer, schedule and batch; measured in one process, alternating
+rounds, over steady-state steps (the first steps of each round are warm-up). Prints one JSON object:
+
+- trainer_vs_bare_loop: PicoTrainer tokens/s / bare loop tokens/s (goal >= 0.9);
+- data_vs_training: data pipeline tokens/s / training tokens/s (goal >= 20).
+
+    python benchmarks/bench_train.py [--steps 12] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback, get_linear_schedule_with_warmup, set_seed
+
+from pico_hf.tokenization import load_tokenizer
+from pico_hf.training.config import load_config
+from pico_hf.training.data import BatchLayout, PretokenizedStream, TrainingSequences
+from pico_hf.training.run import SEED, build_job, build_model
+
+DEMO = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "demo.yaml"
+WARMUP_STEPS = 2
+
+
+class StepTimes(TrainerCallback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter())
+
+
+def trainer_tokens_per_second(config, tokens_per_step: int) -> float:
+    timer = StepTimes()
+    job = build_job(config, extra_callbacks=[timer])
+    job.trainer.args.disable_tqdm = True
+    job.trainer.train()
+    steady = timer.times[WARMUP_STEPS - 1 :]
+    return tokens_per_step * (len(steady) - 1) / (steady[-1] - steady[0])
+
+
+def bare_loop_tokens_per_second(config, steps: int) -> float:
+    tokenizer = load_tokenizer(config.data.tokenizer.name)
+    model = build_model(config, tokenizer).train()
+    optimization = config.training.optimization
+    optimizer = torch.optim.AdamW(model.parameters(), lr=optimization.lr, weight_decay=0.01)
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, optimization.lr_warmup_steps, config.training.max_steps
+    )
+    stream = PretokenizedStream(config.data.dataset.name, config.model.max_seq_len, config.model.vocab_size)
+    layout = BatchLayout(config.data.dataloader.batch_size, optimization.gradient_accumulation_steps, 1, 0)
+    batches = iter(TrainingSequences(stream, layout))
+    times = []
+    for _ in range(steps):
+        micro_batches = [next(batches) for _ in range(optimization.gradient_accumulation_steps)]
+        total = sum(batch["shift_labels"].numel() for batch in micro_batches)
+        for batch in micro_batches:
+            model(**batch, num_items_in_batch=total).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))  # the Trainer computes the norm too
+        optimizer.step()
+        scheduler.step()
+        model.zero_grad(set_to_none=True)
+        times.append(time.perf_counter())
+    steady = times[WARMUP_STEPS - 1 :]
+    tokens_per_step = config.data.dataloader.batch_size * config.model.max_seq_len
+    return tokens_per_step * (len(steady) - 1) / (steady[-1] - steady[0])
+
+
+def data_tokens_per_second(config, steps: int) -> float:
+    stream = PretokenizedStream(config.data.dataset.name, config.model.max_seq_len, config.model.vocab_size)
+    layout = BatchLayout(
+        config.data.dataloader.batch_size, config.training.optimization.gradient_accumulation_steps, 1, 0
+    )
+    batches = iter(TrainingSequences(stream, layout))
+    count = steps * layout.gradient_accumulation_steps
+    start = time.perf_counter()
+    tokens = sum(next(batches)["input_ids"].numel() for _ in range(count))
+    return tokens / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+
+    results: dict[str, list[float]] = {"trainer": [], "bare_loop": []}
+    for round_idx in range(args.rounds):
+        with tempfile.TemporaryDirectory() as runs:
+            config, _ = load_config(
+                DEMO,
+                [
+                    f"training.max_steps={args.steps}",
+                    f"checkpointing.runs_dir={runs}",
+                    f"checkpointing.save_every_n_steps={args.steps * 10}",
+                    "checkpointing.learning_dynamics.layer_suffixes=[]",
+                    "evaluation.metrics=[]",
+                    "monitoring.logging.log_every_n_steps=1000",
+                ],
+            )
+            tokens_per_step = config.data.dataloader.batch_size * config.model.max_seq_len
+            order = ["trainer", "bare_loop"] if round_idx % 2 == 0 else ["bare_loop", "trainer"]
+            for name in order:
+                set_seed(SEED)
+                if name == "trainer":
+                    results[name].append(trainer_tokens_per_second(config, tokens_per_step))
+                else:
+                    results[name].append(bare_loop_tokens_per_second(config, args.steps))
+
+    trainer, bare = max(results["trainer"]), max(results["bare_loop"])
+    data = data_tokens_per_second(config, steps=50)
+    print(
+        json.dumps(
+            {
+                "threads": torch.get_num_threads(),
+                "tokens_per_second": {
+                    "pico_trainer": round(trainer, 1),
+                    "bare_loop": round(bare, 1),
+                    "data_pipeline": round(data),
+                },
+                "trainer_vs_bare_loop": round(trainer / bare, 3),
+                "data_vs_training": round(data / trainer, 1),
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,795 @@
+"""A loopback fake of the Hugging Face Hub HTTP API, so tests can push to and read from "the Hub" offline.
+
+`FakeHub` serves 127.0.0.1 on an ephemeral port from a daemon thread and keeps a git-like history in memory:
+per repo, commits that each hold a full snapshot of the file tree, and branches pointing at them. It answers
+what huggingface_hub (2.x) sends for
+
+- writing: `create_repo`, `create_branch`, `create_commit` / `upload_file` / `upload_folder` (preupload
+  answers `uploadMode: "regular"` for every file, so contents travel base64-encoded in the NDJSON commit
+  payload and no LFS or Xet transfer is needed; it also reports the git oid of files already there, so, as on
+  the Hub, the client drops unchanged files and skips commits that change nothing), README metadata
+  validation, `add_collection_item`;
+- reading: `list_repo_commits`, `list_repo_refs`, `model_info` / `repo_info` (with siblings),
+  `list_repo_tree`, `hf_hub_download` and `snapshot_download` (the resolve endpoint with ETag,
+  X-Repo-Commit and Content-Length).
+
+Tests inspect the result directly (`titles`, `commits`, `files`, `commit_by_title`, `collections`, `requests`)
+and can make endpoints fail or slow (`fail`, `delay`). Writes need `Authorization: Bearer <hub.token>`. Only
+namespaced repo ids (`owner/name`) are supported.
+
+huggingface_hub reads HF_ENDPOINT (and HF_HUB_OFFLINE, HF_HUB_CACHE) once, at import. Two ways to point a
+client at the fake:
+
+- in this process: the `fake_hub` fixture (or `point_hub_client_at`) patches those constants and the
+  environment for the duration of a test;
+- in a subprocess: pass `hub.client_env(cache_dir)` as the environment (and drop HF_HUB_OFFLINE).
+
+Run `python tests/fake_hub.py` to serve one by hand (it prints the environment to export).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import pytest
+
+FAKE_USER = "fake-user"
+FAKE_TOKEN = "hf_fake_hub_token_for_tests"
+MAX_BODY_BYTES = 1 << 30  # refuse anything larger: a test bug, not a real upload
+IDLE_CONNECTION_TIMEOUT_S = 30.0  # keep-alive connections idle this long are closed
+DEFAULT_LIFETIME_S = 900.0  # the server shuts itself down after this, even if nobody stops it
+REPO_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
+INITIAL_COMMIT_TITLE = "initial commit"
+GITATTRIBUTES = (
+    b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
+)
+
+
+def git_blob_oid(data: bytes) -> str:
+    """The git object id of a blob: what the Hub reports (and huggingface_hub compares) for regular files."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _iso(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(frozen=True)
+class Commit:
+    """One commit: its title (summary), description, parent, and the whole file tree after it."""
+
+    oid: str
+    title: str
+    description: str
+    parent: str | None
+    files: Mapping[str, bytes]
+    date: datetime
+
+    @property
+    def message(self) -> str:
+        return self.title + (f"\n\n{self.description}" if self.description else "")
+
+
+@dataclass
+class Repo:
+    repo_type: str
+    repo_id: str
+    commits: dict[str, Commit] = field(default_factory=dict)
+    branches: dict[str, str] = field(default_factory=dict)  # name -> head commit oid
+
+    def resolve(self, revision: str) -> Commit | None:
+        """A branch name, a full commit oid, or an unambiguous oid prefix of at least 7 characters."""
+        if revision in self.branches:
+            return self.commits[self.branches[revision]]
+        if revision in self.commits:
+            return self.commits[revision]
+        if re.fullmatch(r"[0-9a-f]{7,39}", revision):
+            found = [c for oid, c in self.commits.items() if oid.startswith(revision)]
+            if len(found) == 1:
+                return found[0]
+        return None
+
+    def history(self, revision: str) -> list[Commit]:
+        """Commits reachable from `revision`, newest first (like `git log`)."""
+        commit, result = self.resolve(revision), []
+        while commit is not None:
+            result.append(commit)
+            commit = self.commits[commit.parent] if commit.parent else None
+        return result
+
+
+@dataclass
+class FailureRule:
+    method: str
+    path: re.Pattern[str]
+    status: int
+    message: str
+    remaining: int | None  # None: fail every matching request
+    commit_title: re.Pattern[str] | None = None
+    delay_s: float = 0.0  # with status 0: only slow the request down, then answer normally
+    hits: int = 0
+
+
+class _HttpError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        headers: dict | None = None,
+        extra: dict | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+        self.headers, self.extra = headers or {}, extra or {}
+
+
+class FakeHub:
+    """An in-memory Hub behind a loopback HTTP server. Use as a context manager or call start()/stop()."""
+
+    def __init__(
+        self,
+        *,
+        token: str = FAKE_TOKEN,
+        user: str = FAKE_USER,
+        lifetime_s: float = DEFAULT_LIFETIME_S,
+    ) -> None:
+        self.token, self.user, self.lifetime_s = token, user, lifetime_s
+        self.repos: dict[tuple[str, str], Repo] = {}
+        self.collections: dict[str, dict[str, Any]] = {}
+        self.requests: list[tuple[str, str, int]] = []  # (method, path, status) in arrival order
+        self.failures: list[FailureRule] = []
+        self._lock = threading.RLock()
+        self._clock = datetime(2025, 1, 1, tzinfo=timezone.utc)
+        self._server: ThreadingHTTPServer | None = None
+        self._url: str | None = None
+        self._thread: threading.Thread | None = None
+        self._timer: threading.Timer | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """http://127.0.0.1:<port> (kept after stop(): a closed port, handy for "unreachable" tests)."""
+        if self._url is None:
+            raise RuntimeError("FakeHub was never started: call start() first")
+        return self._url
+
+    def start(self) -> FakeHub:
+        handler = type("FakeHubHandler", (_Handler,), {"hub": self})
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server.daemon_threads = True
+        host, port = self._server.server_address[:2]
+        self._url = f"http://{host}:{port}"
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-hub", daemon=True
+        )
+        self._thread.start()
+        self._timer = threading.Timer(self.lifetime_s, self.stop)
+        self._timer.daemon = True
+        self._timer.start()
+        return self
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if self._timer is not None and self._timer is not threading.current_thread():
+            self._timer.cancel()
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> FakeHub:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def client_env(self, cache_dir: str | os.PathLike[str]) -> dict[str, str]:
+        """Environment for a huggingface_hub client process talking to this hub (drop HF_HUB_OFFLINE too)."""
+        return {
+            "HF_ENDPOINT": self.url,
+            "HF_TOKEN": self.token,
+            "HF_HUB_CACHE": str(cache_dir),
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "NO_PROXY": "127.0.0.1,localhost",
+            "no_proxy": "127.0.0.1,localhost",
+        }
+
+    # --- setting up and inspecting state ------------------------------------------------------------------
+
+    def create_repo(self, repo_id: str, repo_type: str = "model") -> Repo:
+        with self._lock:
+            key = (repo_type, repo_id)
+            if key in self.repos:
+                return self.repos[key]
+            repo = Repo(repo_type, repo_id)
+            initial = self._new_commit(
+                repo, None, INITIAL_COMMIT_TITLE, "", {".gitattributes": GITATTRIBUTES}
+            )
+            repo.branches["main"] = initial.oid
+            self.repos[key] = repo
+            return repo
+
+    def add_collection(self, slug: str, title: str = "Test collection") -> None:
+        with self._lock:
+            self.collections[slug] = {"slug": slug, "title": title, "items": []}
+
+    def repo(self, repo_id: str, repo_type: str = "model") -> Repo:
+        with self._lock:
+            try:
+                return self.repos[(repo_type, repo_id)]
+            except KeyError:
+                known = ", ".join(f"{t}:{i}" for t, i in self.repos) or "none"
+                raise KeyError(f"No {repo_type} repo '{repo_id}' on the fake Hub (repos: {known})") from None
+
+    def commits(self, repo_id: str, revision: str = "main", repo_type: str = "model") -> list[Commit]:
+        """Commits reachable from `revision`, oldest first."""
+        repo = self.repo(repo_id, repo_type)
+        with self._lock:
+            if repo.resolve(revision) is None:
+                raise KeyError(f"No revision '{revision}' in '{repo_id}' (branches: {sorted(repo.branches)})")
+            return list(reversed(repo.history(revision)))
+
+    def titles(self, repo_id: str, revision: str = "main", repo_type: str = "model") -> list[str]:
+        return [c.title for c in self.commits(repo_id, revision, repo_type)]
+
+    def files(self, repo_id: str, revision: str = "main", repo_type: str = "model") -> dict[str, bytes]:
+        return dict(self.commits(repo_id, revision, repo_type)[-1].files)
+
+    def commit_by_title(self, repo_id: str, revision: str, title: str, repo_type: str = "model") -> Commit:
+        found = [c for c in self.commits(repo_id, revision, repo_type) if c.title == title]
+        if len(found) != 1:
+            raise KeyError(f"{len(found)} commits titled {title!r} on {repo_id}@{revision}, expected 1")
+        return found[0]
+
+    def fail(
+        self,
+        path: str,
+        *,
+        method: str = "POST",
+        status: int = 500,
+        message: str = "Internal Error - fake Hub failure",
+        times: int | None = None,
+        commit_title: str | None = None,
+    ) -> FailureRule:
+        """Answer matching requests with an error: `path` is a regex searched in the request path;
+        `commit_title` (regex) restricts a commit-endpoint rule to commits with that title; `times=None`
+        fails forever."""
+        rule = FailureRule(
+            method.upper(),
+            re.compile(path),
+            status,
+            message,
+            times,
+            re.compile(commit_title) if commit_title is not None else None,
+        )
+        with self._lock:
+            self.failures.append(rule)
+        return rule
+
+    def delay(self, path: str, seconds: float, *, method: str = "POST") -> FailureRule:
+        """Answer matching requests normally, but only after `seconds` (a slow Hub)."""
+        rule = FailureRule(method.upper(), re.compile(path), 0, "", None, delay_s=seconds)
+        with self._lock:
+            self.failures.append(rule)
+        return rule
+
+    def clear_failures(self) -> None:
+        with self._lock:
+            self.failures.clear()
+
+    # --- internals shared by the handler ------------------------------------------------------------------
+
+    def _new_commit(
+        self, repo: Repo, parent: Commit | None, title: str, description: str, files: dict[str, bytes]
+    ) -> Commit:
+        self._clock += timedelta(seconds=1)  # strictly increasing dates, independent of wall-clock speed
+        digest = hashlib.sha1()
+        digest.update(json.dumps([repo.repo_id, parent.oid if parent else None, title, description]).encode())
+        for path in sorted(files):
+            digest.update(f"{path}\0{git_blob_oid(files[path])}\0".encode())
+        digest.update(str(len(repo.commits)).encode())  # identical content twice is still two commits
+        commit = Commit(
+            digest.hexdigest(),
+            title,
+            description,
+            parent.oid if parent else None,
+            MappingProxyType(dict(files)),
+            self._clock,
+        )
+        repo.commits[commit.oid] = commit
+        return commit
+
+
+class _Handler(BaseHTTPRequestHandler):
+    hub: FakeHub
+    protocol_version = "HTTP/1.1"  # keep-alive, as huggingface_hub's client expects
+    timeout = IDLE_CONNECTION_TIMEOUT_S
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet: tests read hub.requests instead
+        pass
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_HEAD(self) -> None:
+        self._dispatch("HEAD")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    # --- plumbing -----------------------------------------------------------------------------------------
+
+    def _dispatch(self, method: str) -> None:
+        split = urlsplit(self.path)
+        self.raw_path, self.query = split.path, parse_qs(split.query)
+        status = 500
+        try:
+            body = self._read_body()
+            self._check_failures(method, body)
+            status = self._route(method, body)
+        except _HttpError as error:
+            status = error.status
+            headers = {"X-Error-Message": error.message, **error.headers}
+            if error.code:
+                headers["X-Error-Code"] = error.code
+            payload = {"error": error.message, **error.extra}
+            self._send_json(error.status, payload, headers, head=method == "HEAD")
+        except Exception as error:  # a bug in the fake or a malformed request: say so
+            status = 500
+            with contextlib.suppress(OSError):
+                self._send_json(500, {"error": f"fake Hub error: {error!r}"}, head=method == "HEAD")
+        finally:
+            with self.hub._lock:
+                self.hub.requests.append((method, unquote(self.raw_path), status))
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks, total = [], 0
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    self.rfile.readline()
+                    return b"".join(chunks)
+                total += size
+                if total > MAX_BODY_BYTES:
+                    raise _HttpError(413, "Request body too large for the fake Hub")
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY_BYTES:
+            raise _HttpError(413, "Request body too large for the fake Hub")
+        return self.rfile.read(length) if length else b""
+
+    def _check_failures(self, method: str, body: bytes) -> None:
+        path = unquote(self.raw_path)
+        title = None
+        if method == "POST" and "/commit/" in path and body:
+            with contextlib.suppress(ValueError, KeyError, IndexError):
+                title = json.loads(body.split(b"\n", 1)[0])["value"]["summary"]
+        delay = 0.0
+        with self.hub._lock:
+            for rule in self.hub.failures:
+                if rule.method != method or not rule.path.search(path):
+                    continue
+                if rule.commit_title is not None and (title is None or not rule.commit_title.search(title)):
+                    continue
+                if rule.remaining is not None:
+                    if rule.remaining <= 0:
+                        continue
+                    rule.remaining -= 1
+                rule.hits += 1
+                if rule.status == 0:
+                    delay += rule.delay_s
+                    continue
+                raise _HttpError(rule.status, rule.message)
+        if delay:
+            time.sleep(delay)  # outside the lock: other requests go on meanwhile
+
+    def _send(self, status: int, body: bytes, headers: dict[str, str], head: bool = False) -> None:
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
+
+    def _send_json(self, status: int, payload: Any, headers: dict | None = None, head: bool = False) -> None:
+        self._send(
+            status,
+            json.dumps(payload).encode(),
+            {"Content-Type": "application/json", **(headers or {})},
+            head=head,
+        )
+
+    def _json(self, body: bytes) -> Any:
+        try:
+            return json.loads(body or b"{}")
+        except ValueError as error:
+            raise _HttpError(400, f"Invalid JSON body: {error}") from error
+
+    def _require_token(self) -> None:
+        if self.headers.get("Authorization") != f"Bearer {self.hub.token}":
+            raise _HttpError(401, "Invalid credentials in Authorization header")
+
+    def _repo(self, type_segment: str, repo_id: str) -> Repo:
+        repo = self.hub.repos.get((REPO_TYPES[type_segment], repo_id))
+        if repo is None:
+            raise _HttpError(404, f"Repository Not Found for url: {self.path}.", "RepoNotFound")
+        return repo
+
+    def _commit_at(self, repo: Repo, revision: str) -> Commit:
+        commit = repo.resolve(revision)
+        if commit is None:
+            raise _HttpError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+        return commit
+
+    # --- routes -------------------------------------------------------------------------------------------
+
+    API_REPO = re.compile(
+        r"^/api/(?P<type>models|datasets|spaces)/(?P<id>[^/]+/[^/]+)"
+        r"(?:/(?P<op>preupload|commit|branch|commits|revision|tree|refs)(?:/(?P<rest>.*))?)?$"
+    )
+    RESOLVE = re.compile(
+        r"^/(?:(?P<type>datasets|spaces)/)?(?P<id>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$"
+    )
+
+    def _route(self, method: str, body: bytes) -> int:
+        path = self.raw_path
+        with self.hub._lock:
+            if path == "/api/repos/create" and method == "POST":
+                return self._create_repo(self._json(body))
+            if path == "/api/validate-yaml" and method == "POST":
+                return self._ok({"errors": [], "warnings": []})
+            if path == "/api/agent-harnesses":
+                # huggingface_hub's telemetry registry: a 404 makes the client skip it without caching
+                # an answer in the real HF_HOME.
+                raise _HttpError(404, "Not served by the fake Hub")
+            if path == "/api/whoami-v2" and method == "GET":
+                return self._whoami()
+            items = re.fullmatch(r"/api/collections/(?P<slug>.+)/items", path)
+            if items and method == "POST":
+                return self._add_collection_item(unquote(items["slug"]), self._json(body))
+            collection = re.fullmatch(r"/api/collections/(?P<slug>.+)", path)
+            if collection and not items and method == "GET":
+                return self._ok(self._collection_json(self._collection(unquote(collection["slug"]))))
+            if match := self.API_REPO.fullmatch(path):
+                return self._repo_api(method, match, body)
+            if (match := self.RESOLVE.fullmatch(path)) and method in ("GET", "HEAD"):
+                repo = self._repo(f"{match['type'] or 'model'}s", match["id"])
+                return self._resolve(repo, unquote(match["rev"]), unquote(match["path"]), method == "HEAD")
+        raise _HttpError(404, f"The fake Hub does not implement {method} {path}")
+
+    def _ok(self, payload: Any) -> int:
+        self._send_json(200, payload)
+        return 200
+
+    def _repo_api(self, method: str, match: re.Match[str], body: bytes) -> int:
+        op, rest = match["op"], unquote(match["rest"] or "")
+        repo = self._repo(match["type"], match["id"])
+        if op is None and method == "GET":
+            return self._ok(self._info(repo, self._commit_at(repo, "main")))
+        if op == "revision" and method == "GET":
+            return self._ok(self._info(repo, self._commit_at(repo, rest)))
+        if op == "commits" and method == "GET":
+            return self._ok([self._commit_json(c) for c in self._history(repo, rest or "main")])
+        if op == "refs" and method == "GET":
+            return self._ok(self._refs(repo))
+        if op == "tree" and method == "GET":
+            revision, _, prefix = (match["rest"] or "").partition("/")
+            return self._tree(repo, unquote(revision), unquote(prefix))
+        if op == "branch" and method == "POST":
+            self._require_token()
+            return self._create_branch(repo, rest, self._json(body))
+        if op == "branch" and method == "DELETE":
+            self._require_token()
+            if rest not in repo.branches or rest == "main":
+                raise _HttpError(404 if rest not in repo.branches else 403, f"Cannot delete branch {rest}")
+            del repo.branches[rest]
+            return self._ok({})
+        if op == "preupload" and method == "POST":
+            self._require_token()
+            return self._preupload(repo, rest, self._json(body))
+        if op == "commit" and method == "POST":
+            self._require_token()
+            return self._commit(repo, rest, body)
+        raise _HttpError(404, f"The fake Hub does not implement {method} {self.raw_path}")
+
+    # --- write endpoints ----------------------------------------------------------------------------------
+
+    def _create_repo(self, payload: dict) -> int:
+        self._require_token()
+        repo_type = payload.get("type") or "model"
+        if repo_type not in REPO_TYPES.values():
+            raise _HttpError(400, f"Invalid repo type '{repo_type}'")
+        name = payload.get("name")
+        if not name or "/" in name:
+            raise _HttpError(400, f"Invalid repo name {name!r}")
+        repo_id = f"{payload.get('organization') or self.hub.user}/{name}"
+        url = f"{self.hub.url}/{'' if repo_type == 'model' else repo_type + 's/'}{repo_id}"
+        if (repo_type, repo_id) in self.hub.repos:
+            raise _HttpError(409, f"You already created this {repo_type} repo", extra={"url": url})
+        self.hub.create_repo(repo_id, repo_type)
+        return self._ok({"url": url, "name": repo_id, "id": hashlib.sha1(repo_id.encode()).hexdigest()[:24]})
+
+    def _create_branch(self, repo: Repo, branch: str, payload: dict) -> int:
+        if not branch:
+            raise _HttpError(400, "Missing branch name")
+        if branch in repo.branches:
+            raise _HttpError(409, "Reference already exists")
+        start = self._commit_at(repo, payload.get("startingPoint") or "main")
+        repo.branches[branch] = start.oid
+        return self._ok({})
+
+    def _preupload(self, repo: Repo, revision: str, payload: dict) -> int:
+        head = self._commit_at(repo, revision)
+        files = payload.get("files")
+        if not isinstance(files, list):
+            raise _HttpError(400, "preupload: 'files' must be a list")
+        answer = []
+        for entry in files:
+            existing = head.files.get(entry["path"])
+            answer.append(
+                {
+                    "path": entry["path"],
+                    "uploadMode": "regular",
+                    "shouldIgnore": False,
+                    "oid": git_blob_oid(existing) if existing is not None else None,
+                }
+            )
+        return self._ok({"files": answer, "commitOid": head.oid})
+
+    def _commit(self, repo: Repo, branch: str, body: bytes) -> int:
+        if self.query.get("create_pr"):
+            raise _HttpError(400, "The fake Hub does not support pull requests")
+        if branch not in repo.branches:
+            raise _HttpError(404, f"Invalid rev id: {branch} (commits go to branches)", "RevisionNotFound")
+        lines = [json.loads(line) for line in body.splitlines() if line.strip()]
+        if not lines or lines[0].get("key") != "header":
+            raise _HttpError(400, "Commit payload must start with a 'header' line")
+        header = lines[0]["value"]
+        head = repo.commits[repo.branches[branch]]
+        if header.get("parentCommit") and header["parentCommit"] != head.oid:
+            raise _HttpError(412, f"Parent commit {header['parentCommit']} is not the head of {branch}")
+        files = dict(head.files)
+        for line in lines[1:]:
+            key, value = line.get("key"), line.get("value", {})
+            path = value.get("path", "")
+            if key == "file":
+                if value.get("encoding") != "base64":
+                    raise _HttpError(400, f"Unsupported encoding for {path}: {value.get('encoding')}")
+                files[path] = base64.b64decode(value["content"])
+            elif key == "deletedFile":
+                if path not in files:
+                    raise _HttpError(404, f"A file with this name doesn't exist: {path}")
+                del files[path]
+            elif key == "deletedFolder":
+                prefix = path.rstrip("/") + "/"
+                for name in [n for n in files if n.startswith(prefix)]:
+                    del files[name]
+            else:
+                raise _HttpError(400, f"The fake Hub does not support '{key}' commit operations")
+        commit = self.hub._new_commit(
+            repo, head, header.get("summary", ""), header.get("description", ""), files
+        )
+        repo.branches[branch] = commit.oid
+        prefix = "" if repo.repo_type == "model" else f"{repo.repo_type}s/"
+        return self._ok(
+            {
+                "success": True,
+                "commitOid": commit.oid,
+                "commitUrl": f"{self.hub.url}/{prefix}{repo.repo_id}/commit/{commit.oid}",
+                "hookOutput": "",
+                "pullRequestUrl": None,
+            }
+        )
+
+    def _collection(self, slug: str) -> dict[str, Any]:
+        collection = self.hub.collections.get(slug)
+        if collection is None:
+            raise _HttpError(404, f"Collection {slug} not found")
+        return collection
+
+    def _add_collection_item(self, slug: str, payload: dict) -> int:
+        self._require_token()
+        collection = self._collection(slug)
+        item = payload.get("item") or {}
+        if any(i["id"] == item.get("id") and i["type"] == item.get("type") for i in collection["items"]):
+            raise _HttpError(409, "Item already exists in the collection")
+        collection["items"].append(
+            {
+                "_id": hashlib.sha1(f"{slug}/{item.get('id')}".encode()).hexdigest()[:24],
+                "id": item.get("id"),
+                "type": item.get("type"),
+                "position": len(collection["items"]),
+                **({"note": {"text": payload["note"]}} if payload.get("note") else {}),
+            }
+        )
+        return self._ok(self._collection_json(collection))
+
+    # --- read endpoints -----------------------------------------------------------------------------------
+
+    def _whoami(self) -> int:
+        self._require_token()
+        return self._ok(
+            {
+                "type": "user",
+                "name": self.hub.user,
+                "fullname": "Fake User",
+                "orgs": [],
+                "auth": {"type": "access_token", "accessToken": {"displayName": "fake", "role": "write"}},
+            }
+        )
+
+    def _collection_json(self, collection: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "slug": collection["slug"],
+            "title": collection["title"],
+            "owner": {"name": collection["slug"].split("/")[0], "type": "user"},
+            "items": collection["items"],
+            "lastUpdated": _iso(self.hub._clock),
+            "position": 0,
+            "private": False,
+            "theme": "default",
+            "upvotes": 0,
+            "description": None,
+        }
+
+    def _history(self, repo: Repo, revision: str) -> list[Commit]:
+        self._commit_at(repo, revision)
+        return repo.history(revision)
+
+    def _commit_json(self, commit: Commit) -> dict[str, Any]:
+        return {
+            "id": commit.oid,
+            "title": commit.title,
+            "message": commit.message,
+            "date": _iso(commit.date),
+            "authors": [{"user": self.hub.user}],
+        }
+
+    def _info(self, repo: Repo, commit: Commit) -> dict[str, Any]:
+        owner = repo.repo_id.split("/")[0]
+        return {
+            "_id": hashlib.sha1(repo.repo_id.encode()).hexdigest()[:24],
+            "id": repo.repo_id,
+            **({"modelId": repo.repo_id} if repo.repo_type == "model" else {}),
+            "author": owner,
+            "sha": commit.oid,
+            "lastModified": _iso(commit.date),
+            "createdAt": _iso(repo.history(commit.oid)[-1].date),
+            "private": False,
+            "disabled": False,
+            "gated": False,
+            "downloads": 0,
+            "likes": 0,
+            "tags": [],
+            "siblings": [
+                {"rfilename": path, "size": len(data), "blobId": git_blob_oid(data)}
+                for path, data in sorted(commit.files.items())
+            ],
+            "usedStorage": sum(len(data) for data in commit.files.values()),
+        }
+
+    def _refs(self, repo: Repo) -> dict[str, Any]:
+        return {
+            "branches": [
+                {"name": name, "ref": f"refs/heads/{name}", "targetCommit": oid}
+                for name, oid in sorted(repo.branches.items())
+            ],
+            "converts": [],
+            "tags": [],
+            **({"pullRequests": []} if self.query.get("include_prs") else {}),
+        }
+
+    def _tree(self, repo: Repo, revision: str, prefix: str) -> int:
+        commit = self._commit_at(repo, revision)
+        recursive = self.query.get("recursive", ["false"])[0].lower() in ("true", "1")
+        base = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        files = {p: d for p, d in commit.files.items() if p.startswith(base)}
+        if base and not files:
+            raise _HttpError(404, f"{prefix} does not exist on {revision}", "EntryNotFound")
+        entries: dict[str, dict[str, Any]] = {}
+        for path, data in sorted(files.items()):
+            parts = path[len(base) :].split("/")
+            for depth in range(1, len(parts)):  # folders on the way
+                folder = base + "/".join(parts[:depth])
+                if (recursive or depth == 1) and folder not in entries:
+                    oid = hashlib.sha1(f"tree:{commit.oid}:{folder}".encode()).hexdigest()
+                    entries[folder] = {"type": "directory", "oid": oid, "size": 0, "path": folder}
+            if recursive or len(parts) == 1:
+                entries[path] = {"type": "file", "oid": git_blob_oid(data), "size": len(data), "path": path}
+        return self._ok(list(entries.values()))
+
+    def _resolve(self, repo: Repo, revision: str, path: str, head: bool) -> int:
+        commit = self._commit_at(repo, revision)
+        data = commit.files.get(path)
+        if data is None:
+            raise _HttpError(
+                404, f"Entry not found: {path}", "EntryNotFound", headers={"X-Repo-Commit": commit.oid}
+            )
+        headers = {
+            "Content-Type": "application/octet-stream",
+            "ETag": f'"{git_blob_oid(data)}"',
+            "X-Repo-Commit": commit.oid,
+            "Accept-Ranges": "bytes",
+        }
+        status = 200
+        if (ranged := re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))) and not head:
+            start = int(ranged[1])
+            end = int(ranged[2]) if ranged[2] else len(data) - 1
+            headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+            data, status = data[start : end + 1], 206
+        self._send(status, data, headers, head=head)
+        return status
+
+
+@contextlib.contextmanager
+def point_hub_client_at(hub: FakeHub, cache_dir: str | os.PathLike[str]) -> Iterator[None]:
+    """Make this process's huggingface_hub talk to `hub` (token, endpoint, online, cache in `cache_dir`).
+
+    huggingface_hub copied HF_ENDPOINT, HF_HUB_OFFLINE and HF_HUB_CACHE into module constants at import, so
+    the constants are patched too; HfApi objects created inside the block use the fake endpoint."""
+    from huggingface_hub import constants
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(constants, "ENDPOINT", hub.url)
+        patch.setattr(
+            constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}"
+        )
+        patch.setattr(constants, "HF_HUB_OFFLINE", False)
+        patch.setattr(constants, "HF_HUB_CACHE", str(cache_dir))
+        for name, value in hub.client_env(cache_dir).items():
+            patch.setenv(name, value)
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            patch.delenv(name, raising=False)
+        yield
+
+
+@contextlib.contextmanager
+def running_fake_hub(cache_dir: str | os.PathLike[str]) -> Iterator[FakeHub]:
+    """A started FakeHub with this process's huggingface_hub pointed at it; stopped on exit."""
+    with FakeHub() as hub, point_hub_client_at(hub, cache_dir):
+        yield hub
+
+
+@pytest.fixture
+def fake_hub(tmp_path: Path) -> Iterator[FakeHub]:
+    """A fresh fake Hub for one test, with huggingface_hub in this process pointed at it."""
+    with running_fake_hub(tmp_path / "hf-cache") as hub:
+        yield hub
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    with FakeHub(lifetime_s=3600) as served:
+        cache = tempfile.mkdtemp(prefix="fake-hub-cache-")
+        print("Fake Hub serving; in another shell:")
+        for key, val in served.client_env(cache).items():
+            print(f"export {key}={val}")
+        print("unset HF_HUB_OFFLINE   # (Ctrl-C here stops the server; it stops by itself after an hour)")
+        with contextlib.suppress(KeyboardInterrupt):
+            while served._server is not None:
+                time.sleep(0.5)

@@ -1,0 +1,478 @@
+"""Publishing runs to the Hub, against a loopback fake Hub: commits, order, contents, reading, failures."""
+
+import itertools
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, tiny_training_overrides
+from fake_hub import FakeHub, fake_hub, point_hub_client_at, running_fake_hub  # noqa: F401
+from huggingface_hub import HfApi, snapshot_download
+from safetensors.torch import load_file, save_file
+
+from pico_hf.hub import publish
+from pico_hf.hub.publish import (
+    HubPublisher,
+    HubPushError,
+    HubSetupError,
+    PlannedCommit,
+    build_hub_callbacks,
+    plan_checkpoint_commits,
+)
+from pico_hf.training.config import load_config
+from pico_hf.training.run import run_training
+from pico_hf.training.trainer import CheckpointContributor
+
+REPO_ID = "fake-user/pico-tiny"
+COLLECTION = "fake-user/pico-suite-0123456789"
+BRANCH = "tiny"  # the run name in tiny_training_overrides
+LD_TITLE = re.compile(r"Saving Learning Dynamics Data \((\w+)\) -- Step (\d+)")  # what pico-analyze looks for
+
+
+class HandMadeStates(CheckpointContributor):
+    """Writes learning-dynamics and evaluation files where the real callbacks do, with contents that name the
+    step: `{split}_{kind}.safetensors` (train and val; the last checkpoint has val only), `train_data/`,
+    `metrics.json`, and `eval_results/step_N.json` in the run folder."""
+
+    def on_checkpoint(self, args, state, control, checkpoint_dir, trainer=None, **kwargs):
+        if not args.should_save:
+            return
+        step = state.global_step
+        folder = checkpoint_dir / "learning_dynamics"
+        folder.mkdir()
+        for split in ["val"] if step >= state.max_steps else ["train", "val"]:
+            for kind in ("activations", "weights", "gradients"):
+                tensor = torch.full((2, 3), float(step) + (0.5 if split == "val" else 0.0))
+                save_file({"layers.0.swiglu.w_2": tensor}, folder / f"{split}_{kind}.safetensors")
+        if step < state.max_steps:
+            (folder / "train_data").mkdir()
+            (folder / "train_data" / "state.json").write_text(json.dumps({"step": step}))
+        (folder / "metrics.json").write_text(json.dumps({"per": step}))
+        results = trainer.run.run_dir / "eval_results"
+        results.mkdir(exist_ok=True)
+        (results / f"step_{step}.json").write_text(json.dumps({"paloma": 100.0 - step}))
+
+
+def hub_overrides(tmp_path, **extra):
+    return tiny_training_overrides(
+        tmp_path,
+        **{
+            "checkpointing.save_to_hf": "true",
+            "checkpointing.hf_checkpoint.repo_id": REPO_ID,
+            "checkpointing.learning_dynamics.layer_suffixes": "[]",  # only the hand-made states
+            **extra,
+        },
+    )
+
+
+def expected_titles(steps, last):
+    titles = []
+    for step in steps:
+        titles.append(f"Saving HF Model -- Step {step}")
+        if step == 0:
+            titles += ["Saving Tokenizer -- Step 0", "Saving Training Config -- Step 0"]
+        titles += [f"Saving Fabric Checkpoint -- Step {step}", f"Saving Evaluation Results -- Step {step}"]
+        splits = ["val"] if step == last else ["train", "val"]
+        titles += [f"Saving Learning Dynamics Data ({split}) -- Step {step}" for split in splits]
+    return titles
+
+
+def local_files(folder, prefix):
+    return {
+        f"{prefix}{p.relative_to(folder).as_posix()}": p.read_bytes()
+        for p in folder.rglob("*")
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("published")
+    with running_fake_hub(tmp_path / "hf-cache") as hub:
+        hub.add_collection(COLLECTION)
+        config, notes = load_config(
+            None, hub_overrides(tmp_path, **{"checkpointing.hf_checkpoint.collection_slug": COLLECTION})
+        )
+        run_training(config, notes, extra_callbacks=[HandMadeStates()])
+        yield hub, config, tmp_path
+
+
+def test_branch_holds_every_checkpoint_as_pico_train_commits(published):
+    hub, _, _ = published
+    assert hub.titles(REPO_ID, BRANCH) == ["initial commit", *expected_titles([0, 2, 4, 6], last=6)]
+    assert hub.titles(REPO_ID, "main") == ["initial commit"]  # the run lives on its own branch
+    assert [item["id"] for item in hub.collections[COLLECTION]["items"]] == [REPO_ID]
+    # Nothing was pushed twice, and the writes carried the token.
+    commit_posts = [r for r in hub.requests if r[0] == "POST" and "/commit/" in r[1]]
+    assert len(commit_posts) == len(expected_titles([0, 2, 4, 6], last=6))
+    assert [r for r in hub.requests if r[2] != 200 and r[1] != "/api/agent-harnesses"] == []
+
+
+def test_each_commit_holds_that_checkpoints_files(published):
+    hub, config, _ = published
+    run_dir = config.run_dir
+    for step in (0, 2, 4, 6):
+        step_dir = run_dir / "checkpoints" / f"step_{step}"
+        model = {
+            name: (step_dir / name).read_bytes()
+            for name in (
+                "config.json",
+                "model.safetensors",
+                "generation_config.json",
+                "configuration_pico_decoder.py",
+                "modeling_pico_decoder.py",
+            )
+        }
+        at_model = hub.commit_by_title(REPO_ID, BRANCH, f"Saving HF Model -- Step {step}").files
+        assert {name: at_model[name] for name in model} == model
+        at_fabric = hub.commit_by_title(REPO_ID, BRANCH, f"Saving Fabric Checkpoint -- Step {step}").files
+        fabric = local_files(step_dir / "fabric_state", "fabric_state/")
+        assert {"fabric_state/optimizer.pt", "fabric_state/trainer_state.json"} <= fabric.keys()
+        assert {name: at_fabric[name] for name in fabric} == fabric
+        at_eval = hub.commit_by_title(REPO_ID, BRANCH, f"Saving Evaluation Results -- Step {step}").files
+        assert sorted(n for n in at_eval if n.startswith("eval_results/")) == [
+            f"eval_results/step_{s}.json" for s in (0, 2, 4, 6) if s <= step
+        ]
+        at_val = hub.commit_by_title(
+            REPO_ID, BRANCH, f"Saving Learning Dynamics Data (val) -- Step {step}"
+        ).files
+        dynamics = local_files(step_dir / "learning_dynamics", "learning_dynamics/")
+        assert {name: at_val[name] for name in dynamics} == dynamics  # metrics.json rides with the last split
+        if step < 6:
+            at_train = hub.commit_by_title(
+                REPO_ID, BRANCH, f"Saving Learning Dynamics Data (train) -- Step {step}"
+            ).files
+            train = {n: d for n, d in dynamics.items() if n.startswith("learning_dynamics/train_")}
+            assert {name: at_train[name] for name in train} == train
+        if step == 0:  # train is pushed before val
+            assert not any(n.startswith("learning_dynamics/val_") for n in at_train)
+
+    # Step 0's extra commits; the tokenizer is not part of the model commits.
+    step_0 = run_dir / "checkpoints" / "step_0"
+    assert "tokenizer.json" not in hub.commit_by_title(REPO_ID, BRANCH, "Saving HF Model -- Step 0").files
+    tokenizer = hub.commit_by_title(REPO_ID, BRANCH, "Saving Tokenizer -- Step 0").files
+    assert tokenizer["tokenizer.json"] == (step_0 / "tokenizer.json").read_bytes()
+    assert tokenizer["tokenizer_config.json"] == (step_0 / "tokenizer_config.json").read_bytes()
+    training_config = hub.commit_by_title(REPO_ID, BRANCH, "Saving Training Config -- Step 0").files
+    assert training_config["training_config.yaml"] == (run_dir / "training_config.yaml").read_bytes()
+
+    # Each commit changes only what it is about.
+    commits = hub.commits(REPO_ID, BRANCH)
+    for before, after in itertools.pairwise(commits):
+        changed = {p for p in after.files if before.files.get(p) != after.files[p]}
+        if after.title.startswith("Saving HF Model"):
+            assert all("/" not in p and not p.startswith("tokenizer") for p in changed), after.title
+        elif after.title.startswith("Saving Fabric"):
+            assert all(p.startswith("fabric_state/") for p in changed), after.title
+        elif after.title.startswith("Saving Evaluation"):
+            assert all(p.startswith("eval_results/") for p in changed), after.title
+        elif match := LD_TITLE.fullmatch(after.title):
+            split = match[1]
+            assert all(
+                p.startswith(f"learning_dynamics/{split}_") or p == "learning_dynamics/metrics.json"
+                for p in changed
+            ), after.title
+
+
+def test_snapshot_at_a_learning_dynamics_commit_is_that_step(published, tmp_path):
+    _, config, _ = published
+    commits = {
+        (m[1], int(m[2])): c.commit_id
+        for c in HfApi().list_repo_commits(REPO_ID, revision=BRANCH)
+        if (m := LD_TITLE.fullmatch(c.title))
+    }
+    assert sorted(commits) == sorted(
+        [("train", 0), ("train", 2), ("train", 4), ("val", 0), ("val", 2), ("val", 4), ("val", 6)]
+    )
+    snapshot = snapshot_download(REPO_ID, revision=commits[("train", 2)], cache_dir=tmp_path / "cache")
+    step_2 = config.run_dir / "checkpoints" / "step_2"
+    weights = load_file(f"{snapshot}/learning_dynamics/train_weights.safetensors")
+    torch.testing.assert_close(weights["layers.0.swiglu.w_2"], torch.full((2, 3), 2.0))
+    for name in ("config.json", "model.safetensors", "learning_dynamics/train_gradients.safetensors"):
+        assert (step_2 / name).read_bytes() == Path(snapshot, name).read_bytes(), name
+
+
+def test_a_fresh_process_reads_the_run_through_hf_endpoint(published, tmp_path):
+    """What an analysis tool does: HF_ENDPOINT set before huggingface_hub is imported, no patching."""
+    hub, config, _ = published
+    code = textwrap.dedent(
+        f"""
+        import re
+        from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+        commits = HfApi().list_repo_commits("{REPO_ID}", revision="{BRANCH}")
+        title = "Saving Learning Dynamics Data (val) -- Step 4"
+        step_4 = next(c.commit_id for c in commits if c.title == title)
+        path = snapshot_download("{REPO_ID}", revision=step_4, allow_patterns=["learning_dynamics/*"])
+        print(open(path + "/learning_dynamics/metrics.json").read())
+        print(open(hf_hub_download("{REPO_ID}", "training_config.yaml", revision="{BRANCH}")).read()[:9])
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_ENDPOINT")}
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, **hub.client_env(tmp_path / "cache")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    metrics, config_head = result.stdout.splitlines()
+    assert json.loads(metrics) == {"per": 4}
+    assert config_head == (config.run_dir / "training_config.yaml").read_text()[:9]
+
+
+def test_resumed_run_appends_only_new_commits(published):
+    hub, _, tmp_path = published
+    before = hub.titles(REPO_ID, BRANCH)
+    resumed, notes = load_config(
+        None, hub_overrides(tmp_path, **{"training.max_steps": 8, "checkpointing.save_every_n_steps": 4})
+    )
+    run_training(resumed, notes, extra_callbacks=[HandMadeStates()])
+    assert hub.titles(REPO_ID, BRANCH) == before + expected_titles([8], last=8)
+
+
+# --- refusing early -----------------------------------------------------------------------------------------
+
+
+def test_offline_run_is_refused_before_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config, notes = load_config(None, hub_overrides(tmp_path))
+    with pytest.raises(HubSetupError, match=r"save_to_hf is true but .*HF_HUB_OFFLINE"):
+        run_training(config, notes)
+    assert not (config.run_dir / "checkpoints" / "step_0").exists()
+
+
+def test_unreachable_endpoint_and_missing_token_are_refused(tmp_path, monkeypatch):
+    config, _ = load_config(None, hub_overrides(tmp_path))
+    with FakeHub() as stopped:
+        pass  # a port nobody listens on any more
+    with (
+        point_hub_client_at(stopped, tmp_path / "cache"),
+        pytest.raises(HubSetupError, match=r"Hub at http://127\.0\.0\.1:\d+ cannot be reached"),
+    ):
+        build_hub_callbacks(config, None)
+    with FakeHub() as hub, point_hub_client_at(hub, tmp_path / "cache"):
+        monkeypatch.setattr(publish, "get_token", lambda: None)
+        with pytest.raises(HubSetupError, match="no Hugging Face token"):
+            build_hub_callbacks(config, None)
+
+
+def test_repo_that_cannot_be_created_stops_the_run_before_training(fake_hub, tmp_path):  # noqa: F811
+    fake_hub.fail("/api/repos/create", status=403, message="You don't have the rights to create a model here")
+    config, notes = load_config(None, hub_overrides(tmp_path))
+    with pytest.raises(HubSetupError, match=rf"Could not set up the Hub repo .*{REPO_ID}.*rights to create"):
+        run_training(config, notes)
+    assert not (config.run_dir / "checkpoints" / "step_2").exists()
+
+
+# --- failures during the run ------------------------------------------------------------------------------
+
+
+def test_failed_push_is_reported_training_goes_on_and_the_cli_completes_it(
+    fake_hub,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+    caplog,
+    capsys,
+):
+    monkeypatch.setattr(publish, "RETRY_DELAYS", (0.0, 0.0))
+    rule = fake_hub.fail(
+        "/commit/", commit_title=r"^Saving Fabric Checkpoint -- Step 2$", message="Hub is down"
+    )
+    config, notes = load_config(None, hub_overrides(tmp_path, **{"training.max_steps": 4}))
+    with (
+        caplog.at_level(logging.ERROR, logger="pico_hf.training.hub"),
+        pytest.raises(HubPushError, match=r"from step 2 'Saving Fabric Checkpoint -- Step 2' on") as raised,
+    ):
+        run_training(config, notes, extra_callbacks=[HandMadeStates()])
+    assert f"python -m pico_hf.hub.publish {config.run_dir} --repo_id {REPO_ID} --branch {BRANCH}" in str(
+        raised.value
+    )
+    assert any(
+        "step 2, commit 'Saving Fabric Checkpoint -- Step 2'" in r.getMessage()
+        and "Hub is down" in r.getMessage()
+        for r in caplog.records
+    )
+    assert rule.hits >= 6  # three attempts at the checkpoint, three more at the end (maybe at step 4 too)
+    # Training finished; the branch stops cleanly before the failed commit.
+    assert (config.run_dir / "checkpoints" / "step_4").is_dir()
+    full = expected_titles([0, 2, 4], last=4)
+    assert hub_titles_without_initial(fake_hub) == full[: full.index("Saving Fabric Checkpoint -- Step 2")]
+
+    fake_hub.clear_failures()
+    assert publish.main([str(config.run_dir), "--repo_id", REPO_ID]) == 0
+    assert hub_titles_without_initial(fake_hub) == full
+    out = capsys.readouterr().out
+    assert "skip  Saving HF Model -- Step 2  (already on the branch)" in out
+    assert "push  Saving Fabric Checkpoint -- Step 2" in out
+    # Pushed late, the step-2 evaluation commit still shows the folder as it was at step 2.
+    at_eval = fake_hub.commit_by_title(REPO_ID, BRANCH, "Saving Evaluation Results -- Step 2").files
+    assert sorted(n for n in at_eval if n.startswith("eval_results/")) == [
+        "eval_results/step_0.json",
+        "eval_results/step_2.json",
+    ]
+    # Running it again finds nothing to do.
+    assert publish.main([str(config.run_dir), "--repo_id", REPO_ID]) == 0
+    assert hub_titles_without_initial(fake_hub) == full
+
+
+def hub_titles_without_initial(hub):
+    return hub.titles(REPO_ID, BRANCH)[1:]
+
+
+def test_pushes_run_in_the_background_in_order(fake_hub, tmp_path):  # noqa: F811
+    fake_hub.delay("/commit/", 0.3)
+    files = []
+    for i in range(4):
+        path = tmp_path / f"file_{i}.txt"
+        path.write_text(str(i))
+        files.append(PlannedCommit(i, f"commit {i}", ((path, "data.txt"),)))
+    publisher = HubPublisher(REPO_ID, "run", api=HfApi())
+    publisher.prepare()
+    start = time.perf_counter()
+    for commit in files:
+        publisher.submit([commit])
+    assert time.perf_counter() - start < 0.25  # queued, not pushed: the caller is not held up
+    publisher.finish()
+    assert fake_hub.titles(REPO_ID, "run") == [
+        "initial commit",
+        "commit 0",
+        "commit 1",
+        "commit 2",
+        "commit 3",
+    ]
+    assert fake_hub.files(REPO_ID, "run")["data.txt"] == b"3"
+
+
+# --- what is pushed, from hand-made folders ---------------------------------------------------------------
+
+
+def make_checkpoint(run_dir, step, dynamics=(), extra=()):
+    step_dir = run_dir / "checkpoints" / f"step_{step}"
+    (step_dir / "fabric_state").mkdir(parents=True)
+    (step_dir / "fabric_state" / "checkpoint.pt").write_bytes(b"state")
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "pico_decoder.py",
+        "tokenizer.json",
+        "special_tokens_map.json",
+    ):
+        (step_dir / name).write_text(name)
+    (step_dir / ".hidden").write_text("x")
+    for name in dynamics:
+        path = step_dir / "learning_dynamics" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(name)
+    for name in extra:
+        (step_dir / name).write_text(name)
+    return step_dir
+
+
+def test_plan_splits_metrics_and_names(tmp_path):
+    run_dir = tmp_path / "run"
+    make_checkpoint(
+        run_dir,
+        0,
+        dynamics=[
+            "val_activations.pt",  # pico-train's own file names work too
+            "train_weights.pt",
+            "zz_extra_weights.safetensors",
+            "train_data/data-00000-of-00001.arrow",
+            "train_data/state.json",
+            "metrics.json",
+        ],
+    )
+    (run_dir / "training_config.yaml").write_text("checkpointing: {run_name: run}\n")
+    plan = plan_checkpoint_commits(run_dir, 0)
+    summary = [(c.title, sorted(p for _, p in c.files)) for c in plan]
+    assert summary == [
+        ("Saving HF Model -- Step 0", ["config.json", "model.safetensors", "pico_decoder.py"]),
+        ("Saving Tokenizer -- Step 0", ["special_tokens_map.json", "tokenizer.json"]),
+        ("Saving Training Config -- Step 0", ["training_config.yaml"]),
+        ("Saving Fabric Checkpoint -- Step 0", ["fabric_state/checkpoint.pt"]),
+        (
+            "Saving Learning Dynamics Data (train) -- Step 0",
+            [
+                "learning_dynamics/train_data/data-00000-of-00001.arrow",
+                "learning_dynamics/train_data/state.json",
+                "learning_dynamics/train_weights.pt",
+            ],
+        ),
+        ("Saving Learning Dynamics Data (val) -- Step 0", ["learning_dynamics/val_activations.pt"]),
+        (
+            "Saving Learning Dynamics Data (zz_extra) -- Step 0",
+            ["learning_dynamics/metrics.json", "learning_dynamics/zz_extra_weights.safetensors"],
+        ),
+    ]
+    # Later steps: no tokenizer or config commits; nothing for folders that are absent.
+    make_checkpoint(run_dir, 3)
+    assert [c.title for c in plan_checkpoint_commits(run_dir, 3)] == [
+        "Saving HF Model -- Step 3",
+        "Saving Fabric Checkpoint -- Step 3",
+    ]
+    with pytest.raises(FileNotFoundError, match="step_5 is not a complete checkpoint"):
+        plan_checkpoint_commits(run_dir, 5)
+
+
+def test_cli_dry_run_lists_commits_in_step_order(tmp_path, capsys):
+    run_dir = tmp_path / "my-run"
+    for step in (10, 0, 5):
+        make_checkpoint(run_dir, step, dynamics=["val_weights.safetensors"])
+    (run_dir / "checkpoints" / "step_7").mkdir()  # incomplete: skipped
+    assert publish.main([str(run_dir), "--repo_id", "me/x", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"Would push 10 commits from {run_dir} to me/x (branch 'my-run'):"
+    assert [line.split("  (")[0].strip() for line in lines[1:]] == [
+        "Saving HF Model -- Step 0",
+        "Saving Tokenizer -- Step 0",
+        "Saving Fabric Checkpoint -- Step 0",
+        "Saving Learning Dynamics Data (val) -- Step 0",
+        "Saving HF Model -- Step 5",
+        "Saving Fabric Checkpoint -- Step 5",
+        "Saving Learning Dynamics Data (val) -- Step 5",
+        "Saving HF Model -- Step 10",
+        "Saving Fabric Checkpoint -- Step 10",
+        "Saving Learning Dynamics Data (val) -- Step 10",
+    ]
+    assert publish.main([str(run_dir), "--dry-run"]) == 2  # no repo id anywhere
+    assert "pass --repo_id" in capsys.readouterr().err
+    assert publish.main([str(run_dir), "--repo_id", "me/x", "--steps", "3"]) == 2
+    assert "No checkpoint for step(s) [3]" in capsys.readouterr().err
+
+
+def test_cli_needs_the_hub(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    make_checkpoint(tmp_path / "run", 0)
+    assert publish.main([str(tmp_path / "run"), "--repo_id", "me/x"]) == 2
+    assert "HF_HUB_OFFLINE" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch and transformers
+def test_module_runs_as_a_script(tmp_path):
+    make_checkpoint(tmp_path / "run", 0)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pico_hf.hub.publish",
+            str(tmp_path / "run"),
+            "--repo_id",
+            "me/x",
+            "--dry-run",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Saving HF Model -- Step 0" in result.stdout

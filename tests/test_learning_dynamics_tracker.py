@@ -1,0 +1,150 @@
+"""Learning-dynamics metrics during training: written and logged per checkpoint, equal to offline computation."""
+
+import json
+
+import pytest
+from conftest import make_pretokenized, tiny_training_overrides
+
+from pico_hf.learning_dynamics import compute_metrics
+from pico_hf.learning_dynamics.capture import load_states
+from pico_hf.learning_dynamics.tracker import MetricsTracker
+from pico_hf.training.config import load_config
+from pico_hf.training.run import run_training
+
+V_PROJ = {
+    "component_name": "simple",
+    "data_type": "activations",
+    "layer_suffixes": "attention.v_proj",
+    "layers": [0, 1],
+}
+OV = {"value_layer": "attention.v_proj", "output_layer": "attention.o_proj"}
+METRICS = [
+    {
+        "metric_name": "per",
+        "data_split": "train",
+        "components": [
+            {
+                "component_name": "simple",
+                "data_type": "weights",
+                "layer_suffixes": "swiglu.w_2",
+                "layers": [0, 1],
+            }
+        ],
+    },
+    {"metric_name": "cka", "data_split": "val", "components": [V_PROJ]},
+    {"metric_name": "cka", "data_split": "train", "target_checkpoint": 2, "components": [V_PROJ]},
+    {
+        "metric_name": "norm",
+        "norm_type": "frobenius",
+        "data_split": "val",
+        "components": [
+            {"component_name": "ov_circuit", "data_type": "weights", "layer_suffixes": OV, "layers": [0, 1]}
+        ],
+    },
+    {
+        "metric_name": "norm",
+        "norm_type": "nuclear",
+        "data_split": "val",
+        "components": [
+            {
+                "component_name": "simple",
+                "data_type": "gradients",
+                "layer_suffixes": "swiglu.w_2",
+                "layers": [1],
+            }
+        ],
+    },
+]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("metrics")
+    val = make_pretokenized(tmp_path / "val" / "val.parquet", n_rows=10, row_length=17, seed=1)
+    config, notes = load_config(
+        None,
+        tiny_training_overrides(
+            tmp_path,
+            **{
+                "checkpointing.learning_dynamics.eval_data": str(val),
+                "checkpointing.learning_dynamics.batch_size": 4,
+                "checkpointing.learning_dynamics.metrics": json.dumps(METRICS),
+            },
+        ),
+    )
+    run_training(config, notes)
+    return config
+
+
+def ld_dir(config, step):
+    return config.run_dir / "checkpoints" / f"step_{step}" / "learning_dynamics"
+
+
+def saved_metrics(config, step):
+    return json.loads((ld_dir(config, step) / "metrics.json").read_text())
+
+
+def test_metrics_written_per_checkpoint(run):
+    assert set(saved_metrics(run, 0)) == {
+        "per_train",
+        "norm_frobenius_val",
+        "norm_nuclear_val",
+    }  # nothing to compare yet
+    assert set(saved_metrics(run, 2)) == {
+        "per_train",
+        "cka_val",
+        "cka_train",
+        "norm_frobenius_val",
+        "norm_nuclear_val",
+    }
+    assert set(saved_metrics(run, 6)) == {
+        "cka_val",
+        "norm_frobenius_val",
+        "norm_nuclear_val",
+    }  # no train split at the end
+    assert set(saved_metrics(run, 2)["norm_frobenius_val"]) == {
+        f"layers.{layer}.ov_circuit.weights{head}"
+        for layer in (0, 1)
+        for head in ["", ".heads.0", ".heads.1", ".heads.2", ".heads.3"]
+    }
+
+
+def test_metrics_equal_offline_computation(run):
+    by_name = {"per_train": METRICS[0], "norm_frobenius_val": METRICS[3], "norm_nuclear_val": METRICS[4]}
+    for name, spec in by_name.items():
+        split = spec["data_split"]
+        offline = compute_metrics([spec], load_states(ld_dir(run, 4), split), model_shape=run.model)
+        assert saved_metrics(run, 4)[name] == pytest.approx(next(iter(offline.values())), rel=1e-6)
+    # Comparative: against the previous checkpoint by default, against a fixed step when configured.
+    cka_previous = compute_metrics(
+        [METRICS[1]], load_states(ld_dir(run, 4), "val"), load_states(ld_dir(run, 2), "val")
+    )
+    assert saved_metrics(run, 4)["cka_val"] == pytest.approx(cka_previous["cka"], rel=1e-6)
+    cka_fixed = compute_metrics(
+        [METRICS[2]], load_states(ld_dir(run, 4), "train"), load_states(ld_dir(run, 2), "train")
+    )
+    assert saved_metrics(run, 4)["cka_train"] == pytest.approx(cka_fixed["cka"], rel=1e-6)
+    assert saved_metrics(run, 2)["cka_train"] == pytest.approx({k: 1.0 for k in cka_fixed["cka"]}, rel=1e-5)
+
+
+def test_metrics_are_logged_as_curves(run):
+    lines = [json.loads(line) for line in (run.run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+    logged = {line["step"]: line for line in lines if any(k.startswith("learning_dynamics/") for k in line)}
+    assert sorted(logged) == [0, 2, 4, 6]
+    assert logged[4]["learning_dynamics/cka_val/layers.1.attention.v_proj.activations"] == pytest.approx(
+        saved_metrics(run, 4)["cka_val"]["layers.1.attention.v_proj.activations"]
+    )
+
+
+def test_tracker_keeps_only_needed_states(run):
+    tracker = MetricsTracker.from_config(METRICS, run.model)
+    for step in (0, 2, 4):
+        tracker.update(step, ld_dir(run, step))
+    # The previous checkpoint's val activations, and the fixed target's train activations; nothing else.
+    assert set(tracker._kept) == {("val", 4), ("train", 2)}
+    assert all(set(states) == {"activations"} for states in tracker._kept.values())
+
+
+def test_specs_without_split_are_rejected(run):
+    with pytest.raises(ValueError, match=r"need a data_split"):
+        MetricsTracker.from_config([{k: v for k, v in METRICS[0].items() if k != "data_split"}], run.model)
