@@ -1,0 +1,244 @@
+"""Evaluation speed and cost: lm-eval throughput of pico-decoder vs its Llama conversion, and the share of
+training time that evaluating every checkpoint costs at the demo config.
+
+1. `lm_eval`: documents per second through lm-eval (`simple_evaluate`, tasks already loaded) for a
+   pico-decoder checkpoint and its `LlamaForCausalLM` conversion (`python -m pico_hf.convert to-llama`), on
+   the same tasks and documents, measured interleaved in one process so machine noise hits both alike.
+   `ratio_pico_over_llama` is the median of the per-round ratios; goal: >= 0.95. The checkpoint is
+   `--model`, or by default the demo config's model (pico-decoder-tiny shapes, 256-token context, random
+   weights, OLMo tokenizer).
+2. `in_training_evaluation`: a short run of recipes/configs/demo.yaml (learning dynamics off, to isolate
+   evaluation) with evaluation on, checkpointing every 2 steps so training steps and evaluations alternate
+   closely. The share is projected onto the demo's schedule (150 steps, 4 checkpoints): evaluations x
+   seconds per evaluation over steps x seconds per step, for all texts and for `evaluation.paloma.
+   max_samples` = 128. Goal: <= 10%.
+
+Prints one JSON object.
+
+    python benchmarks/bench_eval.py [--model DIR] [--tasks pico_paloma,pico_arc_easy,pico_hellaswag]
+        [--limit 20] [--repeats 3] [--train_steps 8] [--save_every 2] [--max_samples 128] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+import transformers
+from transformers import TrainerCallback
+
+from pico_hf import PicoDecoderConfig, PicoDecoderForCausalLM
+from pico_hf.convert import main as convert
+from pico_hf.evaluation.callback import EvaluationCallback, build_evaluation_callbacks
+from pico_hf.evaluation.harness import load_model, task_manager
+from pico_hf.tokenization import load_tokenizer
+from pico_hf.training.config import load_config
+from pico_hf.training.run import build_job
+from pico_hf.training.trainer import RunLayout
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "recipes" / "configs" / "demo.yaml"
+
+
+def make_checkpoint(directory: Path) -> Path:
+    """The demo config's model (pico-decoder-tiny shapes, 256-token context) with random weights and the OLMo
+    tokenizer, saved as a checkpoint; throughput does not depend on the weights."""
+    demo, _ = load_config(DEMO_CONFIG)
+    torch.manual_seed(0)
+    config = PicoDecoderConfig.tiny(max_seq_len=demo.model.max_seq_len)
+    PicoDecoderForCausalLM(config).save_pretrained(directory)
+    load_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def lm_eval_throughput(
+    model_dir: str, tasks: list[str], limit: int, repeats: int, batch_size: int, device: str
+) -> dict[str, Any]:
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        llama_dir = Path(tmp) / "llama"
+        convert(["to-llama", model_dir, str(llama_dir)])
+        models = {
+            "pico": load_model(model_dir, device=device),
+            "llama": load_model(str(llama_dir), device=device),
+        }
+    manager = task_manager()
+    lms = {
+        name: HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size)
+        for name, (model, tokenizer) in models.items()
+    }
+
+    def run(name: str) -> tuple[float, int, dict[str, Any]]:
+        loaded = list(manager.load(tasks)["tasks"].values())  # data loading stays outside the timing
+        start = time.perf_counter()
+        results = simple_evaluate(
+            model=lms[name],
+            tasks=loaded,
+            limit=limit,
+            bootstrap_iters=0,
+            task_manager=manager,
+            log_samples=False,
+        )
+        seconds = time.perf_counter() - start
+        documents = sum(counts["effective"] for counts in results["n-samples"].values())
+        return seconds, documents, results["results"]
+
+    seconds: dict[str, list[float]] = {name: [] for name in lms}
+    documents, scores = 0, {}
+    for name in lms:  # warm-up
+        run(name)
+    for round_index in range(repeats):
+        for name in lms if round_index % 2 == 0 else reversed(list(lms)):
+            elapsed, documents, scores[name] = run(name)
+            seconds[name].append(elapsed)
+    docs_per_s = {name: documents / statistics.median(times) for name, times in seconds.items()}
+    # Each round runs both back to back, so its ratio cancels slow drifts in machine load.
+    round_ratios = [llama / pico for pico, llama in zip(seconds["pico"], seconds["llama"], strict=True)]
+    same = all(
+        abs(scores["pico"][task][key] - scores["llama"][task][key])
+        <= 1e-4 * max(1.0, abs(scores["pico"][task][key]))
+        for task in scores["pico"]
+        for key in scores["pico"][task]
+        if isinstance(scores["pico"][task][key], float)
+    )
+    return {
+        "model": model_dir,
+        "tasks": tasks,
+        "documents": documents,
+        "batch_size": batch_size,
+        "docs_per_s": {name: round(value, 2) for name, value in docs_per_s.items()},
+        "ratio_pico_over_llama": round(statistics.median(round_ratios), 3),
+        "round_ratios": [round(r, 3) for r in round_ratios],
+        "same_scores": same,
+    }
+
+
+class StepTimer(TrainerCallback):
+    """Seconds of every optimizer step (forward, backward and update; checkpoints excluded)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def in_training_cost(train_steps: int, save_every: int, max_samples: int | None) -> dict[str, Any]:
+    """Evaluation time per checkpoint against training time per step, in one demo run.
+
+    The run checkpoints every `save_every` steps, so training steps and evaluations alternate closely and
+    machine noise hits both alike. At every checkpoint the demo's own evaluation (all texts) runs, and, when
+    `max_samples` is given, a second evaluation capped at that many texts (written elsewhere), so one run
+    prices both settings."""
+    demo, _ = load_config(DEMO_CONFIG)
+    schedule_steps = demo.training.max_steps
+    every = demo.checkpointing.save_every_n_steps
+    evaluations = 1 + schedule_steps // every + (1 if schedule_steps % every else 0)  # step 0 .. the last
+    overrides = [
+        f"training.max_steps={train_steps}",
+        f"checkpointing.save_every_n_steps={save_every}",
+        "checkpointing.learning_dynamics.layer_suffixes=[]",
+        "evaluation.metrics=[paloma]",
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        config, _ = load_config(DEMO_CONFIG, [f"checkpointing.runs_dir={tmp}", *overrides])
+        timer = StepTimer()
+        extra: list[TrainerCallback] = [timer]
+        if max_samples:
+            capped_config, _ = load_config(
+                DEMO_CONFIG,
+                [
+                    f"checkpointing.runs_dir={tmp}/capped",
+                    *overrides,
+                    f"evaluation.paloma.max_samples={max_samples}",
+                ],
+            )
+            extra += build_evaluation_callbacks(capped_config, RunLayout(capped_config.run_dir))
+        job = build_job(config, extra_callbacks=extra)
+        job.trainer.train()
+        callbacks = [c for c in job.trainer.callback_handler.callbacks if isinstance(c, EvaluationCallback)]
+    step_s = statistics.median(timer.seconds[1:] or timer.seconds)  # the first step pays one-time costs
+
+    def cost(callback: EvaluationCallback) -> dict[str, Any]:
+        eval_s = statistics.median(seconds for _, seconds in callback.timings)
+        return {
+            "texts": len(callback.token_ids),
+            "tokens": sum(len(ids) for ids in callback.token_ids),
+            "seconds_per_evaluation": round(eval_s, 3),
+            "share_of_training_time": round(evaluations * eval_s / (schedule_steps * step_s), 4),
+        }
+
+    paloma = config.evaluation.paloma
+    return {
+        "config": str(DEMO_CONFIG.relative_to(REPO)),
+        "dataset": callbacks[0].dataset_name,
+        "max_length": paloma.max_length,
+        "batch_size": paloma.batch_size,
+        "measured_steps": len(timer.seconds),
+        "measured_evaluations": len(callbacks[0].timings),
+        "seconds_per_step": round(step_s, 3),
+        "demo_schedule": {"steps": schedule_steps, "evaluations": evaluations},
+        "all_texts": cost(callbacks[0]),
+        **({f"max_samples_{max_samples}": cost(callbacks[1])} if max_samples else {}),
+        "goal": "share_of_training_time <= 0.10",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="pico checkpoint directory (default: the demo model, random weights)")
+    parser.add_argument("--tasks", default="pico_paloma,pico_arc_easy,pico_hellaswag")
+    parser.add_argument("--limit", type=int, default=20, help="documents per task (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument(
+        "--train_steps", type=int, default=8, help="steps of the demo run (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--save_every", type=int, default=2, help="its checkpoint interval (default: %(default)s)"
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--max_samples",
+        type=int,
+        default=128,
+        help="also price evaluation.paloma.max_samples=N (default: %(default)s; 0: do not)",
+    )
+    parser.add_argument("--skip_lm_eval", action="store_true", help="only measure in-training evaluation")
+    parser.add_argument("--skip_training", action="store_true", help="only measure lm-eval throughput")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+    results: dict[str, Any] = {"device": args.device, "threads": torch.get_num_threads()}
+    if not args.skip_lm_eval:
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = args.model or str(make_checkpoint(Path(tmp) / "pico-decoder-demo"))
+            tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+            results["lm_eval"] = lm_eval_throughput(
+                model_dir, tasks, args.limit, args.repeats, args.batch_size, args.device
+            )
+    if not args.skip_training:
+        results["in_training_evaluation"] = in_training_cost(
+            args.train_steps, args.save_every, args.max_samples
+        )
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,420 @@
+"""lm-evaluation-harness on pico checkpoints: task resolution, model loading with clear errors, and reports.
+
+`eval/run.py` is the command line over this module:
+
+    manager = task_manager()                         # lm-eval's tasks plus pico-hf's (eval/tasks)
+    model, tokenizer = load_model("runs/demo/checkpoints/step_150")
+    report = evaluate(model, tokenizer, ["pico_paloma", "pico_arc_easy"], manager, limit=100)
+    print(report.markdown())
+
+Tasks whose data lives on the Hugging Face Hub (lm-eval's `hellaswag`, `blimp`, `paloma_*`, pico's
+`pico_paloma_tinsy`, ...) run unchanged when the Hub is reachable; otherwise they are skipped with a
+one-line reason, never replaced by something else. pico-hf's offline tasks read data that ships with the
+repository.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..hub import hub_reachable, offline_requested
+from ..tokenization import OLMO_TOKENIZER_ID, load_tokenizer
+from .perplexity import compute_perplexity, load_texts, resolve_dataset
+
+logger = logging.getLogger(__name__)
+
+# pico-hf's task configs live beside the package in a source checkout (eval/tasks).
+TASKS_DIR = Path(__file__).resolve().parents[2] / "eval" / "tasks"
+PICO_TASK_PREFIX = "pico_"
+PALOMA_TINSY = "pico-lm/pretokenized-paloma-tinsy"
+# `datasets` builders that read local files (a task using one with local data_files needs no Hub).
+_FILE_BUILDERS = {"arrow", "csv", "json", "pandas", "parquet", "text", "imagefolder", "audiofolder"}
+_MODEL_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+_COUNTS = {"sample_len", "sample_count"}  # result entries that are document counts, not scores
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class EvaluationError(ValueError):
+    """A problem with the requested model or tasks, reported before any evaluation work."""
+
+
+# --- tasks ----------------------------------------------------------------------------------------------
+
+
+class _DropNotices(logging.Filter):
+    """lm-eval warnings that do not apply here: `--metadata` for tasks with a `custom_dataset` loader (ours
+    take none), and a caution about passing a loaded model (we load it ourselves, on one process)."""
+
+    NOTICES = (
+        "Custom kwargs can be passed to `--metadata`",
+        "`pretrained` model kwarg is not of type `str`",
+        "Passed an already-initialized model through `pretrained`",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(notice in message for notice in self.NOTICES)
+
+
+def task_manager(include_path: str | Path | list[str | Path] | None = None, include_defaults: bool = True):
+    """lm-eval's TaskManager over its own tasks (unless `include_defaults` is False) plus pico-hf's
+    (`eval/tasks` by default)."""
+    from lm_eval.tasks import TaskManager
+
+    for name in ("lm_eval.api.task", "lm_eval.models.huggingface"):
+        lm_eval_logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNotices) for f in lm_eval_logger.filters):
+            lm_eval_logger.addFilter(_DropNotices())
+    if include_path is None:
+        include_path = TASKS_DIR if TASKS_DIR.is_dir() else None
+    if isinstance(include_path, list):
+        include_path = [str(p) for p in include_path]
+    return TaskManager(include_path=include_path, include_defaults=include_defaults)
+
+
+def task_manager_for(names: list[str], include_path: str | Path | list[str | Path] | None = None):
+    """A TaskManager that knows `names`: pico-hf's tasks alone when they suffice (indexing lm-eval's
+    thousands of task files takes seconds), else lm-eval's as well."""
+    pico_only = task_manager(include_path, include_defaults=False)
+    known = pico_only.all_tasks
+    if all(
+        fnmatch.filter(known, name) if any(ch in name for ch in "*?[") else name in known for name in names
+    ):
+        return pico_only
+    return task_manager(include_path)
+
+
+def pico_task_names(manager) -> list[str]:
+    return [name for name in manager.all_tasks if name.startswith(PICO_TASK_PREFIX)]
+
+
+def _unknown_task(name: str, manager) -> EvaluationError:
+    close = difflib.get_close_matches(name, manager.all_tasks, n=3, cutoff=0.6)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return EvaluationError(
+        f"Unknown task '{name}'.{hint} pico-hf tasks: {', '.join(pico_task_names(manager)) or '(none found)'}; "
+        f"lm-eval knows {len(manager.all_tasks)} tasks, groups and tags in all "
+        "(`python eval/run.py --list` prints them)."
+    )
+
+
+def _hub_dataset(config: dict[str, Any]) -> str | None:
+    """The Hub dataset a task config reads, or None when its data is local (or its loader is custom)."""
+    if config.get("custom_dataset") or "class" in config:
+        return None
+    path = config.get("dataset_path")
+    if not path:
+        return None
+    if path in _FILE_BUILDERS:
+        files = json.dumps((config.get("dataset_kwargs") or {}).get("data_files", ""))
+        return path if "://" in files else None
+    return None if Path(str(path)).expanduser().exists() else str(path)
+
+
+def _leaf_configs(name: str, manager, seen: set[str] | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """(task name, raw config) of every task a task, group or tag name stands for."""
+    from lm_eval.tasks._index import Kind
+
+    seen = set() if seen is None else seen
+    if name in seen:
+        return []
+    seen.add(name)
+    entry = manager.task_index.get(name)
+    if entry is None:
+        return []
+    if entry.kind == Kind.TAG:
+        return [leaf for child in sorted(entry.tags) for leaf in _leaf_configs(child, manager, seen)]
+    if entry.kind == Kind.GROUP:
+        leaves = []
+        for child in (entry.cfg or {}).get("task", []):
+            if isinstance(child, dict):  # an inline task, possibly overriding a registered one
+                base = manager.task_index.get(child.get("task", ""))
+                leaves.append((child.get("task", name), {**((base.cfg or {}) if base else {}), **child}))
+            else:
+                leaves += _leaf_configs(child, manager, seen)
+        return leaves
+    return [(name, entry.cfg or {})]
+
+
+@dataclass
+class TaskSelection:
+    runnable: list[str]
+    skipped: dict[str, str] = field(default_factory=dict)  # name -> one-line reason
+
+
+def resolve_tasks(names: list[str], manager, hub_available: bool | None = None) -> TaskSelection:
+    """Check task names (globs allowed) and set aside those that need an unreachable Hub."""
+    if not names:
+        raise EvaluationError("No tasks given")
+    expanded: list[str] = []
+    for name in names:
+        if any(ch in name for ch in "*?["):
+            matches = fnmatch.filter(manager.all_tasks, name)
+            if not matches:
+                raise _unknown_task(name, manager)
+            expanded += [m for m in matches if m not in expanded]
+        elif name not in manager.all_tasks:
+            raise _unknown_task(name, manager)
+        elif name not in expanded:
+            expanded.append(name)
+
+    hub_available = hub_reachable() if hub_available is None else hub_available
+    selection = TaskSelection(runnable=[])
+    for name in expanded:
+        entry = manager.task_index[name]
+        leaves = _leaf_configs(name, manager)
+        needs_hub = {task: dataset for task, config in leaves if (dataset := _hub_dataset(config))}
+        if hub_available or not needs_hub:
+            selection.runnable.append(name)
+            continue
+        from lm_eval.tasks._index import Kind
+
+        if entry.kind == Kind.TAG and len(needs_hub) < len(leaves):  # a tag is just a list: run what can run
+            for task, _ in leaves:
+                if task in needs_hub:
+                    selection.skipped[task] = _skip_reason(needs_hub[task])
+                elif task not in selection.runnable:
+                    selection.runnable.append(task)
+            continue
+        datasets = sorted(set(needs_hub.values()))
+        shown = ", ".join(datasets[:3]) + (f" and {len(datasets) - 3} more" if len(datasets) > 3 else "")
+        selection.skipped[name] = _skip_reason(shown)
+    return selection
+
+
+def _skip_reason(dataset: str) -> str:
+    why = "offline mode is on" if offline_requested() else "the Hub is unreachable"
+    return f"needs the Hugging Face Hub dataset {dataset}, and {why}"
+
+
+# --- model ----------------------------------------------------------------------------------------------
+
+
+def _is_hub_id(name: str) -> bool:
+    return not name.startswith((".", "/", "~")) and name.count("/") <= 1 and not name.endswith("/")
+
+
+def load_model(
+    name_or_path: str,
+    device: str | None = None,
+    dtype: str = "float32",
+    tokenizer: str | None = None,
+    trust_remote_code: bool = False,
+):
+    """(model in eval mode, tokenizer) from a checkpoint directory or Hub id, with clear errors for a path
+    that is not a model, a checkpoint without tokenizer, and an unreachable Hub."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise EvaluationError(f"Unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
+    path = Path(name_or_path).expanduser()
+    local = path.exists()
+    if local:
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise EvaluationError(
+                f"{path} is not a model: expected a checkpoint directory with config.json and weights "
+                "(e.g. runs/<run>/checkpoints/step_N)"
+            )
+        if not any((path / name).is_file() for name in _MODEL_FILES):
+            raise EvaluationError(
+                f"{path} is not a model: it has config.json but no weights ({', '.join(_MODEL_FILES[::2])})"
+            )
+        if tokenizer is None and not any((path / name).is_file() for name in _TOKENIZER_FILES):
+            raise EvaluationError(
+                f"Checkpoint {path} has no tokenizer (no {' / '.join(_TOKENIZER_FILES[:2])}); pass one with "
+                f"--tokenizer, e.g. --tokenizer {OLMO_TOKENIZER_ID} (pico's tokenizer, available offline)"
+            )
+    elif not _is_hub_id(name_or_path):
+        raise EvaluationError(f"Model path {name_or_path} does not exist")
+    elif not hub_reachable() and not offline_requested():
+        raise EvaluationError(
+            f"Model '{name_or_path}' is not a local directory and the Hugging Face Hub is unreachable "
+            "(set HF_HUB_OFFLINE=1 to use a cached copy)"
+        )
+
+    source = str(path) if local else name_or_path
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, config=config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError, KeyError) as error:
+        where = "checkpoint" if local else "model (local cache or Hub)"
+        raise EvaluationError(
+            f"Could not load {where} '{source}' as a causal language model: {error}"
+        ) from error
+    try:
+        processor = load_tokenizer(tokenizer or source)
+    except (OSError, TypeError, ValueError) as error:
+        raise EvaluationError(f"Could not load the tokenizer of '{tokenizer or source}': {error}") from error
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval(), processor
+
+
+# --- evaluation -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    """lm-eval's results plus what pico-hf adds: skipped tasks and the published-format perplexity."""
+
+    results: dict[str, Any] | None
+    skipped: dict[str, str]
+    model: str
+    paloma: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dict(self.results or {})
+        out["pico_hf"] = {"model": self.model, "skipped": self.skipped, "paloma": self.paloma}
+        return out
+
+    def scores(self) -> dict[str, dict[str, float]]:
+        """{task: {metric: value}} without stderr and aliases (e.g. {"pico_arc_easy": {"acc": 0.25, ...}})."""
+        scores: dict[str, dict[str, float]] = {}
+        for section in ("results", "groups"):
+            for task, metrics in ((self.results or {}).get(section) or {}).items():
+                for key, value in metrics.items():
+                    metric, _, filter_name = key.partition(",")
+                    if metric in _COUNTS or "_stderr" in metric or not isinstance(value, (int, float)):
+                        continue
+                    label = metric if filter_name in ("", "none") else f"{metric},{filter_name}"
+                    scores.setdefault(task, {})[label] = float(value)
+        if self.paloma is not None:
+            scores["paloma"] = {"perplexity": self.paloma["mean_perplexity"]}
+        return scores
+
+    def markdown(self) -> str:
+        from lm_eval.utils import make_table
+
+        parts = [f"Model: `{self.model}`", ""]
+        if self.results and self.results.get("results"):
+            parts.append(make_table(self.results).rstrip())
+            if self.results.get("groups"):
+                parts += ["", make_table(self.results, "groups").rstrip()]
+        if self.paloma is not None:
+            p = self.paloma
+            parts += [
+                "",
+                "| Paloma perplexity (pico-lm/perplexity) | Dataset | Texts | max_length | Value |",
+                "|---|---|--:|--:|--:|",
+                f"| mean over texts | {p['dataset']} | {p['num_texts']} | {p['max_length']} | {p['mean_perplexity']:.4f} |",
+            ]
+        if self.skipped:
+            parts += ["", "Skipped:"] + [f"- {task}: {reason}" for task, reason in self.skipped.items()]
+        return "\n".join(parts) + "\n"
+
+    def write(self, output_dir: Path) -> tuple[Path, Path]:
+        """`results.json` (lm-eval's results + `pico_hf`) and `results.md` in `output_dir`."""
+        from lm_eval.utils import handle_non_serializable
+
+        output_dir.mkdir(parents=True, exist_ok=True)
+        json_path, md_path = output_dir / "results.json", output_dir / "results.md"
+        json_path.write_text(json.dumps(self.to_dict(), indent=2, default=handle_non_serializable) + "\n")
+        md_path.write_text(self.markdown())
+        return json_path, md_path
+
+
+def paloma_perplexity(
+    model,
+    tokenizer,
+    dataset: str = PALOMA_TINSY,
+    split: str = "val",
+    max_length: int | None = None,
+    batch_size: int = 16,
+    limit: float | None = None,
+) -> dict[str, Any]:
+    """The published runs' `paloma` value (pico-lm/perplexity) on a dataset; Hub datasets fall back to the
+    embedded held-out split when the Hub is unreachable."""
+    name = resolve_dataset(dataset)
+    texts = load_texts(name, split)
+    if limit is not None:
+        texts = texts[: int(limit) if limit >= 1 else math.ceil(limit * len(texts))]
+    model_max = getattr(model.config, "max_position_embeddings", None) or 2048
+    max_length = max_length or min(2048, model_max)
+    result = compute_perplexity(model, tokenizer, texts, max_length=max_length, batch_size=batch_size)
+    return {
+        "dataset": name,
+        "split": split,
+        "num_texts": len(texts),
+        "max_length": max_length,
+        "mean_perplexity": result.mean_perplexity,
+    }
+
+
+def evaluate(
+    model,
+    tokenizer,
+    tasks: list[str],
+    manager=None,
+    limit: float | None = None,
+    batch_size: int = 8,
+    num_fewshot: int | None = None,
+    bootstrap_iters: int = 100_000,
+    model_name: str | None = None,
+    paloma: str | None = None,
+    paloma_max_length: int | None = None,
+) -> Report:
+    """Run lm-eval's `simple_evaluate` on a loaded model; Hub-backed tasks are skipped when the Hub is
+    unreachable. `paloma` (a dataset) also computes the published runs' perplexity on it."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    manager = manager or task_manager_for(tasks)
+    selection = resolve_tasks(tasks, manager)
+    for task, reason in selection.skipped.items():
+        logger.warning("Skipping %s: %s", task, reason)
+    if not selection.runnable and paloma is None:
+        raise EvaluationError(
+            "Every requested task was skipped: " + "; ".join(f"{t} {r}" for t, r in selection.skipped.items())
+        )
+    name = model_name or getattr(model, "name_or_path", None) or type(model).__name__
+    results = None
+    if selection.runnable:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size)
+        results = simple_evaluate(
+            model=lm,
+            tasks=selection.runnable,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            bootstrap_iters=bootstrap_iters,
+            task_manager=manager,
+            log_samples=False,
+        )
+        results["config"].update(
+            model=name, model_class=type(model).__name__, batch_size=batch_size, device=str(lm.device)
+        )
+    paloma_result = None
+    if paloma is not None:
+        paloma_result = paloma_perplexity(
+            model, tokenizer, paloma, max_length=paloma_max_length, batch_size=batch_size, limit=limit
+        )
+    return Report(results, selection.skipped, name, paloma_result)
+
+
+__all__ = [
+    "TASKS_DIR",
+    "EvaluationError",
+    "Report",
+    "TaskSelection",
+    "evaluate",
+    "load_model",
+    "paloma_perplexity",
+    "resolve_tasks",
+    "task_manager",
+    "task_manager_for",
+]

@@ -1,0 +1,243 @@
+"""Evaluation at every checkpoint of a training run: pico-train's eval_results files, values equal to an
+offline computation on the saved checkpoints, and training left bitwise unaffected (resume included)."""
+
+import json
+import logging
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import REPO, tiny_config, tiny_training_overrides
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+from pico_hf import PicoDecoderForCausalLM
+from pico_hf.evaluation.callback import EvaluationCallback, build_evaluation_callbacks, isolated_evaluation
+from pico_hf.evaluation.perplexity import compute_perplexity
+from pico_hf.training.config import ConfigError, load_config
+from pico_hf.training.run import run_training
+from pico_hf.training.trainer import RunLayout
+
+MAX_LENGTH = 12
+STEPS = [0, 2, 4, 6]
+
+
+def eval_texts(tmp_path):
+    """Held-out texts in the word tokenizer's vocabulary (w2..w99), of mixed lengths, as a local dataset."""
+    path = tmp_path / "eval" / "texts.parquet"
+    if not path.exists():
+        rng = random.Random(0)
+        texts = [
+            " ".join(f"w{rng.randrange(2, 100)}" for _ in range(rng.randrange(3, 25))) for _ in range(10)
+        ]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"text": texts, "source": ["test"] * len(texts)}), path)
+    return path
+
+
+def evaluation_overrides(tmp_path, **extra):
+    return {
+        "evaluation.metrics": "[paloma]",
+        "evaluation.paloma.dataset_name": str(eval_texts(tmp_path)),
+        "evaluation.paloma.max_length": MAX_LENGTH,
+        "evaluation.paloma.batch_size": 3,
+        **extra,
+    }
+
+
+def train(tmp_path, callbacks=None, **overrides):
+    config, notes = load_config(None, tiny_training_overrides(tmp_path, **overrides))
+    return run_training(config, notes, extra_callbacks=callbacks), config
+
+
+def final_weights(run_dir):
+    return load_file(run_dir / "checkpoints" / "latest" / "model.safetensors")
+
+
+def assert_bitwise_equal(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def eval_results(run_dir):
+    return {
+        int(p.stem[5:]): json.loads(p.read_text()) for p in (run_dir / "eval_results").glob("step_*.json")
+    }
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("evaluated")
+    summary, config = train(tmp_path, **evaluation_overrides(tmp_path))
+    return summary, config, tmp_path
+
+
+def test_every_checkpoint_gets_eval_results_in_pico_train_format(evaluated_run):
+    summary, config, _ = evaluated_run
+    assert summary["checkpoints"] == [f"step_{s}" for s in STEPS]
+    results_dir = config.run_dir / "eval_results"
+    assert sorted(p.name for p in results_dir.iterdir()) == [f"step_{s}.json" for s in sorted(STEPS, key=str)]
+    for step, values in eval_results(config.run_dir).items():
+        assert list(values) == ["paloma"] and isinstance(values["paloma"], float), step
+    logged = [
+        json.loads(line)
+        for line in (config.logs_dir / "metrics.jsonl").read_text().splitlines()
+        if "eval/paloma" in line
+    ]
+    assert [(entry["step"], entry["eval/paloma"]) for entry in logged] == [
+        (step, eval_results(config.run_dir)[step]["paloma"]) for step in STEPS
+    ]
+
+
+def test_values_equal_an_offline_computation_on_the_saved_checkpoints(evaluated_run):
+    _, config, tmp_path = evaluated_run
+    texts = pq.read_table(eval_texts(tmp_path)).column("text").to_pylist()
+    results = eval_results(config.run_dir)
+    for step in STEPS:
+        checkpoint = config.checkpoints_dir / f"step_{step}"
+        model = AutoModelForCausalLM.from_pretrained(checkpoint)
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        offline = compute_perplexity(model, tokenizer, texts, max_length=MAX_LENGTH, batch_size=3)
+        assert results[step]["paloma"] == pytest.approx(offline.mean_perplexity, rel=1e-6), step
+    # Training moved the model: the values are not all the same.
+    assert len({round(values["paloma"], 6) for values in results.values()}) == len(STEPS)
+
+
+class StopAfter(TrainerCallback):
+    """Ends a run abruptly after a given step, as a crash would (no final checkpoint)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_resume_with_evaluation_is_bitwise_identical_and_unperturbed(evaluated_run, tmp_path):
+    _, config, _ = evaluated_run
+    overrides = evaluation_overrides(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path, callbacks=[StopAfter(3)], **overrides)
+    assert os.readlink(tmp_path / "runs" / "tiny" / "checkpoints" / "latest") == "step_2"
+    summary, resumed = train(tmp_path, **overrides)
+    assert summary["resumed_from"].endswith("step_2")
+    assert_bitwise_equal(final_weights(resumed.run_dir), final_weights(config.run_dir))
+    assert eval_results(resumed.run_dir) == eval_results(config.run_dir)
+
+    # Evaluating at every checkpoint leaves training exactly as it is without evaluation.
+    _, plain = train(tmp_path / "plain")
+    assert_bitwise_equal(final_weights(plain.run_dir), final_weights(config.run_dir))
+    assert not (plain.run_dir / "eval_results").exists()
+
+
+def test_isolated_evaluation_restores_mode_rng_and_grads():
+    model = PicoDecoderForCausalLM(tiny_config()).train()
+    ids = torch.randint(0, 128, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    states = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
+    with isolated_evaluation(model):
+        assert not model.training and not torch.is_grad_enabled()
+        model(input_ids=ids)
+        random.random(), np.random.rand(), torch.rand(3)  # e.g. lm-eval seeding the global generators
+    assert model.training and torch.is_grad_enabled()
+    assert random.getstate() == states[0]
+    assert np.array_equal(np.random.get_state()[1], states[1])
+    assert torch.equal(torch.get_rng_state(), states[2])
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, grads[name]), name
+
+
+def build(tmp_path, **overrides):
+    config, _ = load_config(None, tiny_training_overrides(tmp_path, **overrides))
+    return build_evaluation_callbacks(config, RunLayout(config.run_dir)), config
+
+
+def test_metrics_empty_or_null_turns_evaluation_off(tmp_path):
+    assert build(tmp_path, **{"evaluation.metrics": "[]"})[0] == []
+    assert build(tmp_path, **{"evaluation.metrics": "null"})[0] == []
+
+
+def test_max_samples_caps_the_evaluation_texts(tmp_path):
+    (callback,), config = build(
+        tmp_path, **evaluation_overrides(tmp_path, **{"evaluation.paloma.max_samples": 4})
+    )
+    assert isinstance(callback, EvaluationCallback) and len(callback.token_ids) == 4
+    assert all(2 <= len(ids) <= MAX_LENGTH for ids in callback.token_ids)
+    assert callback.results_dir == config.run_dir / "eval_results"
+
+
+def test_unreachable_hub_dataset_falls_back_to_the_embedded_split(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        (callback,), _ = build(
+            tmp_path,
+            **{
+                "evaluation.metrics": "[paloma]",
+                "evaluation.paloma.max_length": 16,
+                "evaluation.paloma.max_samples": 5,
+            },
+        )
+    assert callback.dataset_name == "embedded" and len(callback.token_ids) == 5
+    (record,) = [r for r in caplog.records if "pretokenized-paloma-tinsy" in r.getMessage()]
+    assert record.getMessage() == (
+        "Evaluation dataset 'pico-lm/pretokenized-paloma-tinsy' is on the Hugging Face Hub, which is unreachable: "
+        "using the embedded held-out split instead"
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"evaluation.metrics": "[paloma, hellaswag]"},
+            r"evaluation.metrics: unknown metric 'hellaswag'; supported: paloma",
+        ),
+        (
+            {"evaluation.paloma.max_length": 2048},
+            r"max_length \(2048\) is longer than model.max_seq_len \(16\)",
+        ),
+        ({"evaluation.paloma.batch_size": 0}, r"evaluation.paloma.batch_size must be positive, got 0"),
+        (
+            {"evaluation.paloma.max_samples": 0},
+            r"evaluation.paloma.max_samples must be positive or null, got 0",
+        ),
+        (
+            {"evaluation.paloma.dataset_name": "/nowhere/eval.parquet"},
+            r"Dataset path /nowhere/eval.parquet does not exist",
+        ),
+    ],
+)
+def test_bad_evaluation_config_fails_before_training(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        train(tmp_path, **evaluation_overrides(tmp_path, **overrides))
+    assert not (tmp_path / "runs" / "tiny" / "checkpoints" / "step_0").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_evaluation(evaluated_run, tmp_path):
+    """With two processes each scores half of the texts; the gathered values match the one-process run."""
+    _, config, _ = evaluated_run
+    overrides = tiny_training_overrides(tmp_path, **evaluation_overrides(tmp_path))
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(REPO / "recipes" / "train.py"), *overrides,
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    two = eval_results(tmp_path / "runs" / "tiny")
+    one = eval_results(config.run_dir)
+    assert two.keys() == one.keys() == set(STEPS)
+    # Step 0: the same weights and the same batches, so the same values (up to thread-count rounding).
+    assert two[0]["paloma"] == pytest.approx(one[0]["paloma"], rel=1e-6)
+    for step in STEPS:  # two processes train with a different reduction order: close, not bitwise
+        assert two[step]["paloma"] == pytest.approx(one[step]["paloma"], rel=1e-3), step
