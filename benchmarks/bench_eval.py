@@ -5,18 +5,18 @@ training time that evaluating every checkpoint costs at the demo config.
    pico-decoder checkpoint and its `LlamaForCausalLM` conversion (`python -m pico_hf.convert to-llama`), on
    the same tasks and documents, measured interleaved in one process so machine noise hits both alike.
    `ratio_pico_over_llama` is the median of the per-round ratios; goal: >= 0.95. The checkpoint is
-   `--model`, or by default the demo config's model (pico-decoder-tiny shapes, 256-token context, random
+   `--model`, or by default the demo config's model (pico-decoder-tiny shapes, the demo's context, random
    weights, OLMo tokenizer).
 2. `in_training_evaluation`: a short run of recipes/configs/demo.yaml (learning dynamics off, to isolate
    evaluation) with evaluation on, checkpointing every 2 steps so training steps and evaluations alternate
    closely. The share is projected onto the demo's schedule (150 steps, 4 checkpoints): evaluations x
-   seconds per evaluation over steps x seconds per step, for all texts and for `evaluation.paloma.
-   max_samples` = 128. Goal: <= 10%.
+   seconds per evaluation over steps x seconds per step, for the demo's evaluation settings and, with
+   `--max_samples N` (0: every text), for `evaluation.paloma.max_samples=N`. Goal: <= 10%.
 
 Prints one JSON object.
 
     python benchmarks/bench_eval.py [--model DIR] [--tasks pico_paloma,pico_arc_easy,pico_hellaswag]
-        [--limit 20] [--repeats 3] [--train_steps 8] [--save_every 2] [--max_samples 128] [--device cpu]
+        [--limit 20] [--repeats 3] [--train_steps 8] [--save_every 2] [--max_samples N] [--device cpu]
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ DEMO_CONFIG = REPO / "recipes" / "configs" / "demo.yaml"
 
 
 def make_checkpoint(directory: Path) -> Path:
-    """The demo config's model (pico-decoder-tiny shapes, 256-token context) with random weights and the OLMo
+    """The demo config's model (pico-decoder-tiny shapes, the demo's context) with random weights and the OLMo
     tokenizer, saved as a checkpoint; throughput does not depend on the weights."""
     demo, _ = load_config(DEMO_CONFIG)
     torch.manual_seed(0)
@@ -141,9 +141,9 @@ def in_training_cost(train_steps: int, save_every: int, max_samples: int | None)
     """Evaluation time per checkpoint against training time per step, in one demo run.
 
     The run checkpoints every `save_every` steps, so training steps and evaluations alternate closely and
-    machine noise hits both alike. At every checkpoint the demo's own evaluation (all texts) runs, and, when
-    `max_samples` is given, a second evaluation capped at that many texts (written elsewhere), so one run
-    prices both settings."""
+    machine noise hits both alike. At every checkpoint the demo's own evaluation runs, and, when `max_samples`
+    is given, a second one with `evaluation.paloma.max_samples` set to it (0: every text; written elsewhere),
+    so one run prices both settings."""
     demo, _ = load_config(DEMO_CONFIG)
     schedule_steps = demo.training.max_steps
     every = demo.checkpointing.save_every_n_steps
@@ -158,13 +158,13 @@ def in_training_cost(train_steps: int, save_every: int, max_samples: int | None)
         config, _ = load_config(DEMO_CONFIG, [f"checkpointing.runs_dir={tmp}", *overrides])
         timer = StepTimer()
         extra: list[TrainerCallback] = [timer]
-        if max_samples:
+        if max_samples is not None:
             capped_config, _ = load_config(
                 DEMO_CONFIG,
                 [
                     f"checkpointing.runs_dir={tmp}/capped",
                     *overrides,
-                    f"evaluation.paloma.max_samples={max_samples}",
+                    f"evaluation.paloma.max_samples={max_samples or 'null'}",
                 ],
             )
             extra += build_evaluation_callbacks(capped_config, RunLayout(capped_config.run_dir))
@@ -192,8 +192,8 @@ def in_training_cost(train_steps: int, save_every: int, max_samples: int | None)
         "measured_evaluations": len(callbacks[0].timings),
         "seconds_per_step": round(step_s, 3),
         "demo_schedule": {"steps": schedule_steps, "evaluations": evaluations},
-        "all_texts": cost(callbacks[0]),
-        **({f"max_samples_{max_samples}": cost(callbacks[1])} if max_samples else {}),
+        "demo": {"max_samples": paloma.max_samples, **cost(callbacks[0])},
+        **({f"max_samples_{max_samples or 'all'}": cost(callbacks[1])} if max_samples is not None else {}),
         "goal": "share_of_training_time <= 0.10",
     }
 
@@ -215,8 +215,8 @@ def main() -> None:
     parser.add_argument(
         "--max_samples",
         type=int,
-        default=128,
-        help="also price evaluation.paloma.max_samples=N (default: %(default)s; 0: do not)",
+        default=None,
+        help="also price evaluation.paloma.max_samples=N (0: every text)",
     )
     parser.add_argument("--skip_lm_eval", action="store_true", help="only measure in-training evaluation")
     parser.add_argument("--skip_training", action="store_true", help="only measure lm-eval throughput")

@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 
 OLMO_TOKENIZER_ID = "allenai/OLMo-7B-0724-hf"
 
+
 def _require_fast(tokenizer: object, source: str) -> PreTrainedTokenizerFast:
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
         raise TypeError(

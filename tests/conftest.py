@@ -5,6 +5,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,11 @@ def tiny_config(**overrides):
     )
     values.update(overrides)
     return PicoDecoderConfig(**values)
+
+
+def olmo_vocab_config(**overrides):
+    """`tiny_config` with the OLMo tokenizer's vocabulary and special tokens (for the shipped tokenizer)."""
+    return tiny_config(**{"vocab_size": 50304, "pad_token_id": 1, "eos_token_id": 50279, **overrides})
 
 
 def make_word_tokenizer(path, vocab_size=100):
@@ -99,3 +105,36 @@ def tiny_training_overrides(tmp_path, **extra):
         **extra,
     }
     return [f"{key}={value}" for key, value in values.items()]
+
+
+TRAIN_SCRIPT = REPO / "recipes" / "train.py"
+
+
+def train_command(processes: int = 1) -> list[str]:
+    """`recipes/train.py` in a fresh interpreter: plain Python, or `accelerate launch` on CPU processes."""
+    if processes == 1:
+        return [sys.executable, str(TRAIN_SCRIPT)]
+    launch = ["-m", "accelerate.commands.launch", "--num_processes", str(processes), "--cpu"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return [sys.executable, *launch, str(TRAIN_SCRIPT)]
+
+
+def train(tmp_path, callbacks=None, **overrides):
+    """A tiny training run in this process; returns (run_training's result, the config)."""
+    from pico_hf.training.config import load_config
+    from pico_hf.training.run import run_training
+
+    config, notes = load_config(None, tiny_training_overrides(tmp_path, **overrides))
+    return run_training(config, notes, extra_callbacks=callbacks), config
+
+
+def final_weights(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "checkpoints" / "latest" / "model.safetensors")
+
+
+def assert_bitwise_equal(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name

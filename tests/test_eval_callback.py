@@ -13,15 +13,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import REPO, tiny_config, tiny_training_overrides
-from safetensors.torch import load_file
+from conftest import REPO, assert_bitwise_equal, final_weights, tiny_config, tiny_training_overrides, train
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from pico_hf import PicoDecoderForCausalLM
 from pico_hf.evaluation.callback import EvaluationCallback, build_evaluation_callbacks, isolated_evaluation
 from pico_hf.evaluation.perplexity import compute_perplexity
 from pico_hf.training.config import ConfigError, load_config
-from pico_hf.training.run import run_training
 from pico_hf.training.trainer import RunLayout
 
 MAX_LENGTH = 12
@@ -49,21 +47,6 @@ def evaluation_overrides(tmp_path, **extra):
         "evaluation.paloma.batch_size": 3,
         **extra,
     }
-
-
-def train(tmp_path, callbacks=None, **overrides):
-    config, notes = load_config(None, tiny_training_overrides(tmp_path, **overrides))
-    return run_training(config, notes, extra_callbacks=callbacks), config
-
-
-def final_weights(run_dir):
-    return load_file(run_dir / "checkpoints" / "latest" / "model.safetensors")
-
-
-def assert_bitwise_equal(a, b):
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
 
 
 def eval_results(run_dir):

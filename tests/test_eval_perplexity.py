@@ -6,9 +6,9 @@ import math
 import evaluate
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, olmo_vocab_config
 
-from pico_hf import PicoDecoderConfig, PicoDecoderForCausalLM
+from pico_hf import PicoDecoderForCausalLM
 from pico_hf.evaluation.perplexity import (
     batch_perplexities,
     compute_perplexity,
@@ -31,18 +31,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    config = PicoDecoderConfig(
-        d_model=32,
-        n_layers=2,
-        attention_n_heads=4,
-        attention_n_kv_heads=2,
-        activation_hidden_dim=64,
-        vocab_size=50304,
-        max_seq_len=64,
-        pad_token_id=1,
-        eos_token_id=50279,
-    )
-    return PicoDecoderForCausalLM(config).eval()
+    return PicoDecoderForCausalLM(olmo_vocab_config(d_model=32, activation_hidden_dim=64)).eval()
 
 
 @pytest.fixture(scope="module")

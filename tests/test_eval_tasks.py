@@ -8,10 +8,10 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, olmo_vocab_config
 from transformers import LlamaForCausalLM
 
-from pico_hf import PicoDecoderConfig, PicoDecoderForCausalLM
+from pico_hf import PicoDecoderForCausalLM
 from pico_hf.convert import main as convert
 from pico_hf.evaluation.harness import (
     EvaluationError,
@@ -42,16 +42,13 @@ def full_manager():
 
 def tiny_model(seed=0):
     torch.manual_seed(seed)
-    config = PicoDecoderConfig(
+    config = olmo_vocab_config(
         d_model=16,
         n_layers=1,
         attention_n_heads=2,
         attention_n_kv_heads=1,
         activation_hidden_dim=32,
-        vocab_size=50304,
         max_seq_len=128,
-        pad_token_id=1,
-        eos_token_id=50279,
     )
     return PicoDecoderForCausalLM(config).eval()
 

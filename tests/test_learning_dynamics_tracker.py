@@ -148,3 +148,29 @@ def test_tracker_keeps_only_needed_states(run):
 def test_specs_without_split_are_rejected(run):
     with pytest.raises(ValueError, match=r"need a data_split"):
         MetricsTracker.from_config([{k: v for k, v in METRICS[0].items() if k != "data_split"}], run.model)
+
+
+def test_comparative_ov_metric_keeps_the_weights_its_target_needs(run):
+    """An OV circuit of activations is built through W_O: the kept target states must include the weights."""
+    spec = {
+        "metric_name": "cka",
+        "data_split": "val",
+        "components": [
+            {
+                "component_name": "ov_circuit",
+                "data_type": "activations",
+                "layer_suffixes": OV,
+                "layers": [0, 1],
+            }
+        ],
+    }
+    tracker = MetricsTracker.from_config([spec], run.model)
+    assert tracker.update(0, ld_dir(run, 0)) == {}  # nothing earlier to compare with
+    results = tracker.update(2, ld_dir(run, 2))
+    assert set(tracker._kept) == {("val", 2)}
+    assert set(tracker._kept[("val", 2)]) == {"activations", "weights"}
+    expected = compute_metrics(
+        [spec], load_states(ld_dir(run, 2), "val"), load_states(ld_dir(run, 0), "val"), model_shape=run.model
+    )["cka"]
+    assert results["cka_val"] == pytest.approx(expected)
+    assert "layers.1.ov_circuit.activations.heads.0" in results["cka_val"]

@@ -4,36 +4,25 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 import yaml
-from conftest import REPO, make_pretokenized, make_word_tokenizer, tiny_training_overrides
+from conftest import (
+    assert_bitwise_equal,
+    final_weights,
+    make_pretokenized,
+    make_word_tokenizer,
+    tiny_training_overrides,
+    train,
+    train_command,
+)
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 import pico_hf  # noqa: F401  (registers the Auto classes)
-from pico_hf.training.config import ConfigError, load_config
-from pico_hf.training.run import run_training
-
-TRAIN_SCRIPT = REPO / "recipes" / "train.py"
-
-
-def train(tmp_path, callbacks=None, **overrides):
-    config, notes = load_config(None, tiny_training_overrides(tmp_path, **overrides))
-    return run_training(config, notes, extra_callbacks=callbacks), config
-
-
-def final_weights(run_dir):
-    return load_file(run_dir / "checkpoints" / "latest" / "model.safetensors")
-
-
-def assert_bitwise_equal(a, b):
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+from pico_hf.training.config import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -245,26 +234,7 @@ def launch(tmp_path, *extra, processes=1):
     overrides = tiny_training_overrides(
         tmp_path, **{"training.max_steps": 12, "checkpointing.save_every_n_steps": 3}
     )
-    if processes == 1:
-        command = [sys.executable, str(TRAIN_SCRIPT), *overrides, *extra]
-    else:
-        command = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--num_processes",
-            str(processes),
-            "--cpu",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            str(TRAIN_SCRIPT),
-            *overrides,
-            *extra,
-        ]
+    command = [*train_command(processes), *overrides, *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -326,8 +296,7 @@ def test_two_processes_reproduce_the_single_process_run(tmp_path):
 def test_demo_config_end_to_end(tmp_path):
     result = subprocess.run(
         [
-            sys.executable,
-            str(TRAIN_SCRIPT),
+            *train_command(),
             "training.max_steps=4",
             "checkpointing.save_every_n_steps=2",
             "monitoring.logging.log_every_n_steps=1",

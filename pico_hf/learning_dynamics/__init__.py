@@ -5,6 +5,7 @@ from .components import (
     ComponentData,
     ComponentSpec,
     ModelShape,
+    component_data_types,
     extract_component,
     register_component,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "MetricSpec",
     "ModelShape",
     "RankDeficientWarning",
+    "component_data_types",
     "compute_metrics",
     "extract_component",
     "parse_metric_specs",

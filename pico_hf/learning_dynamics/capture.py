@@ -185,20 +185,29 @@ def strip_wrapper_prefix(name: str) -> str:
     return _WRAPPER_PREFIX.sub("", name)
 
 
-def load_states(directory: Path, split: str) -> dict[str, dict[str, torch.Tensor]]:
+def load_states(
+    directory: str | Path, split: str, data_types: Sequence[str] = DATA_TYPES
+) -> dict[str, dict[str, torch.Tensor]]:
     """One split's states from a `learning_dynamics/` folder: ours (safetensors) or pico-train's (`.pt`).
 
-    Returns {data_type: {layer_name: tensor}} for the data types present; empty if the split is absent."""
+    Returns {data_type: {layer_name: tensor}} for the asked data types present; empty if the split is absent.
+    A file that cannot be read, or holds something other than named tensors, is a ValueError naming it."""
+    directory = Path(directory)
     states: dict[str, dict[str, torch.Tensor]] = {}
-    for data_type in DATA_TYPES:
+    for data_type in data_types:
         ours, theirs = directory / f"{split}_{data_type}.safetensors", directory / f"{split}_{data_type}.pt"
-        if ours.exists():
-            tensors = load_file(ours)
-        elif theirs.exists():
-            # pico-train pickled plain dicts of tensors: weights_only keeps arbitrary code out of the load.
-            tensors = torch.load(theirs, map_location="cpu", weights_only=True)
-        else:
+        path = ours if ours.is_file() else theirs if theirs.is_file() else None
+        if path is None:
             continue
+        try:
+            # pico-train pickled plain dicts of tensors: weights_only keeps arbitrary code out of the load.
+            tensors = (
+                load_file(path) if path is ours else torch.load(path, map_location="cpu", weights_only=True)
+            )
+        except Exception as error:  # safetensors, pickle and I/O errors alike: name the file
+            raise ValueError(f"cannot read {path}: {error}") from error
+        if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+            raise ValueError(f"{path} does not hold a mapping of layer names to tensors")
         states[data_type] = {strip_wrapper_prefix(name): tensor for name, tensor in tensors.items()}
     return states
 

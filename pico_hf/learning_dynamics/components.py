@@ -224,6 +224,10 @@ class Component(ABC):
                 f"(supported: {', '.join(self.data_types)})"
             )
 
+    def reads(self, spec: ComponentSpec) -> set[str]:
+        """The stored data types `extract` reads for this spec (what a checkpoint must provide)."""
+        return {spec.data_type}
+
     @abstractmethod
     def extract(
         self, spec: ComponentSpec, states: CheckpointStates, model_shape: ModelShape | None
@@ -245,6 +249,11 @@ def get_component(name: str) -> Component:
             f"unknown component_name {name!r}; valid component names: {sorted(COMPONENT_REGISTRY)}"
         )
     return COMPONENT_REGISTRY[name]()
+
+
+def component_data_types(spec: ComponentSpec) -> set[str]:
+    """The stored data types a component is built from (an OV circuit needs the weights for any data type)."""
+    return get_component(spec.component_name).reads(spec)
 
 
 def extract_component(
@@ -310,6 +319,9 @@ class OVCircuitComponent(Component):
                 f"component 'ov_circuit' needs layer_suffixes with exactly {list(self.ROLES)}, "
                 f"got {spec.layer_suffixes!r}"
             )
+
+    def reads(self, spec: ComponentSpec) -> set[str]:
+        return {"weights", spec.data_type}  # every OV data type is taken through W_V and W_O
 
     def extract(
         self, spec: ComponentSpec, states: CheckpointStates, model_shape: ModelShape | None

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .capture import load_states
-from .components import ModelShape
+from .components import ModelShape, component_data_types
 from .metrics import MetricSpec, compute_metrics, parse_metric_specs
 
 logger = logging.getLogger(__name__)
@@ -47,12 +47,13 @@ class MetricsTracker:
     def _needed_types(self, split: str, step: int) -> set[str]:
         """Data types of `split` at `step` that a later comparison will use."""
         return {
-            component.data_type
+            data_type
             for spec in self.specs
             if spec.build().comparative
             and spec.data_split == split
             and spec.target_checkpoint in (None, step)
             for component in spec.components
+            for data_type in component_data_types(component)
         }
 
     def update(self, step: int, directory: Path) -> dict[str, dict[str, float]]:
