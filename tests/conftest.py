@@ -100,6 +100,7 @@ def tiny_training_overrides(tmp_path, **extra):
         "checkpointing.run_name": "tiny",
         "checkpointing.save_every_n_steps": 2,
         "checkpointing.learning_dynamics.eval_data": "null",
+        "checkpointing.learning_dynamics.metrics": "[]",
         "evaluation.metrics": "[]",
         "monitoring.logging.log_every_n_steps": 1,
         **extra,

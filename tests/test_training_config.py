@@ -154,6 +154,32 @@ def test_bad_keys_and_values_name_the_problem(overrides, message):
         load_config(None, overrides)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.n_layers=2"], r"metrics\[0\] \(cka\): layers \[11\] do not exist in a model of 2 layers"),
+        (
+            ["checkpointing.learning_dynamics.layer_suffixes=[attention.v_proj]"],
+            r"metrics\[0\] \(cka\): \['attention.o_proj'\] is not captured; add it to layer_suffixes",
+        ),
+        (
+            ["checkpointing.learning_dynamics.eval_data=null"],
+            r"metrics\[0\] \(cka\): data_split 'val' is not captured \(captured: \['train'\]\)",
+        ),
+        (
+            [
+                "checkpointing.learning_dynamics.metrics=[{metric_name: ckaa, data_split: val, components: []}]"
+            ],
+            r"checkpointing.learning_dynamics.metrics: unknown metric 'ckaa'",
+        ),
+    ],
+)
+def test_learning_dynamics_metrics_must_read_what_the_run_captures(overrides, message):
+    """Caught when the config loads, not at the first checkpoint."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(REPO / "recipes" / "configs" / "demo.yaml", overrides)
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match=r"Config file .*nope.yaml does not exist"):
         load_config(tmp_path / "nope.yaml")

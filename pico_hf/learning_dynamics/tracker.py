@@ -23,6 +23,39 @@ def result_key(spec: MetricSpec) -> str:
     return spec.output_filename.removesuffix(".json")
 
 
+def check_metrics_capturable(
+    metric_configs: Sequence[Mapping[str, Any]],
+    layer_suffixes: Sequence[str],
+    n_layers: int,
+    splits: Sequence[str],
+) -> list[MetricSpec]:
+    """Parse in-training metric specs and check that the run captures what they read: their split, layers
+    below `n_layers`, and modules whose names contain one of `layer_suffixes`. Errors name the metric."""
+    specs = parse_metric_specs(metric_configs)
+    for index, spec in enumerate(specs):
+        where = f"metrics[{index}] ({spec.metric_name})"
+        if spec.data_split not in splits:
+            raise ValueError(
+                f"{where}: data_split {spec.data_split!r} is not captured (captured: {list(splits)})"
+            )
+        for component in spec.components:
+            too_deep = [layer for layer in component.layers if layer >= n_layers]
+            if too_deep:
+                raise ValueError(f"{where}: layers {too_deep} do not exist in a model of {n_layers} layers")
+            suffixes = (
+                [component.layer_suffixes]
+                if isinstance(component.layer_suffixes, str)
+                else list(component.suffix_map.values())
+            )
+            # Captured modules are those whose name contains a configured suffix (pico-train's rule).
+            missing = [s for s in suffixes if not any(c in f"layers.0.{s}" for c in layer_suffixes)]
+            if missing:
+                raise ValueError(
+                    f"{where}: {missing} is not captured; add it to layer_suffixes (now {list(layer_suffixes)})"
+                )
+    return specs
+
+
 class MetricsTracker:
     """Computes metric specs (pico-analyze's format) on each checkpoint's states.
 

@@ -431,6 +431,18 @@ def validate(config: PicoTrainingConfig) -> None:
         raise ConfigError("checkpointing.save_to_hf is true but checkpointing.hf_checkpoint.repo_id is empty")
     if config.model.model_type != "pico_decoder":
         raise ConfigError(f"model.model_type must be 'pico_decoder', got '{config.model.model_type}'")
+    learning_dynamics = config.checkpointing.learning_dynamics
+    if learning_dynamics.metrics:
+        from ..learning_dynamics.tracker import check_metrics_capturable
+
+        splits = ["train", "val"] if learning_dynamics.eval_data else ["train"]
+        try:
+            check_metrics_capturable(
+                learning_dynamics.metrics, learning_dynamics.layer_suffixes, config.model.n_layers, splits
+            )
+        except ValueError as error:
+            where = "checkpointing.learning_dynamics." + ("" if str(error).startswith("metrics[") else "metrics: ")
+            raise ConfigError(f"{where}{error}") from error
 
 
 # Lightning precision strings -> (mixed-precision mode for accelerate, parameter dtype).
