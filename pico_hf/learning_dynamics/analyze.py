@@ -54,7 +54,7 @@ import torch
 import yaml
 
 from ..training.config import ConfigError
-from .capture import DATA_TYPES, load_states
+from .capture import DATA_TYPES, STATE_SUFFIXES, load_states
 from .components import ModelShape, component_data_types
 from .metrics import MetricSpec, compute_metrics, parse_metric_specs
 
@@ -253,9 +253,7 @@ def read_split_states(directory: Path, split: str, data_types: Sequence[str]) ->
 
 def _has_split(directory: Path, split: str) -> bool:
     return any(
-        (directory / f"{split}_{kind}.{ext}").is_file()
-        for kind in DATA_TYPES
-        for ext in ("safetensors", "pt")
+        (directory / f"{split}_{kind}{suffix}").is_file() for kind in DATA_TYPES for suffix in STATE_SUFFIXES
     )
 
 
@@ -433,7 +431,7 @@ class HubRun(CheckpointSource):
         if commit is None:
             return {}
         ld = self.learning_dynamics_dir()
-        patterns = [f"{ld}/{split}_{kind}.{ext}" for kind in data_types for ext in ("safetensors", "pt")]
+        patterns = [f"{ld}/{split}_{kind}{suffix}" for kind in data_types for suffix in STATE_SUFFIXES]
         bars_were_on = not are_progress_bars_disabled()
         disable_progress_bars()  # one "Fetching n files" bar per step would bury the analysis' own progress
         try:

@@ -26,6 +26,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 DATA_TYPES = ("activations", "weights", "gradients")
+# Saved states: ours first, then the original pico-train's pickles.
+STATE_SUFFIXES = (".safetensors", ".pt")
 # Wrappers the original pico-train saved keys under (Lightning Fabric, DeepSpeed, DDP).
 _WRAPPER_PREFIX = re.compile(r"^(?:_forward_module\.)?(?:module\.)?(?:_orig_mod\.)?")
 
@@ -195,14 +197,18 @@ def load_states(
     directory = Path(directory)
     states: dict[str, dict[str, torch.Tensor]] = {}
     for data_type in data_types:
-        ours, theirs = directory / f"{split}_{data_type}.safetensors", directory / f"{split}_{data_type}.pt"
-        path = ours if ours.is_file() else theirs if theirs.is_file() else None
+        path = next(
+            (p for suffix in STATE_SUFFIXES if (p := directory / f"{split}_{data_type}{suffix}").is_file()),
+            None,
+        )
         if path is None:
             continue
         try:
             # pico-train pickled plain dicts of tensors: weights_only keeps arbitrary code out of the load.
             tensors = (
-                load_file(path) if path is ours else torch.load(path, map_location="cpu", weights_only=True)
+                load_file(path)
+                if path.suffix == ".safetensors"
+                else torch.load(path, map_location="cpu", weights_only=True)
             )
         except Exception as error:  # safetensors, pickle and I/O errors alike: name the file
             raise ValueError(f"cannot read {path}: {error}") from error

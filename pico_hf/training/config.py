@@ -441,7 +441,9 @@ def validate(config: PicoTrainingConfig) -> None:
                 learning_dynamics.metrics, learning_dynamics.layer_suffixes, config.model.n_layers, splits
             )
         except ValueError as error:
-            where = "checkpointing.learning_dynamics." + ("" if str(error).startswith("metrics[") else "metrics: ")
+            where = "checkpointing.learning_dynamics." + (
+                "" if str(error).startswith("metrics[") else "metrics: "
+            )
             raise ConfigError(f"{where}{error}") from error
 
 

@@ -297,7 +297,7 @@ def summarize(job: TrainingJob, seconds: float) -> dict[str, Any]:
         "checkpoints": sorted(
             (p.name for p in job.run.checkpoints_dir.glob("step_*")), key=lambda n: int(n[5:])
         ),
-        "latest_checkpoint": str(latest) if latest else None,
+        "latest_checkpoint": str(job.run.checkpoints_dir / latest.name) if latest else None,  # as run_dir
         "log_file": str(job.log_file) if job.log_file else None,
         "tensorboard": str(job.run.logs_dir / "tensorboard"),
         "seconds": round(seconds, 1),
