@@ -31,7 +31,10 @@ def check_metrics_capturable(
 ) -> list[MetricSpec]:
     """Parse in-training metric specs and check that the run captures what they read: their split, layers
     below `n_layers`, and modules whose names contain one of `layer_suffixes`. Errors name the metric."""
-    specs = parse_metric_specs(metric_configs)
+    try:
+        specs = parse_metric_specs(metric_configs)
+    except ValueError as error:
+        raise ValueError(f"metrics: {error}") from error
     for index, spec in enumerate(specs):
         where = f"metrics[{index}] ({spec.metric_name})"
         if spec.data_split not in splits:

@@ -441,10 +441,7 @@ def validate(config: PicoTrainingConfig) -> None:
                 learning_dynamics.metrics, learning_dynamics.layer_suffixes, config.model.n_layers, splits
             )
         except ValueError as error:
-            where = "checkpointing.learning_dynamics." + (
-                "" if str(error).startswith("metrics[") else "metrics: "
-            )
-            raise ConfigError(f"{where}{error}") from error
+            raise ConfigError(f"checkpointing.learning_dynamics.{error}") from error
 
 
 # Lightning precision strings -> (mixed-precision mode for accelerate, parameter dtype).
