@@ -23,7 +23,7 @@ from transformers import TrainerCallback, get_linear_schedule_with_warmup, set_s
 from pico_hf.tokenization import load_tokenizer
 from pico_hf.training.config import load_config
 from pico_hf.training.data import BatchLayout, PretokenizedStream, TrainingSequences
-from pico_hf.training.run import SEED, build_job, build_model
+from pico_hf.training.run import build_job, build_model
 
 DEMO = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "demo.yaml"
 WARMUP_STEPS = 2
@@ -110,7 +110,7 @@ def main() -> None:
             tokens_per_step = config.data.dataloader.batch_size * config.model.max_seq_len
             order = ["trainer", "bare_loop"] if round_idx % 2 == 0 else ["bare_loop", "trainer"]
             for name in order:
-                set_seed(SEED)
+                set_seed(config.training.seed)
                 if name == "trainer":
                     results[name].append(trainer_tokens_per_second(config, tokens_per_step))
                 else:

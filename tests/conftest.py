@@ -12,8 +12,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-REFERENCE_CHECKPOINT = SHARED / "fixtures" / "pico-decoder-reference"
+FIXTURES = REPO / "tests" / "fixtures"  # made with the original Pico code; see fixtures/README.md
+REFERENCE_CHECKPOINT = FIXTURES / "pico-decoder-reference"
 
 
 @pytest.fixture(autouse=True)

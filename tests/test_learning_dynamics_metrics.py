@@ -24,7 +24,7 @@ from pico_hf.learning_dynamics import (
 from pico_hf.learning_dynamics.components import ComponentBatch, layer_prefix
 from pico_hf.learning_dynamics.metrics import SingleCheckpointMetric, SingularValueCache
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "learning-dynamics-metrics"
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "learning-dynamics-metrics"
 
 OV_SUFFIXES = {"output_layer": "attention.o_proj", "value_layer": "attention.v_proj"}
 

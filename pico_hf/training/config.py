@@ -110,6 +110,8 @@ class TrainingConfig:
     fabric: FabricConfig = field(default_factory=FabricConfig)
     optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
     max_steps: int = 200_000
+    # Seeds model initialisation, the data order and every other random choice of the run (pico-train: 42).
+    seed: int = 42
 
 
 # --- evaluation -----------------------------------------------------------------------------------------

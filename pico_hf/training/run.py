@@ -29,7 +29,6 @@ from .data import BatchLayout, PretokenizedStream, TrainingSequences
 from .trainer import PicoTrainer, RunLayout, no_clipping
 
 logger = logging.getLogger("pico_hf.training")
-SEED = 42  # pico-train seeds every run with 42
 
 
 def training_arguments(config: PicoTrainingConfig, run: RunLayout) -> TrainingArguments:
@@ -49,7 +48,7 @@ def training_arguments(config: PicoTrainingConfig, run: RunLayout) -> TrainingAr
         optim="adamw_torch",
         weight_decay=0.01,  # torch.optim.AdamW's default, which pico-train uses
         max_grad_norm=no_clipping(),
-        seed=SEED,
+        seed=config.training.seed,
         bf16=mixed == "bf16",
         fp16=mixed == "fp16",
         use_cpu=use_cpu,
@@ -90,7 +89,7 @@ def build_model(config: PicoTrainingConfig, tokenizer: Any) -> PicoDecoderForCau
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
-    set_seed(SEED)  # identical initial weights for every run, process count and restart
+    set_seed(config.training.seed)  # identical initial weights for every process count and restart
     model = PicoDecoderForCausalLM(model_config)
     _, dtype = PRECISIONS[config.training.fabric.precision]
     return model.to(getattr(torch, dtype))
