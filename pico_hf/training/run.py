@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -24,8 +24,10 @@ from ..hub.publish import build_hub_callbacks
 from ..learning_dynamics.callback import build_learning_dynamics_callbacks
 from ..models.pico_decoder import PicoDecoderConfig, PicoDecoderForCausalLM
 from ..tokenization import load_tokenizer
+from .arguments import check_training_arguments
 from .config import PRECISIONS, ConfigError, PicoTrainingConfig
 from .data import BatchLayout, PretokenizedStream, TrainingSequences
+from .rundir import RunLock, check_existing_run, finished_step, remove_leftovers, write_config
 from .trainer import PicoTrainer, RunLayout, no_clipping
 
 logger = logging.getLogger("pico_hf.training")
@@ -66,18 +68,32 @@ def training_arguments(config: PicoTrainingConfig, run: RunLayout) -> TrainingAr
         ddp_find_unused_parameters=False,
         disable_tqdm=False,
     )
-    valid = {f.name for f in dataclasses.fields(TrainingArguments)}
-    for key in config.training_arguments:
-        if key not in valid:
-            close = difflib.get_close_matches(key, sorted(valid), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(
-                f"Unknown config key 'training_arguments.{key}': not a TrainingArguments field{hint}"
-            )
+    check_training_arguments(config.training_arguments)
     values.update(config.training_arguments)
-    # The per-device batch is derived from the global batch; it cannot be set independently.
-    values.pop("per_device_train_batch_size", None)
     return TrainingArguments(**values)
+
+
+def resolve_device(config: PicoTrainingConfig) -> str | None:
+    """Record in the config what will actually run: CUDA asked for on a machine without it trains on CPU in
+    float32. Returns a one-line notice when the config was changed."""
+    fabric = config.training.fabric
+    if fabric.accelerator == "cpu" or torch.cuda.is_available():
+        return None
+    asked = f"{fabric.accelerator} / {fabric.precision}"
+    fabric.accelerator = "cpu"
+    if PRECISIONS[fabric.precision][0] != "no":
+        fabric.precision = "32-true"  # CPU runs train in float32; mixed precision is a GPU setting
+    return f"training.fabric asks for {asked} but CUDA is not available: training on cpu / {fabric.precision}"
+
+
+def apply_wandb_settings(config: PicoTrainingConfig) -> None:
+    """monitoring.wandb.project / entity reach W&B through the environment its Trainer integration reads."""
+    wandb = config.monitoring.wandb
+    if config.monitoring.save_to_wandb:
+        if wandb.project:
+            os.environ["WANDB_PROJECT"] = wandb.project
+        if wandb.entity:
+            os.environ["WANDB_ENTITY"] = wandb.entity
 
 
 def build_model(config: PicoTrainingConfig, tokenizer: Any) -> PicoDecoderForCausalLM:
@@ -93,6 +109,17 @@ def build_model(config: PicoTrainingConfig, tokenizer: Any) -> PicoDecoderForCau
     model = PicoDecoderForCausalLM(model_config)
     _, dtype = PRECISIONS[config.training.fabric.precision]
     return model.to(getattr(torch, dtype))
+
+
+def check_data_fits(config: PicoTrainingConfig, stream: PretokenizedStream) -> None:
+    """A global batch must fit in the dataset (a smaller one would repeat sequences within a batch)."""
+    batch = config.data.dataloader.batch_size
+    if stream.num_sequences is not None and stream.num_sequences < batch:
+        raise ConfigError(
+            f"Dataset '{stream.name}' holds {stream.num_sequences} sequences of {stream.max_seq_len} tokens, "
+            f"fewer than one global batch (data.dataloader.batch_size={batch}): lower the batch size or use "
+            "a larger dataset"
+        )
 
 
 def check_run_dir_writable(run_dir: Path) -> None:
@@ -130,6 +157,18 @@ class MetricsFileCallback(TrainerCallback):
     def __init__(self, path: Path) -> None:
         self.path = path
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        # A resumed run replays the steps after its checkpoint: drop their rows so each step has one.
+        if state.is_world_process_zero and self.path.exists():
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= state.global_step
+            ]
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
             with self.path.open("a") as handle:
@@ -163,11 +202,21 @@ class TrainingJob:
     run: RunLayout
     resume_from: Path | None
     log_file: Path | None
+    lock: RunLock | None = None
+
+
+@dataclass
+class CompleteRun:
+    """A run started again after it reached `training.max_steps`: nothing to do."""
+
+    run: RunLayout
+    step: int
+    is_main: bool
 
 
 def build_job(
     config: PicoTrainingConfig, extra_callbacks: list[TrainerCallback] | None = None
-) -> TrainingJob:
+) -> TrainingJob | CompleteRun:
     """Everything a run needs, with every input checked before the first step."""
     run = RunLayout(
         config.run_dir,
@@ -175,12 +224,43 @@ def build_job(
         config.checkpointing.logs_dir,
         config.checkpointing.fabric_checkpoint_dir,
     )
+    device_notice = resolve_device(config)
+    apply_wandb_settings(config)
     args = training_arguments(config, run)
     is_main = args.process_index == 0
+    # Nothing is written before these checks: a finished run stays as it is, and two runs never mix.
+    check_existing_run(config, run.checkpoints_dir)
+    if config.checkpointing.training.auto_resume:
+        step = finished_step(run.latest_checkpoint(), run.state_dirname, config.training.max_steps)
+        if step is not None:
+            return CompleteRun(run, step, is_main)
+    lock = None
     if is_main:
         check_run_dir_writable(run.run_dir)
+        lock = RunLock(run.run_dir).acquire()
+    try:
+        job = _build_job(config, run, args, extra_callbacks, device_notice)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    job.lock = lock
+    return job
+
+
+def _build_job(
+    config: PicoTrainingConfig,
+    run: RunLayout,
+    args: TrainingArguments,
+    extra_callbacks: list[TrainerCallback] | None,
+    device_notice: str | None,
+) -> TrainingJob:
+    is_main = args.process_index == 0
+    if is_main:
         run.checkpoints_dir.mkdir(parents=True, exist_ok=True)
     log_file = setup_logging(run, config.monitoring.logging.log_level, is_main)
+    if is_main and device_notice:
+        logger.info("Note: %s", device_notice)
 
     layout = BatchLayout(
         global_batch=config.data.dataloader.batch_size,
@@ -208,17 +288,15 @@ def build_job(
         config.model.vocab_size,
         config.data.dataset.streaming,
     )
+    check_data_fits(config, stream)
     model = build_model(config, tokenizer)
 
     resume_from = None
     if is_main:
         run.remove_partial_checkpoints()
+        remove_leftovers(run.checkpoints_dir)
     if config.checkpointing.training.auto_resume:
         resume_from = run.latest_checkpoint()
-    if is_main:
-        saved = run.run_dir / "training_config.yaml"
-        if not saved.exists():
-            config.save_yaml(saved)
 
     # Order matters: learning dynamics and evaluation add to each checkpoint before it is published; the Hub
     # publisher pushes it once it is complete.
@@ -244,6 +322,8 @@ def build_job(
     trainer.remove_callback(ProgressCallback)
     if not args.disable_tqdm:
         trainer.add_callback(PicoProgressCallback())
+    if is_main:
+        write_config(config, run.run_dir)  # what this run trains with, once every input checked out
     return TrainingJob(config, trainer, run, resume_from, log_file)
 
 
@@ -255,6 +335,22 @@ def run_training(
     """Train (resuming if a checkpoint exists and auto_resume is on) and return a summary."""
     transformers.logging.set_verbosity_warning()
     job = build_job(config, extra_callbacks)
+    if isinstance(job, CompleteRun):
+        message = (
+            f"Run '{job.run.run_dir.name}' is complete (step {job.step} of {config.training.max_steps}). "
+            "Nothing to do."
+        )
+        if job.is_main:
+            print(message, flush=True)
+        return {"run_dir": str(job.run.run_dir), "steps": job.step, "complete": True, "message": message}
+    try:
+        return _train(job, config, notes)
+    finally:
+        if job.lock is not None:
+            job.lock.release()
+
+
+def _train(job: TrainingJob, config: PicoTrainingConfig, notes: list[str] | None) -> dict[str, Any]:
     trainer, run = job.trainer, job.run
     is_main = trainer.args.process_index == 0
     if is_main:

@@ -185,6 +185,11 @@ class PicoTrainer(Trainer):
             self._last_log = (now, tokens)
             logs["inf_or_nan_count"] = int(self._nonfinite_losses)
             self._nonfinite_losses = 0
+        # The share of the dataset consumed (the Trainer's own epoch counts fractions of max_steps); none for
+        # streamed data of unknown length.
+        total = self.train_sequences.stream.num_sequences
+        consumed = self.state.global_step * self.train_sequences.layout.global_batch
+        self.state.epoch = round(consumed / total, 4) if total else None
         super().log(logs, start_time)
 
     # --- checkpoints --------------------------------------------------------------------------------------
