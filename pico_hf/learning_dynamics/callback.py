@@ -99,6 +99,8 @@ class LearningDynamicsCallback(CheckpointContributor):
             from .tracker import MetricsTracker
 
             self.metrics = MetricsTracker.from_config(self.metric_specs, model.config)
+            if state.global_step > 0:  # resumed: comparisons continue from the states saved on disk
+                self.metrics.restore(state.global_step, lambda step: self.run.step_dir(step) / self.dirname)
 
     def _record_inputs(self, module: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         if self.recorder is not None and self.recorder.armed and module.training:
