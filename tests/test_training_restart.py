@@ -10,7 +10,7 @@ import time
 
 import pytest
 import yaml
-from conftest import train
+from conftest import make_pretokenized, train
 from test_training_run import StopAfter
 
 from pico_hf.training.config import ConfigError
@@ -127,3 +127,55 @@ def test_a_killed_runs_lock_does_not_block_its_resume(tmp_path):
     summary, _ = train(tmp_path, **{"training.max_steps": 2})
     assert summary["steps"] == 2
     assert f"pid {os.getpid()} " in (run_dir / "run.lock").read_text()
+
+
+def test_a_bad_streamed_row_stops_the_run_after_a_clean_checkpoint(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pico_hf.training.data import DataError
+    from pico_hf.training.trainer import RunLayout
+
+    data = tmp_path / "shards"
+    make_pretokenized(data / "part-0.parquet", n_rows=24, row_length=33)
+    rows = make_pretokenized(data / "part-1.parquet", n_rows=24, row_length=33, seed=1)
+    table = pq.read_table(rows).to_pylist()
+    table[6]["input_ids"][3] = 500  # beyond the vocabulary of 128; row 30 of the stream, read by step 8
+    pq.write_table(pa.Table.from_pylist(table), rows)
+    overrides = {
+        "data.dataset.name": str(data),
+        "data.dataset.streaming": "true",
+        "training.max_steps": 12,
+        "checkpointing.save_every_n_steps": 3,
+    }
+    with pytest.raises(DataError) as error:
+        train(tmp_path, **overrides)
+    run_dir = tmp_path / "runs" / "tiny"
+    assert str(error.value) == (
+        f"Row 6 of shard {rows} (dataset '{data}') holds token id 500, outside the model's vocabulary of 128 "
+        f"(model.vocab_size). Training stopped after step 7 (checkpoint: {run_dir}/checkpoints/step_7); fix or "
+        "replace the data and start the run again to resume"
+    )
+    checkpoints = run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_0", "step_3", "step_6", "step_7"]
+    assert RunLayout(run_dir).latest_checkpoint() == checkpoints / "step_7"
+    position = json.loads((checkpoints / "step_7" / "fabric_state" / "data_position.json").read_text())
+    assert position["sequence"] == 7 * 8
+
+
+def test_streamed_data_is_checked_before_step_1(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "strings" / "train.parquet"
+    data.parent.mkdir()
+    pq.write_table(pa.table({"input_ids": [["a"] * 33] * 48}), data)
+    with pytest.raises(
+        ConfigError, match=r"column 'input_ids' is List\(Value\('string'\)\), not a list of integer"
+    ):
+        train(tmp_path, **{"data.dataset.name": str(data), "data.dataset.streaming": "true"})
+    # Local shards' row counts come from their footers: a stream too short for one global batch is refused too.
+    small = make_pretokenized(tmp_path / "small" / "train.parquet", n_rows=3, row_length=33)
+    with pytest.raises(ConfigError, match="holds 6 sequences of 16 tokens, fewer than one global batch"):
+        train(tmp_path, **{"data.dataset.name": str(small), "data.dataset.streaming": "true"})
+    assert not (tmp_path / "runs" / "tiny" / "checkpoints" / "step_0").exists()

@@ -26,7 +26,7 @@ from ..models.pico_decoder import PicoDecoderConfig, PicoDecoderForCausalLM
 from ..tokenization import load_tokenizer
 from .arguments import check_training_arguments
 from .config import PRECISIONS, ConfigError, PicoTrainingConfig
-from .data import BatchLayout, PretokenizedStream, TrainingSequences
+from .data import BatchLayout, DataError, PretokenizedStream, TrainingSequences
 from .rundir import RunLock, check_existing_run, finished_step, remove_leftovers, write_config
 from .trainer import PicoTrainer, RunLayout, no_clipping
 
@@ -378,6 +378,12 @@ def _train(job: TrainingJob, config: PicoTrainingConfig, notes: list[str] | None
     summary = summarize(job, time.perf_counter() - start)
     if is_main:
         logger.info(format_summary(summary))
+    error = trainer.train_sequences.data_error
+    if error is not None:
+        raise DataError(
+            f"{error}. Training stopped after step {summary['steps']} (checkpoint: "
+            f"{summary['latest_checkpoint']}); fix or replace the data and start the run again to resume"
+        ) from error
     return summary
 
 

@@ -168,6 +168,16 @@ class PicoTrainer(Trainer):
         # pico-train's optimizer is torch's AdamW on every parameter (weight decay 0.01 on norms too).
         return [name for name, _ in model.named_parameters()]
 
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> Any:
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if not batch_samples and self.train_sequences.data_error is not None:
+            # Bad data ahead: stop, with a checkpoint of every step done (unless one is written or open).
+            self.control.should_training_stop = True
+            step = self.state.global_step
+            open_here = self._pending is not None and self._pending.step == step
+            self.control.should_save = not open_here and not self.run.step_dir(step).exists()
+        return batch_samples, num_items_in_batch
+
     # --- training step and logging ------------------------------------------------------------------------
 
     def training_step(
