@@ -92,3 +92,40 @@ def test_cuda_asked_on_a_machine_without_it_records_what_ran(tmp_path, caplog):
         "num_devices": 1,
         "num_nodes": 1,
     }
+
+
+def test_a_capture_that_cannot_fit_in_memory_is_refused_up_front(tmp_path):
+    from pico_hf.training.run import check_capture_fits
+
+    config, _ = load_config(None, [])
+    with pytest.raises(ConfigError) as error:
+        check_capture_fits(config, needed=3 * 2**30, available=4 * 2**30)
+    assert str(error.value) == (
+        "Learning-dynamics capture would hold about 3.0 GiB per checkpoint (the `train` split keeps the whole "
+        "global batch), more than half of this machine's 4.0 GiB. Shrink data.dataloader.batch_size or "
+        "checkpointing.learning_dynamics.layer_suffixes, or turn capture off with "
+        "checkpointing.learning_dynamics.layer_suffixes=[]"
+    )
+    check_capture_fits(config, needed=2 * 2**30, available=4 * 2**30)
+
+
+def test_capture_size_counts_the_whole_global_batch():
+    from pico_hf.models.pico_decoder import PicoDecoderConfig, PicoDecoderForCausalLM
+    from pico_hf.training.run import capture_bytes
+
+    config, _ = load_config(None, ["data.dataloader.batch_size=1024", "model.max_seq_len=2048"])
+    model = PicoDecoderForCausalLM(
+        PicoDecoderConfig(
+            d_model=32,
+            n_layers=2,
+            attention_n_heads=4,
+            attention_n_kv_heads=2,
+            activation_hidden_dim=64,
+            vocab_size=128,
+            max_seq_len=2048,
+        )
+    )
+    # ids: 1024 x 2049 int64, twice; per layer v_proj (16 outputs), o_proj (32), w_2 (32) rows, twice.
+    ids, rows = 1024 * 2049 * 8 * 2, 1024 * 2 * (16 + 32 + 32) * 4 * 2
+    weights = 2 * (32 * 16 + 32 * 32 + 64 * 32) * 4 * 2
+    assert capture_bytes(config, model, num_processes=1) == ids + rows + weights

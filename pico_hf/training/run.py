@@ -122,6 +122,34 @@ def check_data_fits(config: PicoTrainingConfig, stream: PretokenizedStream) -> N
         )
 
 
+def capture_bytes(config: PicoTrainingConfig, model: torch.nn.Module, num_processes: int) -> int:
+    """Host memory the `train` split of one learning-dynamics capture holds: the whole global batch's token ids
+    and, per captured module, one output row per sequence (gathered on every process), its weights and
+    gradients."""
+    from ..learning_dynamics.capture import find_layers
+
+    layers = find_layers(model, config.checkpointing.learning_dynamics.layer_suffixes)
+    batch = config.data.dataloader.batch_size
+    ids = batch * (config.model.max_seq_len + 1) * 8 * 2  # recorded, then gathered
+    outputs = sum(batch * m.weight.shape[0] * 4 * 2 for m in layers.values())
+    tensors = sum(m.weight.numel() * 4 * 2 for m in layers.values())
+    return (ids + outputs) * num_processes + tensors
+
+
+def check_capture_fits(config: PicoTrainingConfig, needed: int, available: int | None = None) -> None:
+    """Refuse up front a learning-dynamics capture that would not fit in host memory (half of it, leaving the
+    rest to training)."""
+    if available is None:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > available // 2:
+        raise ConfigError(
+            f"Learning-dynamics capture would hold about {needed / 2**30:.1f} GiB per checkpoint (the `train` "
+            f"split keeps the whole global batch), more than half of this machine's {available / 2**30:.1f} GiB. "
+            "Shrink data.dataloader.batch_size or checkpointing.learning_dynamics.layer_suffixes, or turn "
+            "capture off with checkpointing.learning_dynamics.layer_suffixes=[]"
+        )
+
+
 def check_run_dir_writable(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -290,6 +318,8 @@ def _build_job(
     )
     check_data_fits(config, stream)
     model = build_model(config, tokenizer)
+    if config.checkpointing.learning_dynamics.layer_suffixes:
+        check_capture_fits(config, capture_bytes(config, model, args.world_size))
 
     resume_from = None
     if is_main:
