@@ -388,8 +388,11 @@ def test_two_processes_match_one_process(tmp_path):
         result = subprocess.run([*launcher, *overrides], env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         runs[processes] = root / "tiny"
+    (log,) = (runs[2] / "logs").glob("log_*.log")
+    assert "global batch 8 = 2 processes x 1 accumulation x 4" in log.read_text()
     one, two = maml_metrics(runs[1]), maml_metrics(runs[2])
     assert [e["maml/meta_steps"] for e in two] == [e["maml/meta_steps"] for e in one]
+    assert 0 < one[-1]["maml/meta_steps"] < 6 and one[-1]["maml/fallback_micro_batches"] == 0
     torch.testing.assert_close(
         torch.tensor([e["loss"] for e in two]), torch.tensor([e["loss"] for e in one]), rtol=1e-4, atol=1e-4
     )
