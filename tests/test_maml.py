@@ -135,6 +135,40 @@ def test_second_order_gradient_goes_through_the_unrolled_inner_loop():
     assert not torch.allclose(first_grads[0], head_grads[0])
 
 
+def test_meta_loss_reports_the_lm_loss_and_trains_on_the_meta_objective():
+    from conftest import tiny_config
+
+    from pico_hf import PicoDecoderForCausalLM
+    from pico_hf.training.maml import MAMLObjective
+
+    model = PicoDecoderForCausalLM(tiny_config(d_model=32, n_layers=1, attention_n_heads=4)).train()
+    config = MAMLConfig(n_way=3, k_shot=2, n_query=1, inner_steps=2, inner_lr=0.5, head_hidden_dim=8,
+                        head_num_layers=2, lm_loss_weight=0.5)  # fmt: skip
+    objective = MAMLObjective(config, d_model=32, mask_token=1, seed=0)
+    rows = torch.randint(2, 10, (2, 17), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": rows[:, :-1], "shift_labels": rows[:, 1:]}
+    episode = sample_episode(inputs["input_ids"], 3, 2, 1, mask_token=1, seed=0, step=0, index=0)
+    loss = objective.meta_loss(model, inputs, episode)
+    loss.backward()
+    actual = [p.grad.clone() for p in [*model.parameters(), *objective.head.parameters()]]
+
+    model.zero_grad()
+    objective.head.zero_grad()
+    outputs = model(
+        input_ids=episode.input_ids, shift_labels=inputs["shift_labels"], output_hidden_states=True
+    )
+    features = outputs.hidden_states[-1].reshape(-1, 32)
+    query = adapt_and_query(
+        objective.head, features[episode.support].detach(), episode.support_labels, features[episode.query],
+        episode.query_labels, 2, 0.5,
+    ).query_loss  # fmt: skip
+    assert loss.item() == pytest.approx(outputs.loss.item(), rel=1e-6)  # the value: the LM loss
+    (query + 0.5 * outputs.loss).backward()  # the gradient: the meta objective
+    expected = [p.grad for p in [*model.parameters(), *objective.head.parameters()]]
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e)
+
+
 # --- episodes ----------------------------------------------------------------------------------------------
 
 

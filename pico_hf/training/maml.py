@@ -275,7 +275,8 @@ class MAMLObjective:
 
     def meta_loss(self, model: nn.Module, inputs: dict[str, Any], episode: Episode) -> torch.Tensor:
         """One backbone forward on the masked micro-batch, the inner loop on its detached support features, and
-        the query loss + `lm_loss_weight` x the LM loss of the masked micro-batch."""
+        the query loss + `lm_loss_weight` x the LM loss of the masked micro-batch (its gradient; its value is
+        that LM loss)."""
         c = self.config
         # The LM loss of the masked micro-batch is always computed (times lm_loss_weight, which may be 0): it
         # keeps every model parameter in the graph, so DDP without `find_unused_parameters` never waits for a
@@ -301,7 +302,10 @@ class MAMLObjective:
             value = result.query_loss.item() if key == "query_loss" else getattr(result, key)
             self._sums[key] = self._sums.get(key, 0.0) + value
         self._episodes += 1
-        return result.query_loss + c.lm_loss_weight * outputs.loss
+        total = result.query_loss + c.lm_loss_weight * outputs.loss
+        # The gradient of the meta objective, the value of the LM loss: the logged `loss` stays a language-modelling
+        # loss on every step, comparable with a baseline run (the meta objective is logged as maml/query_loss).
+        return total - total.detach() + outputs.loss.detach()
 
     # --- optimizer, gradients, checkpoints and logs -------------------------------------------------------
 
