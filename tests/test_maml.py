@@ -284,6 +284,25 @@ def test_micro_batches_without_an_episode_fall_back_to_lm_and_are_counted(tmp_pa
     assert "trains as a language-modelling micro-batch" in caplog.text
 
 
+def test_second_order_and_every_step_meta_trains_end_to_end(tmp_path):
+    small_vocab_data(tmp_path)
+    overrides = {**MAML, "training.maml.first_order": "false", "training.maml.hybrid_ratio": 1.0}
+    summary, config = train(tmp_path, **overrides, **{"training.max_steps": 2})
+    last = maml_metrics(config.run_dir)[-1]
+    assert summary["steps"] == 2 and last["maml/meta_steps"] == 2 and last["maml/lm_steps"] == 0
+    heads = [
+        load_file(config.run_dir / "checkpoints" / f"step_{s}" / "fabric_state" / HEAD_NAME) for s in (0, 2)
+    ]
+    assert not torch.equal(heads[0]["2.weight"], heads[1]["2.weight"])
+
+
+def test_resuming_a_run_without_a_head_names_the_file(tmp_path):
+    small_vocab_data(tmp_path)
+    train(tmp_path, **{"training.max_steps": 2})
+    with pytest.raises(ConfigError, match=r"has no maml_head\.safetensors: it was not written by a run with"):
+        train(tmp_path, **MAML, **{"training.max_steps": 4})
+
+
 # --- end to end --------------------------------------------------------------------------------------------
 
 
