@@ -19,6 +19,7 @@ from conftest import (
     tiny_training_overrides,
     train,
 )
+from datasets import load_from_disk
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
@@ -351,6 +352,16 @@ def test_checkpoint_is_a_plain_pico_decoder_and_the_head_is_training_state(maml_
         assert not any(info.values()), info  # no missing or unexpected keys
         head = load_file(step_dir / "fabric_state" / HEAD_NAME)
         assert set(head) == {"0.weight", "0.bias", "2.weight", "2.bias"} and head["2.weight"].shape == (3, 8)
+    # Learning dynamics: the step after checkpoint 4 is a meta step, after checkpoint 2 an LM step; the `train`
+    # split records the micro-batches the model saw (masked with the pad token, id 0, on meta steps).
+    assert [is_meta_step(42, step, 0.5) for step in (2, 4)] == [False, True]
+    ids = {}
+    for step in (2, 4):
+        rows = load_from_disk(
+            config.run_dir / "checkpoints" / f"step_{step}" / "learning_dynamics" / "train_data"
+        )
+        ids[step] = torch.tensor(rows["input_ids"])
+    assert not (ids[2] == 0).any() and (ids[4] == 0).any()
     # The head trains: its weights at step 6 differ from its initialisation.
     first = load_file(config.run_dir / "checkpoints" / "step_0" / "fabric_state" / HEAD_NAME)
     last = load_file(config.run_dir / "checkpoints" / "step_6" / "fabric_state" / HEAD_NAME)
