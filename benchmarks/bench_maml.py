@@ -56,11 +56,11 @@ def run(steps: int, runs_dir: str, maml: bool) -> dict[int, float]:
             "checkpointing.learning_dynamics.metrics=[]",
             "evaluation.metrics=[]",
             "monitoring.logging.log_every_n_steps=1000",
+            "training_arguments.disable_tqdm=true",
         ],
     )
     timer = StepTimes()
     job = build_job(config, extra_callbacks=[timer])
-    job.trainer.args.disable_tqdm = True
     set_seed(config.training.seed)
     job.trainer.train()
     return {step: t for step, t in timer.durations.items() if step >= WARMUP_STEPS}
