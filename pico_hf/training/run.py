@@ -27,6 +27,7 @@ from ..tokenization import load_tokenizer
 from .arguments import check_training_arguments
 from .config import PRECISIONS, ConfigError, PicoTrainingConfig
 from .data import BatchLayout, DataError, PretokenizedStream, TrainingSequences
+from .maml import build_maml
 from .rundir import RunLock, check_existing_run, finished_step, remove_leftovers, write_config
 from .trainer import PicoTrainer, RunLayout, no_clipping
 
@@ -320,6 +321,7 @@ def _build_job(
     model = build_model(config, tokenizer)
     if config.checkpointing.learning_dynamics.layer_suffixes:
         check_capture_fits(config, capture_bytes(config, model, args.world_size))
+    maml, maml_callbacks = build_maml(config, tokenizer, layout.micro_batch)
 
     resume_from = None
     if is_main:
@@ -331,6 +333,7 @@ def _build_job(
     # Order matters: learning dynamics and evaluation add to each checkpoint before it is published; the Hub
     # publisher pushes it once it is complete.
     callbacks: list[TrainerCallback] = [
+        *maml_callbacks,  # first: its values join each log before it is written
         MetricsFileCallback(run.logs_dir / "metrics.jsonl"),
         *build_learning_dynamics_callbacks(config, run),
         *build_evaluation_callbacks(config, run),
@@ -347,6 +350,7 @@ def _build_job(
         processing_class=tokenizer,
         train_sequences=TrainingSequences(stream, layout),
         run=run,
+        maml=maml,
         callbacks=callbacks + list(extra_callbacks or []),
     )
     trainer.remove_callback(ProgressCallback)
