@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from pico_hf.training.config import ConfigError, describe_sections, load_config
+from pico_hf.training.console import INTERRUPTED_EXIT_STATUS, Interrupted
 from pico_hf.training.run import run_training
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Interrupted:  # its one line is already printed
+        return INTERRUPTED_EXIT_STATUS
     return 0
 
 

@@ -421,10 +421,15 @@ def validate(config: PicoTrainingConfig) -> None:
         "data.dataloader.batch_size": config.data.dataloader.batch_size,
         "checkpointing.save_every_n_steps": config.checkpointing.save_every_n_steps,
         "monitoring.logging.log_every_n_steps": config.monitoring.logging.log_every_n_steps,
+        "training.optimization.lr": optimization.lr,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
+    if optimization.lr_warmup_steps < 0:
+        raise ConfigError(
+            f"training.optimization.lr_warmup_steps must be 0 or more, got {optimization.lr_warmup_steps}"
+        )
     if config.training.fabric.precision not in PRECISIONS:
         raise ConfigError(
             f"training.fabric.precision must be one of {sorted(PRECISIONS)}, got '{config.training.fabric.precision}'"

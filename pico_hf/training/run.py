@@ -7,6 +7,8 @@ import difflib
 import json
 import logging
 import math
+import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from ..learning_dynamics.callback import build_learning_dynamics_callbacks
 from ..models.pico_decoder import PicoDecoderConfig, PicoDecoderForCausalLM
 from ..tokenization import load_tokenizer
 from .config import PRECISIONS, ConfigError, PicoTrainingConfig
+from .console import interrupts_end_cleanly, log_console
 from .data import BatchLayout, PretokenizedStream, TrainingSequences
 from .trainer import PicoTrainer, RunLayout, no_clipping
 
@@ -137,17 +140,10 @@ class MetricsFileCallback(TrainerCallback):
 
 
 def setup_logging(run: RunLayout, level: str, is_main: bool) -> Path | None:
-    """pico-train's log file: `logs/log_<time>.log`, same format, with transformers' and pico-hf's records."""
+    """pico-train's log file, `logs/log_<time>.log`: `log_console` copies every console line into it."""
     if not is_main:
         return None
-    run.logs_dir.mkdir(parents=True, exist_ok=True)
     path = run.logs_dir / f"log_{datetime.now().strftime('%Y%m%d_%H%M%S')}.log"
-    handler = logging.FileHandler(path)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s", "%Y-%m-%d %H:%M:%S")
-    )
-    logging.getLogger("transformers").addHandler(handler)  # its warnings and errors, at its own verbosity
-    logging.getLogger("pico_hf").addHandler(handler)
     if not any(isinstance(h, logging.StreamHandler) and h.stream is sys.stderr for h in logger.handlers):
         console = logging.StreamHandler(sys.stderr)
         console.setFormatter(logging.Formatter("%(message)s"))
@@ -254,34 +250,42 @@ def run_training(
 ) -> dict[str, Any]:
     """Train (resuming if a checkpoint exists and auto_resume is on) and return a summary."""
     transformers.logging.set_verbosity_warning()
-    job = build_job(config, extra_callbacks)
+    transformers.logging.disable_progress_bar()  # "Writing model shards" would break the training bar
+    created = not config.run_dir.exists()
+    try:
+        job = build_job(config, extra_callbacks)
+    except BaseException:
+        if created and int(os.environ.get("RANK", "0")) == 0:
+            shutil.rmtree(config.run_dir, ignore_errors=True)  # a start that fails leaves nothing behind
+        raise
     trainer, run = job.trainer, job.run
     is_main = trainer.args.process_index == 0
-    if is_main:
-        for note in notes or []:
-            logger.info("Note: %s", note)
-        stream = trainer.train_sequences.stream
-        logger.info(
-            "Training %s (%.1fM parameters) on '%s' (%s sequences of %d tokens) for %d steps, global batch %d "
-            "= %d processes x %d accumulation x %d",
-            run.run_dir.name,
-            trainer.model.num_parameters() / 1e6,
-            stream.name,
-            stream.num_sequences if stream.num_sequences is not None else "streamed",
-            stream.max_seq_len,
-            config.training.max_steps,
-            config.data.dataloader.batch_size,
-            trainer.args.world_size,
-            trainer.args.gradient_accumulation_steps,
-            trainer.args.per_device_train_batch_size,
-        )
-        if job.resume_from is not None:
-            logger.info("Resuming from %s", job.resume_from)
-    start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(job.resume_from) if job.resume_from else None)
-    summary = summarize(job, time.perf_counter() - start)
-    if is_main:
-        logger.info(format_summary(summary))
+    with log_console(job.log_file), interrupts_end_cleanly(trainer):
+        if is_main:
+            for note in notes or []:
+                logger.info("Note: %s", note)
+            stream = trainer.train_sequences.stream
+            logger.info(
+                "Training %s (%.1fM parameters) on '%s' (%s sequences of %d tokens) for %d steps, global batch "
+                "%d = %d processes x %d accumulation x %d",
+                run.run_dir.name,
+                trainer.model.num_parameters() / 1e6,
+                stream.name,
+                stream.num_sequences if stream.num_sequences is not None else "streamed",
+                stream.max_seq_len,
+                config.training.max_steps,
+                config.data.dataloader.batch_size,
+                trainer.args.world_size,
+                trainer.args.gradient_accumulation_steps,
+                trainer.args.per_device_train_batch_size,
+            )
+            if job.resume_from is not None:
+                logger.info("Resuming from %s", job.resume_from)
+        start = time.perf_counter()
+        trainer.train(resume_from_checkpoint=str(job.resume_from) if job.resume_from else None)
+        summary = summarize(job, time.perf_counter() - start)
+        if is_main:
+            logger.info(format_summary(summary))
     return summary
 
 
