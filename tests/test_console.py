@@ -120,3 +120,13 @@ def test_a_failed_start_says_why_before_the_banner_and_creates_nothing(tmp_path,
     assert result.stderr.strip().split("\n")[-1] == message
     assert "Training tiny" not in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_summary_reads_the_first_and_the_last_step(tmp_path):
+    from conftest import train
+
+    from pico_hf.training.run import format_summary
+
+    summary, _ = train(tmp_path, **{"training.max_steps": 2, "monitoring.logging.log_every_n_steps": 10})
+    assert summary["first_loss"][0] == 1 and summary["final_loss"][0] == 2
+    assert "(step 1) -> " in format_summary(summary) and "(step 2)" in format_summary(summary)

@@ -27,7 +27,7 @@ from ..learning_dynamics.callback import build_learning_dynamics_callbacks
 from ..models.pico_decoder import PicoDecoderConfig, PicoDecoderForCausalLM
 from ..tokenization import load_tokenizer
 from .config import PRECISIONS, ConfigError, PicoTrainingConfig
-from .console import interrupts_end_cleanly, log_console
+from .console import LogLastStep, interrupts_end_cleanly, log_console
 from .data import BatchLayout, PretokenizedStream, TrainingSequences
 from .trainer import PicoTrainer, RunLayout, no_clipping
 
@@ -219,6 +219,7 @@ def build_job(
     # Order matters: learning dynamics and evaluation add to each checkpoint before it is published; the Hub
     # publisher pushes it once it is complete.
     callbacks: list[TrainerCallback] = [
+        LogLastStep(),
         MetricsFileCallback(run.logs_dir / "metrics.jsonl"),
         *build_learning_dynamics_callbacks(config, run),
         *build_evaluation_callbacks(config, run),
@@ -251,12 +252,12 @@ def run_training(
     """Train (resuming if a checkpoint exists and auto_resume is on) and return a summary."""
     transformers.logging.set_verbosity_warning()
     transformers.logging.disable_progress_bar()  # "Writing model shards" would break the training bar
-    created = not config.run_dir.exists()
+    new = [p for p in [config.run_dir, *config.run_dir.parents] if not p.exists()]  # made by this start
     try:
         job = build_job(config, extra_callbacks)
     except BaseException:
-        if created and int(os.environ.get("RANK", "0")) == 0:
-            shutil.rmtree(config.run_dir, ignore_errors=True)  # a start that fails leaves nothing behind
+        if new and int(os.environ.get("RANK", "0")) == 0:
+            shutil.rmtree(new[-1], ignore_errors=True)  # a start that fails leaves nothing behind
         raise
     trainer, run = job.trainer, job.run
     is_main = trainer.args.process_index == 0
@@ -267,7 +268,7 @@ def run_training(
             stream = trainer.train_sequences.stream
             logger.info(
                 "Training %s (%.1fM parameters) on '%s' (%s sequences of %d tokens) for %d steps, global batch "
-                "%d = %d processes x %d accumulation x %d",
+                "%d = %d process%s x %d accumulation x %d",
                 run.run_dir.name,
                 trainer.model.num_parameters() / 1e6,
                 stream.name,
@@ -276,6 +277,7 @@ def run_training(
                 config.training.max_steps,
                 config.data.dataloader.batch_size,
                 trainer.args.world_size,
+                "" if trainer.args.world_size == 1 else "es",
                 trainer.args.gradient_accumulation_steps,
                 trainer.args.per_device_train_batch_size,
             )
