@@ -130,3 +130,56 @@ def test_the_summary_reads_the_first_and_the_last_step(tmp_path):
     summary, _ = train(tmp_path, **{"training.max_steps": 2, "monitoring.logging.log_every_n_steps": 10})
     assert summary["first_loss"][0] == 1 and summary["final_loss"][0] == 2
     assert "(step 1) -> " in format_summary(summary) and "(step 2)" in format_summary(summary)
+
+
+def test_help_shows_the_values_that_would_run_and_where_they_come_from(tmp_path):
+    import sys
+
+    from conftest import TRAIN_SCRIPT
+
+    config = tmp_path / "mine.yaml"
+    config.write_text("model:\n  d_model: 48\ntraining:\n  max_steps: 7\n")
+    help_text = subprocess.run(
+        [sys.executable, str(TRAIN_SCRIPT), "--config", str(config), "training.max_steps=9", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "  model.d_model = 48    <- mine.yaml\n" in help_text
+    assert "  training.max_steps = 9    <- command line\n" in help_text
+    assert "  model.n_layers = 12\n" in help_text  # pico-train's default, unmarked
+    demo = subprocess.run(
+        [sys.executable, str(TRAIN_SCRIPT), "--help"], capture_output=True, text=True
+    ).stdout
+    assert (
+        "  model.d_model = 96    <- demo.yaml\n" in demo
+        and "  training.max_steps = 150    <- demo.yaml" in demo
+    )
+
+
+def test_parsing_and_config_errors_import_nothing_heavy():
+    import sys
+
+    from conftest import TRAIN_SCRIPT
+
+    probe = (
+        "import runpy, sys; sys.argv = ['train.py', 'model.d_modl=3']\n"
+        f"try:\n    runpy.run_path({str(TRAIN_SCRIPT)!r}, run_name='__main__')\n"
+        "except SystemExit as exit:\n    assert exit.code == 2\n"
+        "heavy = [m for m in ('torch', 'transformers', 'datasets', 'lm_eval') if m in sys.modules]\n"
+        "print(heavy)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+    assert "did you mean 'model.d_model'" in result.stderr
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, pico_hf; print([m for m in ('torch', 'transformers') if m in sys.modules])",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert result.stdout.strip() == "[]"

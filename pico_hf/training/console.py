@@ -21,8 +21,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
-from transformers import TrainerCallback
-
 # tqdm's bar: "  40%|████      | 4/10 [00:01<00:02, 2.9it/s]" (or without the bar when the width is unknown).
 _PROGRESS_BAR = re.compile(r"(\d+%\|)|(\d+/\d+ \[[\d:<?]+)|(^\s*$)")
 INTERRUPTED_EXIT_STATUS = 130
@@ -104,15 +102,6 @@ def log_console(path: Path | None) -> Iterator[None]:
             sys.stdout, sys.stderr = saved
             for handler, stream in handlers:
                 handler.setStream(stream)
-
-
-class LogLastStep(TrainerCallback):
-    """Log the last step too, so the summary's final loss is the run's (e.g. `max_steps=2` with logging
-    every 10 steps logs steps 1 and 2)."""
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.global_step == state.max_steps:
-            control.should_log = True
 
 
 def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:

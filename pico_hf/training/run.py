@@ -27,7 +27,7 @@ from ..learning_dynamics.callback import build_learning_dynamics_callbacks
 from ..models.pico_decoder import PicoDecoderConfig, PicoDecoderForCausalLM
 from ..tokenization import load_tokenizer
 from .config import PRECISIONS, ConfigError, PicoTrainingConfig
-from .console import LogLastStep, interrupts_end_cleanly, log_console
+from .console import interrupts_end_cleanly, log_console
 from .data import BatchLayout, PretokenizedStream, TrainingSequences
 from .trainer import PicoTrainer, RunLayout, no_clipping
 
@@ -125,6 +125,15 @@ class PicoProgressCallback(ProgressCallback):
                 **logs,
             }
         super().on_log(args, state, control, logs=logs, **kwargs)
+
+
+class LogLastStep(TrainerCallback):
+    """Log the last step too, so the summary's final loss is the run's (e.g. `max_steps=2` with logging
+    every 10 steps logs steps 1 and 2)."""
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step == state.max_steps:
+            control.should_log = True
 
 
 class MetricsFileCallback(TrainerCallback):
