@@ -320,3 +320,34 @@ def test_model_errors(checkpoint, tmp_path):
         EvaluationError, match=r"Could not load model \(local cache or Hub\) 'pico-lm/not-cached'"
     ):
         load_model("pico-lm/not-cached")
+
+
+def test_a_perplexity_task_draws_one_progress_bar(checkpoint, tmp_path):
+    result = run_cli(
+        "--model", str(checkpoint), "--tasks", "pico_paloma", "--limit", "6", "--device", "cpu",
+        "--batch_size", "2", "--output", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    states = [line for line in result.stderr.replace("\r", "\n").splitlines() if "loglikelihood" in line]
+    assert not any(
+        line.startswith("Running loglikelihood requests") for line in states
+    )  # one per batch before
+    assert {line.split(":")[0] for line in states} == {"Running loglikelihood_rolling requests"}
+    assert states[-1].startswith("Running loglikelihood_rolling requests: 12 windows")  # 2 per document here
+
+
+def test_list_puts_pico_tasks_first_and_filters(full_manager):
+    result = run_cli("--list", "arc_e")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:2] == ["pico-hf tasks (1):", "  pico_arc_easy"]
+    assert lines[2] == "pico-hf tags and groups (0):"
+    tasks = lines[lines.index(next(line for line in lines if line.startswith("lm-eval tasks"))) + 1 :]
+    assert "  arc_easy" in tasks and all("arc_e" in line for line in tasks)
+    everything = run_cli("--list").stdout.splitlines()
+    assert (
+        everything[:7]
+        == ["pico-hf tasks (4):", *(f"  {t}" for t in PICO_TASKS), "pico-hf tags and groups (1):", "  pico"][
+            :7
+        ]
+    )

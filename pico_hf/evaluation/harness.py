@@ -356,6 +356,38 @@ def paloma_perplexity(
     }
 
 
+def _one_bar_hflm(hflm: type) -> type:
+    """lm-eval's HFLM drawing one progress bar for rolling loglikelihoods (perplexity tasks): it draws one
+    per batch of windows, dozens of "Running loglikelihood requests" bars for one task."""
+    from tqdm.auto import tqdm
+
+    class OneBarHFLM(hflm):
+        _windows_bar = None
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            self._windows_bar = tqdm(
+                desc="Running loglikelihood_rolling requests",
+                unit=" windows",
+                disable=disable_tqdm or self.rank != 0,
+            )
+            try:
+                return super().loglikelihood_rolling(requests, disable_tqdm=True)
+            finally:
+                self._windows_bar.close()
+                self._windows_bar = None
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            if self._windows_bar is None:
+                return super()._loglikelihood_tokens(
+                    requests, disable_tqdm=disable_tqdm, override_bs=override_bs
+                )
+            result = super()._loglikelihood_tokens(requests, disable_tqdm=True, override_bs=override_bs)
+            self._windows_bar.update(len(requests))
+            return result
+
+    return OneBarHFLM
+
+
 def evaluate(
     model,
     tokenizer,
@@ -385,7 +417,9 @@ def evaluate(
     name = model_name or getattr(model, "name_or_path", None) or type(model).__name__
     results = None
     if selection.runnable:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size)
+        lm = _one_bar_hflm(HFLM)(
+            pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size
+        )
         results = simple_evaluate(
             model=lm,
             tasks=selection.runnable,

@@ -41,6 +41,16 @@ def open_pretokenized(name: str, split: str = "train", streaming: bool | None = 
     """A pretokenized dataset by Hub id, local path (directory, parquet file or glob), or `"embedded"`.
 
     Returns a `datasets.Dataset` (memory-mapped) or, for streamed Hub data, a `datasets.IterableDataset`."""
+    shown = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # "Generating train split" for a local file is noise next to our own count
+    try:
+        return _open_pretokenized(name, split, streaming)
+    finally:
+        if shown:
+            datasets.enable_progress_bars()
+
+
+def _open_pretokenized(name: str, split: str, streaming: bool | None):
     if name == EMBEDDED:
         folder = CORPUS_DIR / ("train" if split == "train" else "validation")
         return datasets.load_dataset(

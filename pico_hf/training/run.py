@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from ..models.pico_decoder import PicoDecoderConfig, PicoDecoderForCausalLM
 from ..tokenization import load_tokenizer
 from .arguments import check_training_arguments
 from .config import PRECISIONS, ConfigError, PicoTrainingConfig
+from .console import interrupts_end_cleanly, log_console
 from .data import BatchLayout, DataError, PretokenizedStream, TrainingSequences
 from .maml import build_maml
 from .rundir import RunLock, check_existing_run, finished_step, remove_leftovers, write_config
@@ -180,6 +182,15 @@ class PicoProgressCallback(ProgressCallback):
         super().on_log(args, state, control, logs=logs, **kwargs)
 
 
+class LogLastStep(TrainerCallback):
+    """Log the last step too, so the summary's final loss is the run's (e.g. `max_steps=2` with logging
+    every 10 steps logs steps 1 and 2)."""
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step == state.max_steps:
+            control.should_log = True
+
+
 class MetricsFileCallback(TrainerCallback):
     """Every log line also goes to `logs/metrics.jsonl`, one JSON object per line, on the main process."""
 
@@ -205,17 +216,10 @@ class MetricsFileCallback(TrainerCallback):
 
 
 def setup_logging(run: RunLayout, level: str, is_main: bool) -> Path | None:
-    """pico-train's log file: `logs/log_<time>.log`, same format, with transformers' and pico-hf's records."""
+    """pico-train's log file, `logs/log_<time>.log`: `log_console` copies every console line into it."""
     if not is_main:
         return None
-    run.logs_dir.mkdir(parents=True, exist_ok=True)
     path = run.logs_dir / f"log_{datetime.now().strftime('%Y%m%d_%H%M%S')}.log"
-    handler = logging.FileHandler(path)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s", "%Y-%m-%d %H:%M:%S")
-    )
-    logging.getLogger("transformers").addHandler(handler)  # its warnings and errors, at its own verbosity
-    logging.getLogger("pico_hf").addHandler(handler)
     if not any(isinstance(h, logging.StreamHandler) and h.stream is sys.stderr for h in logger.handlers):
         console = logging.StreamHandler(sys.stderr)
         console.setFormatter(logging.Formatter("%(message)s"))
@@ -333,6 +337,7 @@ def _build_job(
     # Order matters: learning dynamics and evaluation add to each checkpoint before it is published; the Hub
     # publisher pushes it once it is complete.
     callbacks: list[TrainerCallback] = [
+        LogLastStep(),
         *maml_callbacks,  # first: its values join each log before it is written
         MetricsFileCallback(run.logs_dir / "metrics.jsonl"),
         *build_learning_dynamics_callbacks(config, run),
@@ -368,7 +373,14 @@ def run_training(
 ) -> dict[str, Any]:
     """Train (resuming if a checkpoint exists and auto_resume is on) and return a summary."""
     transformers.logging.set_verbosity_warning()
-    job = build_job(config, extra_callbacks)
+    transformers.logging.disable_progress_bar()  # "Writing model shards" would break the training bar
+    new = [p for p in [config.run_dir, *config.run_dir.parents] if not p.exists()]  # made by this start
+    try:
+        job = build_job(config, extra_callbacks)
+    except BaseException:
+        if new and int(os.environ.get("RANK", "0")) == 0:
+            shutil.rmtree(new[-1], ignore_errors=True)  # a start that fails leaves nothing behind
+        raise
     if isinstance(job, CompleteRun):
         message = (
             f"Run '{job.run.run_dir.name}' is complete (step {job.step} of {config.training.max_steps}). "
@@ -378,7 +390,8 @@ def run_training(
             print(message, flush=True)
         return {"run_dir": str(job.run.run_dir), "steps": job.step, "complete": True, "message": message}
     try:
-        return _train(job, config, notes)
+        with log_console(job.log_file), interrupts_end_cleanly(job.trainer):
+            return _train(job, config, notes)
     finally:
         if job.lock is not None:
             job.lock.release()
@@ -393,7 +406,7 @@ def _train(job: TrainingJob, config: PicoTrainingConfig, notes: list[str] | None
         stream = trainer.train_sequences.stream
         logger.info(
             "Training %s (%.1fM parameters) on '%s' (%s sequences of %d tokens) for %d steps, global batch %d "
-            "= %d processes x %d accumulation x %d",
+            "= %d process%s x %d accumulation x %d",
             run.run_dir.name,
             trainer.model.num_parameters() / 1e6,
             stream.name,
@@ -402,6 +415,7 @@ def _train(job: TrainingJob, config: PicoTrainingConfig, notes: list[str] | None
             config.training.max_steps,
             config.data.dataloader.batch_size,
             trainer.args.world_size,
+            "" if trainer.args.world_size == 1 else "es",
             trainer.args.gradient_accumulation_steps,
             trainer.args.per_device_train_batch_size,
         )
