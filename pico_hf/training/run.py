@@ -209,6 +209,11 @@ def build_job(
         config.data.dataset.streaming,
     )
     model = build_model(config, tokenizer)
+    trainer_class: Any = PicoTrainer
+    if config.training.relora.enabled:
+        from .relora import prepare_relora
+
+        model, trainer_class = prepare_relora(model, config.training.relora, args.world_size)
 
     resume_from = None
     if is_main:
@@ -233,7 +238,7 @@ def build_job(
 
         args.report_to = [r for r in args.report_to if r != "tensorboard"]
         callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(run.logs_dir / "tensorboard"))))
-    trainer = PicoTrainer(
+    trainer = trainer_class(
         model=model,
         args=args,
         processing_class=tokenizer,
