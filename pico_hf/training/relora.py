@@ -370,7 +370,9 @@ class ReLoRACallback(TrainerCallback):
             trainer.optimizer, trainer.lora_parameters(), relora.optimizer_reset, relora.reset_ratio, seed
         )
         lr = trainer.lr_scheduler.get_last_lr()[0]
+        should_log = control.should_log  # logging here must not swallow this step's regular log line
         trainer.log({"relora/resets": resets, "relora/fraction_zeroed": round(fraction, 6), "relora/lr": lr})
+        control.should_log = should_log
 
 
 def prepare_relora(model: nn.Module, relora: ReLoRAConfig, world_size: int) -> tuple[nn.Module, Any]:
