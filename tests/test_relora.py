@@ -460,3 +460,61 @@ def test_analyze_compares_a_relora_run_and_a_baseline(relora_run, tmp_path):
         == list(results["baseline"])
         == ["layers.0.swiglu.w_2.gradients", "layers.1.swiglu.w_2.gradients"]
     )
+
+
+@pytest.mark.slow
+def test_two_processes_reproduce_the_single_process_run(tmp_path):
+    """torchrun with 2 CPU processes vs 1: same losses, resets, merged weights and learning dynamics (LoRA
+    dropout off: its masks depend on how the batch is split across processes)."""
+    from conftest import TRAIN_SCRIPT
+
+    def launch(root, processes):
+        overrides = tiny_training_overrides(
+            root,
+            **{
+                **RELORA,
+                "training.relora.lora_dropout": 0.0,
+                "checkpointing.learning_dynamics.eval_data": str(root / "data" / "train.parquet"),
+                "checkpointing.learning_dynamics.eval_max_samples": 4,
+            },
+        )
+        launcher = [sys.executable]
+        if processes > 1:
+            launcher += [
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                str(processes),
+                "--master_port",
+                "29547",
+            ]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        result = subprocess.run(
+            [*launcher, str(TRAIN_SCRIPT), *overrides], capture_output=True, text=True, env=env, timeout=600
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"= {processes} processes x" in result.stderr + result.stdout
+        return root / "runs" / "tiny"
+
+    one, two = launch(tmp_path / "one", 1), launch(tmp_path / "two", 2)
+
+    def logged(run_dir, key):
+        lines = [json.loads(line) for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+        return [(line["step"], line[key]) for line in lines if key in line]
+
+    assert logged(two, "relora/resets") == logged(one, "relora/resets") == [(3, 1), (6, 2)]
+    torch.testing.assert_close(
+        torch.tensor([v for _, v in logged(two, "loss")]),
+        torch.tensor([v for _, v in logged(one, "loss")]),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+    for name, weight in final_weights(one).items():
+        torch.testing.assert_close(final_weights(two)[name], weight, rtol=1e-3, atol=1e-4, msg=name)
+    for split in ("train", "val"):
+        name = f"{split}_gradients.safetensors"
+        expected = load_file(one / "checkpoints" / "step_4" / "learning_dynamics" / name)
+        for layer, gradient in load_file(two / "checkpoints" / "step_4" / "learning_dynamics" / name).items():
+            torch.testing.assert_close(
+                gradient, expected[layer], rtol=1e-3, atol=1e-5, msg=f"{split} {layer}"
+            )
