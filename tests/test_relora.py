@@ -186,7 +186,7 @@ def test_jagged_cosine_at_the_turning_points():
         ({"training.relora.min_lr_ratio": 0}, "min_lr_ratio must be in"),
         ({"training.relora.lora_dropout": 1}, "lora_dropout must be in"),
         ({"training.relora.warm_start_steps": 8}, "warm_start_steps must be in"),
-        ({"training.optimization.lr_warmup_steps": 3}, "lr_warmup_steps .* must end before the first reset"),
+        ({"training.optimization.lr_warmup_steps": 4}, "lr_warmup_steps .* must end by the first reset"),
         (
             {"training.relora.rank": 2},
             "Unknown config key 'training.relora.rank'; did you mean 'training.relora.r'",
@@ -518,3 +518,10 @@ def test_two_processes_reproduce_the_single_process_run(tmp_path):
             torch.testing.assert_close(
                 gradient, expected[layer], rtol=1e-3, atol=1e-5, msg=f"{split} {layer}"
             )
+
+
+@pytest.mark.parametrize("name", ["relora-demo", "pico-relora-tiny", "pico-relora-small"])
+def test_shipped_configs_load_with_relora_on(name):
+    config, _ = load_config(REPO / "recipes" / "configs" / f"{name}.yaml")
+    assert config.training.relora.enabled and config.training.relora.r == 16
+    assert config.checkpointing.run_name == name.replace("relora-demo", "pico-relora-demo")

@@ -74,9 +74,9 @@ def validate_relora(relora: ReLoRAConfig, max_steps: int, lr_warmup_steps: int) 
         )
     if relora.warm_start_steps and relora.warm_start_checkpoint:
         problems.append(f"{key}: set warm_start_steps or warm_start_checkpoint, not both")
-    if lr_warmup_steps >= relora.warm_start_steps + relora.reset_frequency:
+    if lr_warmup_steps > relora.warm_start_steps + relora.reset_frequency:
         problems.append(
-            f"training.optimization.lr_warmup_steps ({lr_warmup_steps}) must end before the first reset, at step "
+            f"training.optimization.lr_warmup_steps ({lr_warmup_steps}) must end by the first reset, at step "
             f"{relora.warm_start_steps + relora.reset_frequency} ({key}.warm_start_steps + reset_frequency)"
         )
     return problems
