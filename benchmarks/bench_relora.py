@@ -4,7 +4,8 @@ Both runs go through PicoTrainer (`build_job`), alternating rounds in one proces
 of the LoRA phase (no warm start, no reset inside the timed steps). Prints one JSON object:
 
 - relora_vs_full_rank_tokens_per_second: training tokens/s, ReLoRA / full-rank;
-- relora_vs_full_rank_optimizer_state_bytes: bytes of the AdamW state after training, ReLoRA / full-rank;
+- relora_vs_full_rank_optimizer_state_bytes: bytes of the AdamW moments after training, ReLoRA / full-rank
+  (whole model; `..._adapted_projections_...`: only the wrapped projections', LoRA A and B vs full weights);
 - merge_pause_share_of_cycle: one merge-and-reinit plus moment pruning, as a share of a reset cycle
   (`reset_frequency` steps of the config at the measured step time; goal < 1%).
 
@@ -22,12 +23,13 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback, set_seed
 
-from pico_hf.training.config import load_config
+from pico_hf.training.config import ReLoRAConfig, load_config
 from pico_hf.training.relora import merge_and_reinit, prune_lora_moments
 from pico_hf.training.run import build_job
 
 CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "relora-demo.yaml"
 WARMUP_STEPS = 2
+TARGETS = ReLoRAConfig().target_modules
 
 
 class StepTimes(TrainerCallback):
@@ -38,13 +40,17 @@ class StepTimes(TrainerCallback):
         self.times.append(time.perf_counter())
 
 
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return sum(
-        t.numel() * t.element_size()
-        for s in optimizer.state.values()
-        for t in s.values()
-        if torch.is_tensor(t)
-    )
+def optimizer_state_bytes(trainer, projections_only: bool = False) -> int:
+    """Bytes of the AdamW moments: of every parameter, or only of the adapted projections' (LoRA A and B for
+    ReLoRA, the projection weights for full-rank)."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    total = 0
+    for name, param in model.named_parameters():
+        if projections_only and not any(f".{target}." in name for target in TARGETS):
+            continue
+        state = trainer.optimizer.state.get(param, {})
+        total += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t) and t.dim())
+    return total
 
 
 def train(config) -> tuple[float, float, object]:
@@ -86,6 +92,7 @@ def main() -> None:
     results: dict[str, list[float]] = {"relora": [], "full_rank": []}
     step_seconds: dict[str, list[float]] = {"relora": [], "full_rank": []}
     state_bytes: dict[str, int] = {}
+    projection_bytes: dict[str, int] = {}
     pauses: list[float] = []
     for round_idx in range(args.rounds):
         order = ["relora", "full_rank"] if round_idx % 2 == 0 else ["full_rank", "relora"]
@@ -110,7 +117,8 @@ def main() -> None:
                 tokens_per_second, seconds_per_step, trainer = train(config)
                 results[name].append(tokens_per_second)
                 step_seconds[name].append(seconds_per_step)
-                state_bytes[name] = optimizer_state_bytes(trainer.optimizer)
+                state_bytes[name] = optimizer_state_bytes(trainer)
+                projection_bytes[name] = optimizer_state_bytes(trainer, projections_only=True)
                 if name == "relora":
                     pauses.append(merge_pause_seconds(trainer))
 
@@ -123,11 +131,15 @@ def main() -> None:
                 "config": str(args.config),
                 "tokens_per_second": {"relora": round(relora, 1), "full_rank": round(full, 1)},
                 "optimizer_state_bytes": state_bytes,
+                "adapted_projections_optimizer_state_bytes": projection_bytes,
                 "merge_pause_seconds": round(pause, 4),
                 "reset_cycle_seconds": round(reset_frequency * step, 2),
                 "relora_vs_full_rank_tokens_per_second": round(relora / full, 3),
                 "relora_vs_full_rank_optimizer_state_bytes": round(
                     state_bytes["relora"] / state_bytes["full_rank"], 3
+                ),
+                "relora_vs_full_rank_adapted_projections_state_bytes": round(
+                    projection_bytes["relora"] / projection_bytes["full_rank"], 3
                 ),
                 "merge_pause_share_of_cycle": round(pause / (reset_frequency * step), 5),
             },
