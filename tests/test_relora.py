@@ -384,6 +384,18 @@ def test_warm_start_steps_train_full_rank_then_lora(tmp_path):
     assert torch.linalg.matrix_rank(steps[4][key] - steps[2][key]) <= 2
 
 
+def test_resume_inside_the_warm_start_is_bitwise_identical(tmp_path):
+    overrides = {**RELORA, "training.relora.warm_start_steps": 3}
+    _, reference = train(tmp_path / "reference", **overrides)
+    with pytest.raises(KeyboardInterrupt):  # the last checkpoint (2) is inside the full-rank warm start
+        train(tmp_path / "killed", callbacks=[StopAfter(3)], **overrides)
+    summary, _ = train(tmp_path / "killed", **overrides)
+    assert summary["resumed_from"].endswith("step_2")
+    assert_bitwise_equal(
+        final_weights(tmp_path / "killed" / "runs" / "tiny"), final_weights(reference.run_dir)
+    )
+
+
 def test_warm_start_checkpoint_initialises_the_weights(relora_run, tmp_path):
     _, config, _, _ = relora_run
     source = config.checkpoints_dir / "step_8"

@@ -8,7 +8,7 @@ wrapper are built once. The sum of many rank-r updates is a high-rank update.
 
 What the run writes stays a plain pico run: each checkpoint's model files hold the effective (merged) weights,
 so they load with `AutoModelForCausalLM.from_pretrained` and no peft; `fabric_state/relora_state.safetensors`
-holds the wrapped model's tensors (base weights and adapters) that resuming mid-cycle needs, bit for bit.
+holds what else resuming mid-cycle needs, bit for bit: the wrapped modules' base weights and adapters.
 
 Learning dynamics see each wrapped module as a full-rank run would (see `learning_dynamics.capture`): its weight
 is the effective weight W + scaling * B @ A; its gradient is dL/dW_eff = sum over tokens of grad_out^T x, from
@@ -322,20 +322,32 @@ class ReLoRATrainer(PicoTrainer):
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
-        if self.args.should_save:
+        if (
+            self.args.should_save
+        ):  # the wrapped modules' base weights and adapters; the rest is in the model files
             model = self.accelerator.unwrap_model(self.model)
-            state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+            state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if is_wrapped_key(k)}
             save_file(state, str(Path(output_dir) / RELORA_STATE_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        path = Path(resume_from_checkpoint) / RELORA_STATE_NAME
+        state_dir = Path(resume_from_checkpoint)
+        path = state_dir / RELORA_STATE_NAME
         if not path.is_file():
-            raise ValueError(
-                f"{Path(resume_from_checkpoint).parent} is not a ReLoRA checkpoint: {RELORA_STATE_NAME} is missing"
-            )
+            raise ValueError(f"{state_dir.parent} is not a ReLoRA checkpoint: {RELORA_STATE_NAME} is missing")
         target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        # Unwrapped parameters from the plain model files (saved as they were), the rest bit for bit from the
+        # ReLoRA state: the merged weight of a wrapped module is not its base weight.
+        plain = (
+            type(target).from_pretrained(state_dir.parent, dtype=next(target.parameters()).dtype).state_dict()
+        )
+        wrapped = load_file(str(path))
+        state = {key: wrapped[key] if is_wrapped_key(key) else plain[key] for key in target.state_dict()}
         with torch.no_grad():  # in place: Parameter identity (optimizer, DDP) is kept
-            target.load_state_dict(load_file(str(path)))
+            target.load_state_dict(state)
+
+
+def is_wrapped_key(key: str) -> bool:
+    return ".base_layer." in key or is_lora_parameter(key)
 
 
 class ReLoRACallback(TrainerCallback):
