@@ -142,6 +142,29 @@ class ReLoRAConfig:
 
 
 @dataclass
+class MAMLConfig:
+    """MAML pretraining (`pico_hf.training.maml`): first-order MAML on SMLMT episodes mixed with LM steps.
+    Defaults are the settings of Africa et al. 2025 (pico-maml-train's key names where it has them)."""
+
+    enabled: bool = False
+    hybrid_ratio: float = 0.5  # share of optimizer steps that are meta steps
+    n_way: int = 32  # classes (token types) per episode
+    k_shot: int = 4  # support examples per class
+    n_query: int = 1  # query examples per class
+    inner_steps: int = 10
+    inner_lr: float = 0.01
+    first_order: bool = True  # false: the outer gradient goes through the unrolled inner loop
+    head_hidden_dim: int = 128
+    head_num_layers: int = 4
+    mask_token: int | None = (
+        None  # the id that replaces the episode's tokens; null: the tokenizer's pad token
+    )
+    # Meta steps train on query loss + lm_loss_weight x the masked micro-batch's LM loss (pico-maml-train adds
+    # its meta loss to the LM loss: weight 1).
+    lm_loss_weight: float = 1.0
+
+
+@dataclass
 class TrainingConfig:
     fabric: FabricConfig = field(default_factory=FabricConfig)
     optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
@@ -150,6 +173,7 @@ class TrainingConfig:
     seed: int = 42
     # ReLoRA pretraining through PEFT LoRA layers (pico_hf.training.relora); off by default.
     relora: ReLoRAConfig = field(default_factory=ReLoRAConfig)
+    maml: MAMLConfig = field(default_factory=MAMLConfig)
 
 
 # --- evaluation -----------------------------------------------------------------------------------------
@@ -478,6 +502,14 @@ def validate(config: PicoTrainingConfig) -> None:
     )
     if relora_problems:
         raise ConfigError(relora_problems[0])
+    if config.training.relora.enabled and config.training.maml.enabled:
+        raise ConfigError(
+            "training.relora and training.maml cannot both be enabled: choose one research mode"
+        )
+    if config.training.maml.enabled:
+        from .maml import check_maml_config
+
+        check_maml_config(config.training.maml, config.model.vocab_size)
     learning_dynamics = config.checkpointing.learning_dynamics
     if learning_dynamics.metrics:
         from ..learning_dynamics.tracker import check_metrics_capturable
