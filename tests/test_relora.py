@@ -187,6 +187,7 @@ def test_jagged_cosine_at_the_turning_points():
         ({"training.relora.lora_dropout": 1}, "lora_dropout must be in"),
         ({"training.relora.warm_start_steps": 8}, "warm_start_steps must be in"),
         ({"training.optimization.lr_warmup_steps": 4}, "lr_warmup_steps .* must end by the first reset"),
+        ({"training.maml.enabled": "true"}, "training.relora and training.maml cannot both be enabled"),
         (
             {"training.relora.rank": 2},
             "Unknown config key 'training.relora.rank'; did you mean 'training.relora.r'",
