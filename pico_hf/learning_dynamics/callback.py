@@ -31,6 +31,7 @@ from ..training.config import PicoTrainingConfig
 from ..training.trainer import CheckpointContributor, RunLayout
 from .capture import (
     ActivationRecorder,
+    EffectiveGradientRecorder,
     find_layers,
     gradients_of,
     save_states,
@@ -82,6 +83,7 @@ class LearningDynamicsCallback(CheckpointContributor):
         self.run = run
         self.layers: dict[str, torch.nn.Module] = {}
         self.recorder: ActivationRecorder | None = None
+        self.effective_gradients: EffectiveGradientRecorder | None = None
         self.pending_train_ids: list[torch.Tensor] = []
         self.capture_next_step = False
         self.metrics = None  # built lazily, needs the model shape
@@ -93,6 +95,7 @@ class LearningDynamicsCallback(CheckpointContributor):
     ):
         self.layers = find_layers(model, self.layer_suffixes)
         self.recorder = ActivationRecorder(model, self.layers, self.sequence_idx)
+        self.effective_gradients = EffectiveGradientRecorder(self.layers)  # ReLoRA's LoRA layers
         model.register_forward_pre_hook(self._record_inputs, with_kwargs=True)
         self.tokenizer = kwargs.get("processing_class")
         if self.metric_specs:
@@ -138,11 +141,18 @@ class LearningDynamicsCallback(CheckpointContributor):
             self.capture_next_step = False
             self.pending_train_ids = []
             self.recorder.start()
+            self.effective_gradients.start()
 
     def on_checkpoint_next_step(
         self, args, state, control, checkpoint_dir: Path, model=None, trainer=None, **kwargs
     ):
         recorded = self.recorder.stop()
+        effective = self.effective_gradients.stop()
+        if trainer.accelerator.num_processes > 1:  # DDP averages the other gradients across processes
+            for tensor in effective.values():
+                moved = tensor.to(trainer.args.device)
+                dist.all_reduce(moved)
+                tensor.copy_(moved.cpu() / trainer.accelerator.num_processes)
         micro_batch = trainer.args.per_device_train_batch_size
         activations = {name: self._gather(rows, trainer, micro_batch) for name, rows in recorded.items()}
         input_ids = self._gather(torch.cat(self.pending_train_ids), trainer, micro_batch)
@@ -154,7 +164,7 @@ class LearningDynamicsCallback(CheckpointContributor):
                 "train",
                 activations,
                 weights_of(self.layers),
-                gradients_of(self.layers),
+                gradients_of(self.layers, effective),
                 input_ids.tolist(),
                 self.tokenizer,
             )
@@ -192,6 +202,7 @@ class LearningDynamicsCallback(CheckpointContributor):
         unwrapped.zero_grad(set_to_none=True)
         unwrapped.eval()
         self.recorder.start()
+        self.effective_gradients.start()
         try:
             for micro_rows in mine:
                 width = max(len(row) for row, _ in micro_rows) - 1
@@ -220,9 +231,10 @@ class LearningDynamicsCallback(CheckpointContributor):
                     )
                 out.loss.backward()
             recorded = self.recorder.stop()
-            gradients = gradients_of(self.layers)
+            gradients = gradients_of(self.layers, self.effective_gradients.stop())
         finally:
             self.recorder.armed = False
+            self.effective_gradients.armed = False
             unwrapped.train(was_training)
             for name, param in unwrapped.named_parameters():
                 param.grad = saved_grads[name]

@@ -106,6 +106,42 @@ class OptimizationConfig:
     gradient_accumulation_steps: int = 128
 
 
+DEFAULT_RELORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "w_0", "w_1", "w_2"]
+# The reference implementations' defaults: random pruning keeps 0.1% of the moments, magnitude keeps 10%.
+DEFAULT_RESET_RATIO = {"random": 0.999, "magnitude": 0.9}
+
+
+@dataclass
+class ReLoRAConfig:
+    """`training.relora`: off unless `enabled`. Keys follow the Pico port (relora-pico) where it has them."""
+
+    enabled: bool = False
+    # Module names (or name suffixes) that get LoRA adapters: by default the attention and SwiGLU projections.
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_RELORA_TARGET_MODULES))
+    r: int = 16
+    lora_alpha: float = 32
+    lora_dropout: float = 0.1
+    # Merge-and-reinit cadence in optimizer steps, counted from the end of the warm start.
+    reset_frequency: int = 1000
+    # How the LoRA parameters' Adam moments are pruned at each reset: `random` or `magnitude`.
+    optimizer_reset: str = "random"
+    # Fraction of each moment tensor zeroed; null: 0.999 (random) or 0.9 (magnitude).
+    optimizer_reset_ratio: float | None = None
+    restart_warmup_steps: int = 100
+    # The cosine decays to lr * min_lr_ratio at max_steps.
+    min_lr_ratio: float = 0.1
+    # Full-rank warm start: N full-rank steps in this run before LoRA training starts ...
+    warm_start_steps: int = 0
+    # ... or a checkpoint (path or Hub id) whose weights, not its optimizer, initialise the run.
+    warm_start_checkpoint: str | None = None
+
+    @property
+    def reset_ratio(self) -> float:
+        if self.optimizer_reset_ratio is not None:
+            return self.optimizer_reset_ratio
+        return DEFAULT_RESET_RATIO.get(self.optimizer_reset, 0.0)
+
+
 @dataclass
 class MAMLConfig:
     """MAML pretraining (`pico_hf.training.maml`): first-order MAML on SMLMT episodes mixed with LM steps.
@@ -136,6 +172,8 @@ class TrainingConfig:
     max_steps: int = 200_000
     # Seeds model initialisation, the data order and every other random choice of the run (pico-train: 42).
     seed: int = 42
+    # ReLoRA pretraining through PEFT LoRA layers (pico_hf.training.relora); off by default.
+    relora: ReLoRAConfig = field(default_factory=ReLoRAConfig)
     maml: MAMLConfig = field(default_factory=MAMLConfig)
 
 
@@ -464,6 +502,17 @@ def validate(config: PicoTrainingConfig) -> None:
         raise ConfigError("checkpointing.save_to_hf is true but checkpointing.hf_checkpoint.repo_id is empty")
     if config.model.model_type != "pico_decoder":
         raise ConfigError(f"model.model_type must be 'pico_decoder', got '{config.model.model_type}'")
+    from .relora import validate_relora
+
+    relora_problems = validate_relora(
+        config.training.relora, config.training.max_steps, optimization.lr_warmup_steps
+    )
+    if relora_problems:
+        raise ConfigError(relora_problems[0])
+    if config.training.relora.enabled and config.training.maml.enabled:
+        raise ConfigError(
+            "training.relora and training.maml cannot both be enabled: choose one research mode"
+        )
     if config.training.maml.enabled:
         from .maml import check_maml_config
 

@@ -326,6 +326,11 @@ def _build_job(
     if config.checkpointing.learning_dynamics.layer_suffixes:
         check_capture_fits(config, capture_bytes(config, model, args.world_size))
     maml, maml_callbacks = build_maml(config, tokenizer, layout.micro_batch)
+    trainer_class: Any = PicoTrainer
+    if config.training.relora.enabled:
+        from .relora import prepare_relora
+
+        model, trainer_class = prepare_relora(model, config.training.relora, args.world_size)
 
     resume_from = None
     if is_main:
@@ -349,7 +354,7 @@ def _build_job(
 
         args.report_to = [r for r in args.report_to if r != "tensorboard"]
         callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(run.logs_dir / "tensorboard"))))
-    trainer = PicoTrainer(
+    trainer = trainer_class(
         model=model,
         args=args,
         processing_class=tokenizer,

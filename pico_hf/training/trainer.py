@@ -175,7 +175,9 @@ class PicoTrainer(Trainer):
 
     def get_train_dataloader(self) -> DataLoader:
         # Already per-process micro-batches in the global order: no sampler, no accelerate re-sharding.
-        return DataLoader(self.train_sequences, batch_size=None, num_workers=0)
+        # Its own generator: creating an iterator draws a seed, which from the global RNG would shift the stream
+        # (dropout) of a resumed run, whose RNG state is restored before the iterator is made.
+        return DataLoader(self.train_sequences, batch_size=None, num_workers=0, generator=torch.Generator())
 
     def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
         # pico-train's optimizer is torch's AdamW on every parameter (weight decay 0.01 on norms too).
