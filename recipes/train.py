@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from pico_hf.hub.publish import HubPushError
 from pico_hf.training.config import ConfigError, describe_sections, load_config
 from pico_hf.training.run import run_training
 
@@ -34,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except HubPushError as error:  # trained and saved; the summary above says what is left to push
+        print(f"error: {error}", file=sys.stderr)
+        if error.command:
+            print(error.command, file=sys.stderr)
+        return 1
     return 0
 
 

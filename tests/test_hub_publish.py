@@ -34,6 +34,7 @@ from pico_hf.training.trainer import CheckpointContributor
 REPO_ID = "fake-user/pico-tiny"
 COLLECTION = "fake-user/pico-suite-0123456789"
 BRANCH = "tiny"  # the run name in tiny_training_overrides
+FINAL_TITLE = "Saving Final Model -- Step 6 (run branch 'tiny')"
 LD_TITLE = re.compile(r"Saving Learning Dynamics Data \((\w+)\) -- Step (\d+)")  # what pico-analyze looks for
 
 
@@ -108,11 +109,12 @@ def published(tmp_path_factory):
 def test_branch_holds_every_checkpoint_as_pico_train_commits(published):
     hub, _, _ = published
     assert hub.titles(REPO_ID, BRANCH) == ["initial commit", *expected_titles([0, 2, 4, 6], last=6)]
-    assert hub.titles(REPO_ID, "main") == ["initial commit"]  # the run lives on its own branch
+    # The run lives on its own branch; main gets the final model and its card, once the run is complete.
+    assert hub.titles(REPO_ID, "main") == ["initial commit", FINAL_TITLE]
     assert [item["id"] for item in hub.collections[COLLECTION]["items"]] == [REPO_ID]
     # Nothing was pushed twice, and the writes carried the token.
     commit_posts = [r for r in hub.requests if r[0] == "POST" and "/commit/" in r[1]]
-    assert len(commit_posts) == len(expected_titles([0, 2, 4, 6], last=6))
+    assert len(commit_posts) == len(expected_titles([0, 2, 4, 6], last=6)) + 1
     assert [r for r in hub.requests if r[2] != 200 and r[1] != "/api/agent-harnesses"] == []
 
 
@@ -431,7 +433,8 @@ def test_cli_dry_run_lists_commits_in_step_order(tmp_path, capsys):
     assert publish.main([str(run_dir), "--repo_id", "me/x", "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"Would push 10 commits from {run_dir} to me/x (branch 'my-run'):"
-    assert [line.split("  (")[0].strip() for line in lines[1:]] == [
+    assert lines[-1] == "and on 'main': Saving Final Model -- Step 10 (run branch 'my-run')  (6 files)"
+    assert [line.split("  (")[0].strip() for line in lines[1:-1]] == [
         "Saving HF Model -- Step 0",
         "Saving Tokenizer -- Step 0",
         "Saving Fabric Checkpoint -- Step 0",

@@ -20,7 +20,8 @@ from transformers import ProgressCallback, TrainerCallback, TrainingArguments, s
 from transformers.integrations import TensorBoardCallback
 
 from ..evaluation.callback import build_evaluation_callbacks
-from ..hub.publish import build_hub_callbacks
+from ..hub.cards import build_card_callbacks
+from ..hub.publish import HubPushError, build_hub_callbacks, hub_summary
 from ..learning_dynamics.callback import build_learning_dynamics_callbacks
 from ..models.pico_decoder import PicoDecoderConfig, PicoDecoderForCausalLM
 from ..tokenization import load_tokenizer
@@ -226,6 +227,7 @@ def build_job(
         MetricsFileCallback(run.logs_dir / "metrics.jsonl"),
         *build_learning_dynamics_callbacks(config, run),
         *build_evaluation_callbacks(config, run),
+        *build_card_callbacks(config, run),  # README.md of each checkpoint, before it is pushed
         *hub_callbacks,
     ]
     if "tensorboard" in args.report_to and is_main:
@@ -278,10 +280,16 @@ def run_training(
         if job.resume_from is not None:
             logger.info("Resuming from %s", job.resume_from)
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(job.resume_from) if job.resume_from else None)
+    push_error: HubPushError | None = None
+    try:
+        trainer.train(resume_from_checkpoint=str(job.resume_from) if job.resume_from else None)
+    except HubPushError as error:  # training finished and is saved; only the upload is incomplete
+        push_error = error
     summary = summarize(job, time.perf_counter() - start)
     if is_main:
         logger.info(format_summary(summary))
+    if push_error is not None:
+        raise push_error
     return summary
 
 
@@ -301,6 +309,7 @@ def summarize(job: TrainingJob, seconds: float) -> dict[str, Any]:
         "tensorboard": str(job.run.logs_dir / "tensorboard"),
         "seconds": round(seconds, 1),
         "resumed_from": str(job.resume_from) if job.resume_from else None,
+        "hub": hub_summary(job.trainer),
     }
 
 
@@ -324,5 +333,6 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"  checkpoints: {shown}  (latest: {summary['latest_checkpoint']})",
             f"  logs:        {summary['log_file']}",
             f"  tensorboard: tensorboard --logdir {summary['tensorboard']}",
+            *([f"  hub:         {summary['hub']}"] if summary.get("hub") else []),
         ]
     )
