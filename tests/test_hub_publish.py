@@ -433,7 +433,7 @@ def test_cli_dry_run_lists_commits_in_step_order(tmp_path, capsys):
     assert publish.main([str(run_dir), "--repo_id", "me/x", "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"Would push 10 commits from {run_dir} to me/x (branch 'my-run'):"
-    assert lines[-1] == "and on 'main': Saving Final Model -- Step 10 (run branch 'my-run')  (6 files)"
+    assert lines[-1] == "and on 'main': Saving Final Model -- Step 10 (run branch 'my-run')  (5 files)"
     assert [line.split("  (")[0].strip() for line in lines[1:-1]] == [
         "Saving HF Model -- Step 0",
         "Saving Tokenizer -- Step 0",
