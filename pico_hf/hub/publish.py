@@ -517,6 +517,7 @@ class HubPublishCallback(CheckpointContributor):
         self.publisher, self.run_dir, self.folders = publisher, Path(run_dir), folders
         self._prepared = False
         self._ended = False
+        self.push_error: HubPushError | None = None
         self._trainer: Any = None
 
     def _prepare(self) -> None:
@@ -561,6 +562,13 @@ class HubPublishCallback(CheckpointContributor):
         if not state.is_world_process_zero:
             return
         self._ended = True
+        try:
+            self._finish(state)
+        except HubPushError as error:
+            # Raised by the run once the trainer has wrapped up (progress bar, summary): see hub_push_error.
+            self.push_error = error
+
+    def _finish(self, state: TrainerState) -> None:
         self.publisher.finish()
         final = max(checkpoint_steps(self.run_dir, self.folders), default=None)
         if final is not None and final == state.global_step >= state.max_steps:  # a finished run only
@@ -592,6 +600,12 @@ def build_hub_callbacks(config: Any, run: Any) -> list[TrainerCallback]:
         run_dir=run.run_dir,
     )
     return [HubPublishCallback(publisher, run.run_dir, RunFolders.from_checkpointing(checkpointing))]
+
+
+def hub_push_error(trainer: Any) -> HubPushError | None:
+    """What the run's final push left undone, if anything (raised by `run_training` after its summary)."""
+    callbacks = [c for c in trainer.callback_handler.callbacks if isinstance(c, HubPublishCallback)]
+    return callbacks[0].push_error if callbacks else None
 
 
 def hub_summary(trainer: Any) -> str | None:

@@ -21,7 +21,7 @@ from transformers.integrations import TensorBoardCallback
 
 from ..evaluation.callback import build_evaluation_callbacks
 from ..hub.cards import build_card_callbacks
-from ..hub.publish import HubPushError, build_hub_callbacks, hub_summary
+from ..hub.publish import build_hub_callbacks, hub_push_error, hub_summary
 from ..learning_dynamics.callback import build_learning_dynamics_callbacks
 from ..models.pico_decoder import PicoDecoderConfig, PicoDecoderForCausalLM
 from ..tokenization import load_tokenizer
@@ -280,15 +280,12 @@ def run_training(
         if job.resume_from is not None:
             logger.info("Resuming from %s", job.resume_from)
     start = time.perf_counter()
-    push_error: HubPushError | None = None
-    try:
-        trainer.train(resume_from_checkpoint=str(job.resume_from) if job.resume_from else None)
-    except HubPushError as error:  # training finished and is saved; only the upload is incomplete
-        push_error = error
+    trainer.train(resume_from_checkpoint=str(job.resume_from) if job.resume_from else None)
     summary = summarize(job, time.perf_counter() - start)
     if is_main:
         logger.info(format_summary(summary))
-    if push_error is not None:
+    push_error = hub_push_error(trainer)
+    if push_error is not None:  # training finished and is saved; only the upload is incomplete
         raise push_error
     return summary
 
