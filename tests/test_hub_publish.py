@@ -509,9 +509,11 @@ def test_each_model_commit_carries_the_card_and_main_holds_the_final_model(publi
         card.validate()  # the Hub's metadata validation, model-index included
     # main: the final checkpoint's model, tokenizer and card, nothing of the history.
     final = hub.files(REPO_ID, "main")
-    step_6 = run_dir / "checkpoints" / "step_6"
+    last = publish.checkpoint_steps(run_dir)[-1]  # 6, or 8 once the resumed run has run
+    assert hub.titles(REPO_ID, "main")[-1] == f"Saving Final Model -- Step {last} (run branch 'tiny')"
+    final_dir = run_dir / "checkpoints" / f"step_{last}"
     for name in ("README.md", "model.safetensors", "config.json", "tokenizer.json"):
-        assert final[name] == (step_6 / name).read_bytes(), name
+        assert final[name] == (final_dir / name).read_bytes(), name
     assert not any(name.startswith(("fabric_state/", "learning_dynamics/")) for name in final)
     # Read back as a user would: the native loader from main.
     from transformers import AutoModelForCausalLM
@@ -519,7 +521,7 @@ def test_each_model_commit_carries_the_card_and_main_holds_the_final_model(publi
     import pico_hf  # noqa: F401
 
     model = AutoModelForCausalLM.from_pretrained(REPO_ID, cache_dir=tmp_path / "cache")
-    local = AutoModelForCausalLM.from_pretrained(step_6).state_dict()
+    local = AutoModelForCausalLM.from_pretrained(final_dir).state_dict()
     loaded = model.state_dict()
     assert sorted(local) == sorted(loaded)
     for name, tensor in local.items():
@@ -610,6 +612,9 @@ def test_reachability_probe_goes_through_the_configured_proxy(monkeypatch):
         close_session()  # the shared client reads the proxy settings when it is created
         try:
             assert hub_module.hub_reachable(timeout=5)
+            deadline = time.monotonic() + 5  # the fake logs a request just after answering it
+            while ("HEAD", "/", 200) not in proxy.requests and time.monotonic() < deadline:
+                time.sleep(0.05)
             assert ("HEAD", "/", 200) in proxy.requests  # asked through the proxy
             monkeypatch.delenv("HTTP_PROXY")
             close_session()
