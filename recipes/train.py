@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config, notes = load_config(args.config, args.overrides)
         # Heavy imports (torch, transformers, datasets) only once the arguments are known to be good.
+        from pico_hf.hub.publish import HubPushError
         from pico_hf.training.console import INTERRUPTED_EXIT_STATUS, Interrupted
         from pico_hf.training.run import run_training
 
@@ -39,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
             run_training(config, notes)
         except Interrupted:  # its one line is already printed
             return INTERRUPTED_EXIT_STATUS
+        except HubPushError as error:  # trained and saved; the summary above says what is left to push
+            print(f"error: {error}", file=sys.stderr)
+            if error.command:
+                print(error.command, file=sys.stderr)
+            return 1
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -21,7 +21,8 @@ from transformers import ProgressCallback, TrainerCallback, TrainingArguments, s
 from transformers.integrations import TensorBoardCallback
 
 from ..evaluation.callback import build_evaluation_callbacks
-from ..hub.publish import build_hub_callbacks
+from ..hub.cards import build_card_callbacks
+from ..hub.publish import build_hub_callbacks, hub_push_error, hub_summary
 from ..learning_dynamics.callback import build_learning_dynamics_callbacks
 from ..models.pico_decoder import PicoDecoderConfig, PicoDecoderForCausalLM
 from ..tokenization import load_tokenizer
@@ -347,6 +348,7 @@ def _build_job(
         MetricsFileCallback(run.logs_dir / "metrics.jsonl"),
         *build_learning_dynamics_callbacks(config, run),
         *build_evaluation_callbacks(config, run),
+        *build_card_callbacks(config, run),  # README.md of each checkpoint, before it is pushed
         *hub_callbacks,
     ]
     if "tensorboard" in args.report_to and is_main:
@@ -437,6 +439,9 @@ def _train(job: TrainingJob, config: PicoTrainingConfig, notes: list[str] | None
             f"{error}. Training stopped after step {summary['steps']} (checkpoint: "
             f"{summary['latest_checkpoint']}); fix or replace the data and start the run again to resume"
         ) from error
+    push_error = hub_push_error(trainer)
+    if push_error is not None:  # training finished and is saved; only the upload is incomplete
+        raise push_error
     return summary
 
 
@@ -456,6 +461,7 @@ def summarize(job: TrainingJob, seconds: float) -> dict[str, Any]:
         "tensorboard": str(job.run.logs_dir / "tensorboard"),
         "seconds": round(seconds, 1),
         "resumed_from": str(job.resume_from) if job.resume_from else None,
+        "hub": hub_summary(job.trainer),
     }
 
 
@@ -479,5 +485,6 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"  checkpoints: {shown}  (latest: {summary['latest_checkpoint']})",
             f"  logs:        {summary['log_file']}",
             f"  tensorboard: tensorboard --logdir {summary['tensorboard']}",
+            *([f"  hub:         {summary['hub']}"] if summary.get("hub") else []),
         ]
     )
