@@ -106,12 +106,36 @@ class OptimizationConfig:
 
 
 @dataclass
+class MAMLConfig:
+    """MAML pretraining (`pico_hf.training.maml`): first-order MAML on SMLMT episodes mixed with LM steps.
+    Defaults are the settings of Africa et al. 2025 (pico-maml-train's key names where it has them)."""
+
+    enabled: bool = False
+    hybrid_ratio: float = 0.5  # share of optimizer steps that are meta steps
+    n_way: int = 32  # classes (token types) per episode
+    k_shot: int = 4  # support examples per class
+    n_query: int = 1  # query examples per class
+    inner_steps: int = 10
+    inner_lr: float = 0.01
+    first_order: bool = True  # false: the outer gradient goes through the unrolled inner loop
+    head_hidden_dim: int = 128
+    head_num_layers: int = 4
+    mask_token: int | None = (
+        None  # the id that replaces the episode's tokens; null: the tokenizer's pad token
+    )
+    # Meta steps train on query loss + lm_loss_weight x the masked micro-batch's LM loss (pico-maml-train adds
+    # its meta loss to the LM loss: weight 1).
+    lm_loss_weight: float = 1.0
+
+
+@dataclass
 class TrainingConfig:
     fabric: FabricConfig = field(default_factory=FabricConfig)
     optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
     max_steps: int = 200_000
     # Seeds model initialisation, the data order and every other random choice of the run (pico-train: 42).
     seed: int = 42
+    maml: MAMLConfig = field(default_factory=MAMLConfig)
 
 
 # --- evaluation -----------------------------------------------------------------------------------------
@@ -433,6 +457,10 @@ def validate(config: PicoTrainingConfig) -> None:
         raise ConfigError("checkpointing.save_to_hf is true but checkpointing.hf_checkpoint.repo_id is empty")
     if config.model.model_type != "pico_decoder":
         raise ConfigError(f"model.model_type must be 'pico_decoder', got '{config.model.model_type}'")
+    if config.training.maml.enabled:
+        from .maml import check_maml_config
+
+        check_maml_config(config.training.maml, config.model.vocab_size)
     learning_dynamics = config.checkpointing.learning_dynamics
     if learning_dynamics.metrics:
         from ..learning_dynamics.tracker import check_metrics_capturable

@@ -26,6 +26,7 @@ from ..models.pico_decoder import PicoDecoderConfig, PicoDecoderForCausalLM
 from ..tokenization import load_tokenizer
 from .config import PRECISIONS, ConfigError, PicoTrainingConfig
 from .data import BatchLayout, PretokenizedStream, TrainingSequences
+from .maml import build_maml
 from .trainer import PicoTrainer, RunLayout, no_clipping
 
 logger = logging.getLogger("pico_hf.training")
@@ -209,6 +210,7 @@ def build_job(
         config.data.dataset.streaming,
     )
     model = build_model(config, tokenizer)
+    maml, maml_callbacks = build_maml(config, tokenizer, layout.micro_batch)
 
     resume_from = None
     if is_main:
@@ -223,6 +225,7 @@ def build_job(
     # Order matters: learning dynamics and evaluation add to each checkpoint before it is published; the Hub
     # publisher pushes it once it is complete.
     callbacks: list[TrainerCallback] = [
+        *maml_callbacks,  # first: its values join each log before it is written
         MetricsFileCallback(run.logs_dir / "metrics.jsonl"),
         *build_learning_dynamics_callbacks(config, run),
         *build_evaluation_callbacks(config, run),
@@ -239,6 +242,7 @@ def build_job(
         processing_class=tokenizer,
         train_sequences=TrainingSequences(stream, layout),
         run=run,
+        maml=maml,
         callbacks=callbacks + list(extra_callbacks or []),
     )
     trainer.remove_callback(ProgressCallback)

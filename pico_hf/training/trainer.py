@@ -24,7 +24,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -33,6 +33,9 @@ from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_callback import ExportableState
 
 from .data import TrainingSequences, load_position, save_position
+
+if TYPE_CHECKING:
+    from .maml import MAMLObjective
 
 DATA_POSITION_NAME = "data_position.json"
 LATEST = "latest"
@@ -149,10 +152,20 @@ class PicoTrainer(Trainer):
     """transformers.Trainer for pico: one training loop, with pico-train's global data order, checkpoint layout
     (pico-lm model files + resumable state), step-0 checkpoint, and throughput/inf-nan logging."""
 
-    def __init__(self, *args: Any, train_sequences: TrainingSequences, run: RunLayout, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        train_sequences: TrainingSequences,
+        run: RunLayout,
+        maml: MAMLObjective | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.train_sequences = train_sequences
         self.run = run
+        self.maml = maml  # MAML pretraining: meta steps on its schedule (pico_hf.training.maml)
+        if maml is not None:
+            maml.head.to(self.args.device)
         self.add_callback(_CheckpointScheduling(self))
         self._pending: PendingCheckpoint | None = None
         self._nonfinite_losses = 0
@@ -168,7 +181,33 @@ class PicoTrainer(Trainer):
         # pico-train's optimizer is torch's AdamW on every parameter (weight decay 0.01 on norms too).
         return [name for name, _ in model.named_parameters()]
 
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        optimizer = super().create_optimizer(model)
+        if self.maml is not None:  # the meta head trains with the model, in the same optimizer
+            optimizer.add_param_group(
+                {"params": list(self.maml.head.parameters()), "weight_decay": self.args.weight_decay}
+            )
+        return optimizer
+
     # --- training step and logging ------------------------------------------------------------------------
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        episode = None
+        if self.maml is not None and self.maml.meta and model.training and not return_outputs:
+            episode = self.maml.episode_for(
+                inputs["input_ids"], self.args.process_index, self.args.world_size
+            )
+        if episode is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = self.maml.meta_loss(model, inputs, episode)  # a mean over this micro-batch's episode
+        # The Trainer divides by the accumulation steps only when no `num_items_in_batch` normalised the loss.
+        return loss if num_items_in_batch is None else loss / self.current_gradient_accumulation_steps
 
     def training_step(
         self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
@@ -278,6 +317,8 @@ class PicoTrainer(Trainer):
         target = self.accelerator.unwrap_model(model if model is not None else self.model)
         loaded = type(target).from_pretrained(step_dir, dtype=next(target.parameters()).dtype)
         target.load_state_dict(loaded.state_dict())
+        if self.maml is not None:
+            self.maml.load(Path(resume_from_checkpoint))
 
 
 class _CheckpointScheduling(TrainerCallback):
