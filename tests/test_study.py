@@ -324,7 +324,7 @@ def test_report_numbers_are_the_runs_files(tiny_study):
         ),
     }
     titles = {
-        "eval/paloma": "paloma",
+        "eval/paloma": "paloma (embedded)",
         "train/loss": "training loss",
         "cka_val/layers.1.swiglu.w_2.activations": "cka_val: layers.1.swiglu.w_2.activations",
         "per_val/layers.0.swiglu.w_2.gradients": "per_val: layers.0.swiglu.w_2.gradients",
@@ -484,3 +484,22 @@ def test_norm_eps_quick_study_end_to_end(tmp_path):
     assert checked > 100
     page = (study_dir / "report.html").read_text()
     assert page.count('src="data:image/png;base64,') == len(list((study_dir / "plots").glob("*.png"))) == 7
+
+
+@pytest.mark.slow
+def test_two_process_launch_trains_each_run_on_both_processes(tmp_path):
+    path = write_study(tmp_path, seeds=1)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(STUDY_SCRIPT)]
+    command = [*launch, "--config", str(path), "--output_dir", str(tmp_path / "out")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert output.count("= 2 processes x 1 accumulation x 2") == 2  # both runs, in the launched world
+    assert output.count("[1/2] baseline_seed0: training") == 1  # the main process speaks for the study
+    summary = json.loads((tmp_path / "out" / "tiny" / "summary.json").read_text())
+    assert [r["status"] for r in summary["runs"]] == ["trained", "trained"]
+    assert "eps" in summary["quantities"]["eval/paloma"]["steps"]["4"]
+    assert (
+        tmp_path / "out" / "tiny" / "runs" / "eps_seed0" / "analysis" / "step_4" / "per_val.json"
+    ).is_file()

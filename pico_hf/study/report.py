@@ -150,6 +150,8 @@ def read_run(spec: RunSpec, status: str = "reused") -> RunData:
     run_dir = spec.run_dir
     loss, speeds, tokens = read_training_log(run_dir)
     evals, datasets = read_eval_results(run_dir / spec.config.checkpointing.evaluation.eval_results_dir)
+    if "paloma" in evals and "paloma" not in datasets:  # files without a `dataset` field: the run's config
+        datasets["paloma"] = spec.config.evaluation.paloma.dataset_name
     checkpoints_dir = run_dir / spec.config.checkpointing.checkpoints_dir
     steps = sorted(
         int(m[1])
@@ -436,6 +438,14 @@ RUN_HEADER = ["variant", "seed", "status", "last step", "final loss", "wall s", 
 VARIANT_HEADER = ["variant", "overrides", "runs", "mean wall s", "mean tokens/s"]
 
 
+def _shown_path(path: Path) -> str:
+    """Relative to the working directory when under it (the report reads the same on any machine)."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def _table_header(confidence: float) -> list[str]:
     return ["step", "variant", "seeds", "mean", "std", f"- baseline [{confidence:.0%} CI, paired]"]
 
@@ -499,7 +509,7 @@ def write_study_report(
 
     header = _table_header(confidence)
     overview = [
-        ("base config", str(study.base_config)),
+        ("base config", _shown_path(study.base_config)),
         ("variants", ", ".join(variants) + f" (baseline: {study.baseline})"),
         ("seeds", ", ".join(map(str, study.seeds))),
         ("common overrides", " ".join(study.overrides) or "none"),

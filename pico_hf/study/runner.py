@@ -93,6 +93,10 @@ class RunOutcome:
     status: str  # "reused", "trained" or "resumed"
 
 
+def say(message: str) -> None:
+    print(message, flush=True)  # before the run's own output, which a subprocess writes straight out
+
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -148,7 +152,7 @@ def _record_attempt(spec: RunSpec, seconds: float, resumed_from: str | None, ok:
 def train_runs(
     study: StudyConfig,
     train: Callable[[RunSpec], None],
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = say,
 ) -> list[RunOutcome]:
     """Train every run not yet done, in the study's order (variant by variant, seed by seed)."""
     states = {spec.name: run_state(spec) for spec in study.runs}  # all checked before anything trains
@@ -175,7 +179,7 @@ def train_runs(
     return outcomes
 
 
-def analyse_runs(study: StudyConfig, log: Callable[[str], None] = print) -> list[str]:
+def analyse_runs(study: StudyConfig, log: Callable[[str], None] = say) -> list[str]:
     """The study's learning-dynamics analysis of each run into `<run>/analysis/`, unless already there with
     the same config. Returns warnings (runs or steps that could not be analysed)."""
     from ..learning_dynamics.analyze import AnalysisError, LocalRun, run_analysis
@@ -214,7 +218,7 @@ def run_study(
     train_script: Path | None = None,
     *,
     in_process: bool | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = say,
 ) -> tuple[list[RunOutcome], list[str]]:
     """Train what is missing, then (main process) analyse. `in_process` defaults to True under a multi-process
     launch, else runs are `train_script` subprocesses."""
