@@ -182,6 +182,9 @@ def test_runs_seeds_and_overrides(tmp_path):
     assert {r.config.evaluation.paloma.max_samples for r in study.runs} == {4}
     assert take_seeds([7, 3], 1) == [7] and take_seeds([7, 3], 4) == [7, 3, 8, 9]
     assert load_study_config(write_study(tmp_path), seeds=3).seeds == (0, 1, 2)
+    # A training mode is one more variant: its keys are checked like any other.
+    maml = load(tmp_path, variants={"baseline": {}, "maml": {"training.maml.enabled": True}}).runs[2]
+    assert maml.config.training.maml.enabled and maml.variant == "maml"
     # The analysis' `final` target is each run's last step.
     cka = study.analysis_for(eps).metrics[0]
     assert cka.target_checkpoint == 4
@@ -293,6 +296,7 @@ def _table(md: str, title: str) -> list[list[str]]:
     return [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()[2:]]
 
 
+@pytest.mark.filterwarnings("ignore:Precision loss occurred")  # scipy, on seeds that agree to float precision
 def test_report_numbers_are_the_runs_files(tiny_study):
     study, _, _, _, md_path, html_path = tiny_study
     md = md_path.read_text()
@@ -382,6 +386,23 @@ def test_finished_study_is_reused_bitwise(tiny_study):
     outcomes, _ = run_study(study, in_process=True, log=lines.append)
     assert [o.status for o in outcomes] == ["reused"] * 4
     assert all("done, reused" in line for line in lines)
+    assert snapshot(study.runs_dir) == before
+
+
+def test_report_only_rewrites_the_report_from_the_files(tiny_study, capsys):
+    study = tiny_study[0]
+    sys.path.insert(0, str(STUDY_SCRIPT.parent))
+    try:
+        import study as recipe
+    finally:
+        sys.path.pop(0)
+    before = snapshot(study.runs_dir)
+    summary = json.loads((study.study_dir / "summary.json").read_text())
+    (study.study_dir / "summary.json").unlink()
+    argv = ["--config", str(study.path), "--output_dir", str(study.output_dir), "--report_only"]
+    assert recipe.main(argv) == 0
+    assert "Study tiny: 4 runs; report:" in capsys.readouterr().out
+    assert json.loads((study.study_dir / "summary.json").read_text())["quantities"] == summary["quantities"]
     assert snapshot(study.runs_dir) == before
 
 
