@@ -8,8 +8,8 @@ Runs lm-eval's `simple_evaluate` with pico-hf's tasks (eval/tasks) next to lm-ev
 writes `results.json` (lm-eval's results plus a `pico_hf` section) and `results.md` to `--output`.
 pico-hf tasks: `pico_paloma` (Paloma-style rolling perplexity on the embedded held-out split),
 `pico_paloma_tinsy` (the same on the Hub's pico-lm/pretokenized-paloma-tinsy), `pico_hellaswag` and
-`pico_arc_easy` (lm-eval's hellaswag / arc_easy on validation sets that ship offline); the `pico` tag runs
-all four. Tasks whose data is on the Hub are skipped, with a one-line reason, when the Hub is unreachable.
+`pico_arc_easy` (lm-eval's hellaswag / arc_easy on validation sets that ship offline), `pico_blimp` (the 67 BLiMP
+sub-tasks and their mean, shipped offline); the `pico` tag runs them all. Tasks whose data is on the Hub are skipped, with a one-line reason, when the Hub is unreachable.
 `--paloma [DATASET]` adds the value the published runs report (pico-lm/perplexity: mean per-text perplexity).
 """
 

@@ -364,12 +364,14 @@ def test_list_puts_pico_tasks_first_and_filters(full_manager):
     tasks = lines[lines.index(next(line for line in lines if line.startswith("lm-eval tasks"))) + 1 :]
     assert "  arc_easy" in tasks and all("arc_e" in line for line in tasks)
     everything = run_cli("--list").stdout.splitlines()
-    assert (
-        everything[:7]
-        == ["pico-hf tasks (4):", *(f"  {t}" for t in PICO_TASKS), "pico-hf tags and groups (1):", "  pico"][
-            :7
-        ]
-    )
+    ours = sorted(PICO_TASKS + BLIMP_TASKS)
+    assert everything[: len(ours) + 4] == [
+        f"pico-hf tasks ({len(ours)}):",
+        *(f"  {t}" for t in ours),
+        "pico-hf tags and groups (2):",
+        "  pico",
+        "  pico_blimp",
+    ]
 
 
 # --- BLiMP: pico_blimp vs lm-eval's blimp_* on a local copy in the Hub dataset's layout -----------------------
