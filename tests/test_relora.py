@@ -506,7 +506,7 @@ def test_two_processes_reproduce_the_single_process_run(tmp_path):
             [*launcher, str(TRAIN_SCRIPT), *overrides], capture_output=True, text=True, env=env, timeout=600
         )
         assert result.returncode == 0, result.stderr[-3000:]
-        assert f"= {processes} processes x" in result.stderr + result.stdout
+        assert f"= {processes} process{'es' if processes > 1 else ''} x" in result.stderr + result.stdout
         return root / "runs" / "tiny"
 
     one, two = launch(tmp_path / "one", 1), launch(tmp_path / "two", 2)
