@@ -78,7 +78,12 @@ def training_arguments(config: PicoTrainingConfig, run: RunLayout) -> TrainingAr
     values.update(config.training_arguments)
     # The per-device batch is derived from the global batch; it cannot be set independently.
     values.pop("per_device_train_batch_size", None)
-    return TrainingArguments(**values)
+    args = TrainingArguments(**values)
+    if not {"bf16", "fp16"} & set(config.training_arguments):
+        # training.fabric.precision decides: an accelerate config's `mixed_precision` reaches TrainingArguments
+        # through ACCELERATE_MIXED_PRECISION and would otherwise autocast a `32-true` run (or a CPU run).
+        args.mixed_precision = mixed
+    return args
 
 
 def build_model(config: PicoTrainingConfig, tokenizer: Any) -> PicoDecoderForCausalLM:
