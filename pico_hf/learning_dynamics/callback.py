@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from ..training.config import PicoTrainingConfig
@@ -113,12 +114,13 @@ class LearningDynamicsCallback(CheckpointContributor):
         directory = Path(checkpoint_dir) / self.dirname
         if self.eval_rows:
             activations, gradients = self._eval_states(model, trainer)
+            weights = weights_of(self.layers)  # on every process: gathering FSDP2 shards is a collective
             if args.should_save:
                 save_states(
                     directory,
                     "val",
                     activations,
-                    weights_of(self.layers),
+                    weights,
                     gradients,
                     self.eval_rows,
                     self.tokenizer,
@@ -146,13 +148,14 @@ class LearningDynamicsCallback(CheckpointContributor):
         input_ids = self._gather(torch.cat(self.pending_train_ids), trainer, micro_batch)
         self.pending_train_ids = []
         directory = Path(checkpoint_dir) / self.dirname
+        weights, gradients = weights_of(self.layers), gradients_of(self.layers)  # collectives under FSDP2
         if args.should_save:
             save_states(
                 directory,
                 "train",
                 activations,
-                weights_of(self.layers),
-                gradients_of(self.layers),
+                weights,
+                gradients,
                 input_ids.tolist(),
                 self.tokenizer,
             )
@@ -185,6 +188,9 @@ class LearningDynamicsCallback(CheckpointContributor):
         pad_id = unwrapped.config.pad_token_id if unwrapped.config.pad_token_id is not None else 0
         device = trainer.args.device
 
+        # FSDP2 reduce-scatters each backward's gradients averaged over processes; DDP is not involved here (the
+        # unwrapped model), so its gradients are summed below instead.
+        sharded = any(isinstance(p, DTensor) for p in unwrapped.parameters())
         saved_grads = {name: p.grad for name, p in unwrapped.named_parameters()}
         was_training = unwrapped.training
         unwrapped.zero_grad(set_to_none=True)
@@ -216,7 +222,7 @@ class LearningDynamicsCallback(CheckpointContributor):
                         skip_logits=True,
                         num_items_in_batch=n_targets,
                     )
-                out.loss.backward()
+                (out.loss * processes if sharded else out.loss).backward()
             recorded = self.recorder.stop()
             gradients = gradients_of(self.layers)
         finally:
@@ -224,7 +230,7 @@ class LearningDynamicsCallback(CheckpointContributor):
             unwrapped.train(was_training)
             for name, param in unwrapped.named_parameters():
                 param.grad = saved_grads[name]
-        if processes > 1 and dist.is_initialized():
+        if processes > 1 and not sharded and dist.is_initialized():
             for tensor in gradients.values():
                 moved = tensor.to(device)
                 dist.all_reduce(moved)

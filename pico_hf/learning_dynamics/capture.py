@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 DATA_TYPES = ("activations", "weights", "gradients")
 # Saved states: ours first, then the original pico-train's pickles.
@@ -112,18 +113,27 @@ def recording(recorder: ActivationRecorder):
         recorder.armed = False
 
 
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A parameter or gradient as one whole tensor. FSDP2 holds them as sharded DTensors: gathering them is a
+    collective, so every process must call this, not only the one that saves."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 def weights_of(layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-    return {name: module.weight.detach().float().cpu().clone() for name, module in layers.items()}
+    return {
+        name: full_tensor(module.weight.detach()).float().cpu().clone() for name, module in layers.items()
+    }
 
 
 def gradients_of(layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-    """Each layer's accumulated weight gradient (DeepSpeed ZeRO's partitioned gradients are gathered)."""
+    """Each layer's accumulated weight gradient, whole (DeepSpeed ZeRO's partitioned and FSDP2's sharded
+    gradients are gathered: call it on every process)."""
     gradients = {}
     for name, module in layers.items():
         grad = _full_grad(module.weight)
         if grad is None:
             raise RuntimeError(f"Layer {name} has no gradient to capture; is it frozen?")
-        gradients[name] = grad.detach().float().cpu().clone()
+        gradients[name] = full_tensor(grad.detach()).float().cpu().clone()
     return gradients
 
 
