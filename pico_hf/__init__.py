@@ -6,26 +6,23 @@ Importing the package registers pico-decoder with transformers' Auto classes, so
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained("pico-lm/pico-decoder-small")
 
-loads the published checkpoints with no `trust_remote_code`.
+loads the published checkpoints with no `trust_remote_code`. The import itself is light (no torch, no
+transformers): the classes load on first use, and the Auto classes learn pico-decoder when first used.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from typing import Any
 
-from .models.pico_decoder import PRESETS, PicoDecoderConfig, PicoDecoderForCausalLM, PicoDecoderModel
+from ._auto import install
 
 __version__ = "0.1.0"
-
-AutoConfig.register("pico_decoder", PicoDecoderConfig, exist_ok=True)
-# Early pico-lm step-0 commits were saved with `model_type: "pico"`: read them as pico_decoder configs.
-CONFIG_MAPPING.register("pico", PicoDecoderConfig, exist_ok=True)
-AutoModel.register(PicoDecoderConfig, PicoDecoderModel, exist_ok=True)
-AutoModelForCausalLM.register(PicoDecoderConfig, PicoDecoderForCausalLM, exist_ok=True)
-
-# Saved checkpoints carry `auto_map` and these classes' source, so processes that never import pico_hf
-# (e.g. `lm_eval --model hf ... trust_remote_code=True`) can load them.
-PicoDecoderConfig.register_for_auto_class()
-PicoDecoderModel.register_for_auto_class("AutoModel")
-PicoDecoderForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-
 __all__ = ["PRESETS", "PicoDecoderConfig", "PicoDecoderForCausalLM", "PicoDecoderModel", "__version__"]
+
+install()
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from .models import pico_decoder
+
+        return getattr(pico_decoder, name)
+    raise AttributeError(f"module 'pico_hf' has no attribute '{name}'")

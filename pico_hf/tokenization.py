@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from typing import TYPE_CHECKING
 
 from .assets import TOKENIZER_DIR
 from .hub import hub_reachable
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 logger = logging.getLogger(__name__)
 
@@ -20,6 +22,8 @@ OLMO_TOKENIZER_ID = "allenai/OLMo-7B-0724-hf"
 
 
 def _require_fast(tokenizer: object, source: str) -> PreTrainedTokenizerFast:
+    from transformers import PreTrainedTokenizerFast
+
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
         raise TypeError(
             f"Tokenizer {source!r} loaded as {type(tokenizer).__name__}, which is not a fast (Rust-backed) "
@@ -36,6 +40,8 @@ def load_tokenizer(name_or_path: str = OLMO_TOKENIZER_ID) -> PreTrainedTokenizer
     be loaded raises an `OSError` naming it. When the Hub is unreachable (offline mode, or its endpoint does
     not answer) only local files are consulted, so an offline machine never waits on Hub retries.
     """
+    from transformers import AutoTokenizer  # here, not at import: the recipes parse their arguments first
+
     local_path = Path(name_or_path).expanduser()
     if local_path.is_dir():
         try:

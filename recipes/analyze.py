@@ -5,7 +5,8 @@
         --repo_id pico-lm/pico-decoder-tiny --branch pico-decoder-tiny-1
 
 Writes `<output_dir>/<analysis_name>/step_<N>/<metric>_<split>.json`, `analysis.log`, a PNG per metric under
-`plots/` and `report.md` / `report.html`. A local run may come from pico-hf or from the original pico-train
+`plots/` and `report.md` / `report.html`; an existing analysis of the same name is replaced only with
+`--overwrite`. A local run may come from pico-hf or from the original pico-train
 (`.pt` files). Exit status: 0 when something was analysed (missing steps are warnings), 1 when nothing could
 be (or the run cannot be read), 2 for a bad config.
 """
@@ -17,24 +18,6 @@ import logging
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-
-from rich.console import Console
-from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.text import Text
-
-from pico_hf.learning_dynamics.analyze import (
-    LOG_DATE_FORMAT,
-    LOG_FORMAT,
-    AnalysisError,
-    CheckpointSource,
-    HubRun,
-    LocalRun,
-    load_analysis_config,
-    run_analysis,
-)
-from pico_hf.learning_dynamics.report import plot_results, write_report
-from pico_hf.training.config import ConfigError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -49,6 +32,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     where.add_argument("--repo_id", help="a Hub model repo, e.g. pico-lm/pico-decoder-tiny (with --branch)")
     where.add_argument("--branch", help="the Hub branch holding the run's commits, e.g. pico-decoder-tiny-1")
     parser.add_argument("--no_report", action="store_true", help="skip the plots and report")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing analysis of the same name (else refused)",
+    )
     args = parser.parse_args(argv)
     if args.run_path is not None and (args.repo_id or args.branch):
         parser.error("give either --run_path or --repo_id with --branch, not both")
@@ -59,6 +47,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Heavy imports (torch, the metrics, matplotlib) once the arguments are known to be good.
+    from rich.console import Console
+    from rich.logging import RichHandler
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.text import Text
+
+    from pico_hf.learning_dynamics.analyze import (
+        LOG_DATE_FORMAT,
+        LOG_FORMAT,
+        AnalysisError,
+        CheckpointSource,
+        HubRun,
+        LocalRun,
+        load_analysis_config,
+        run_analysis,
+    )
+    from pico_hf.learning_dynamics.report import plot_results, write_report
+    from pico_hf.training.config import ConfigError
+
     console = Console(stderr=True)
     if console.is_terminal:
         handler: logging.Handler = RichHandler(
@@ -91,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         source: CheckpointSource = (
             LocalRun(args.run_path) if args.run_path is not None else HubRun(args.repo_id, args.branch)
         )
-        result = run_analysis(config, source, progress=progress)
+        result = run_analysis(config, source, progress=progress, overwrite=args.overwrite)
     except (ConfigError, AnalysisError) as error:
         console.print(Text.assemble(("error: ", "bold red"), str(error)), soft_wrap=True)
         return 2 if isinstance(error, ConfigError) else 1
@@ -102,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_report:
         plots = plot_results(result)
         md, html = write_report(result, plots)
-        console.print(f"Plots in {result.output_dir / 'plots'}; report: {md} and {html}", soft_wrap=True)
-    print(result.output_dir)
+        console.print(f"Report: {md.name} and {html.name}, plots in plots/", soft_wrap=True)
+    print(result.output_dir)  # the one line on stdout: where everything is
     return 0
 
 

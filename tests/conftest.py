@@ -134,8 +134,8 @@ def train_command(processes: int = 1, accelerate_config: str = "cpu") -> list[st
 
 def assert_world_size(output: str, processes: int) -> None:
     """The run really had `processes` processes: its first log line says how the global batch splits."""
-    found = re.findall(r"global batch \d+ = (\d+) processes x", output)
-    assert found, "no 'global batch N = P processes x ...' line in the run's output:\n" + output[-3000:]
+    found = re.findall(r"global batch \d+ = (\d+) process(?:es)? x", output)
+    assert found, "no 'global batch N = P process(es) x ...' line in the run's output:\n" + output[-3000:]
     assert [int(p) for p in found] == [processes] * len(found), found
 
 

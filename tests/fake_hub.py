@@ -4,17 +4,24 @@
 per repo, commits that each hold a full snapshot of the file tree, and branches pointing at them. It answers
 what huggingface_hub (2.x) sends for
 
-- writing: `create_repo`, `create_branch`, `create_commit` / `upload_file` / `upload_folder` (preupload
-  answers `uploadMode: "regular"` for every file, so contents travel base64-encoded in the NDJSON commit
-  payload and no LFS or Xet transfer is needed; it also reports the git oid of files already there, so, as on
-  the Hub, the client drops unchanged files and skips commits that change nothing), README metadata
-  validation, `add_collection_item`;
+- writing: `create_repo`, `create_branch`, `create_commit` / `upload_file` / `upload_folder`. As on the Hub,
+  preupload answers `uploadMode: "lfs"` for binary files (a NUL byte in the sample, or a `.gitattributes` LFS
+  pattern such as `*.safetensors`) and files of 10 MB or more, and `"regular"` for the rest: regular files
+  travel base64-encoded in the NDJSON commit payload; LFS files go through the LFS batch API
+  (`/<repo>.git/info/lfs/objects/batch`), a PUT of the object and a verify call, and the commit then names
+  them by sha256 (`lfsFile`). Preupload reports the oid of files already there (sha256 for LFS, git oid for
+  regular files), so the client drops unchanged files and skips commits that change nothing. A commit whose
+  `parentCommit` is not the branch head is refused with 412. README metadata validation (`validate-yaml`)
+  checks the `model-index` schema; `add_collection_item`.
+  Xet is not emulated: clients must set HF_HUB_DISABLE_XET=1 (`client_env` and `point_hub_client_at` do);
 - reading: `list_repo_commits`, `list_repo_refs`, `model_info` / `repo_info` (with siblings),
   `list_repo_tree`, `hf_hub_download` and `snapshot_download` (the resolve endpoint with ETag,
   X-Repo-Commit and Content-Length).
 
 Tests inspect the result directly (`titles`, `commits`, `files`, `commit_by_title`, `collections`, `requests`)
-and can make endpoints fail or slow (`fail`, `delay`). Writes need `Authorization: Bearer <hub.token>`. Only
+and can make endpoints fail or slow (`fail`, `delay`), add latency to every request and cap upload
+bandwidth (`latency_s`, `upload_bytes_per_s`), or refuse connections altogether (`refuse_connections`,
+`accept_connections`: the port is closed, then served again). Writes need `Authorization: Bearer <hub.token>`. Only
 namespaced repo ids (`owner/name`) are supported.
 
 huggingface_hub reads HF_ENDPOINT (and HF_HUB_OFFLINE, HF_HUB_CACHE) once, at import. Two ways to point a
@@ -57,7 +64,10 @@ REPO_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 INITIAL_COMMIT_TITLE = "initial commit"
 GITATTRIBUTES = (
     b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
+    b"*.pt filter=lfs diff=lfs merge=lfs -text\n*.arrow filter=lfs diff=lfs merge=lfs -text\n"
 )
+LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".arrow")  # the patterns above
+LFS_MIN_SIZE = 10 * 1000 * 1000  # the Hub stores files from 10 MB on in LFS, whatever their type
 
 
 def git_blob_oid(data: bytes) -> str:
@@ -79,6 +89,7 @@ class Commit:
     parent: str | None
     files: Mapping[str, bytes]
     date: datetime
+    lfs: frozenset[str] = frozenset()  # paths stored in LFS
 
     @property
     def message(self) -> str:
@@ -154,6 +165,10 @@ class FakeHub:
         self.collections: dict[str, dict[str, Any]] = {}
         self.requests: list[tuple[str, str, int]] = []  # (method, path, status) in arrival order
         self.failures: list[FailureRule] = []
+        self.lfs_objects: dict[str, bytes] = {}  # sha256 -> content, once uploaded and verified
+        self._uploaded_lfs: dict[str, bytes] = {}  # PUT but not yet verified
+        self.latency_s = 0.0  # added to every request
+        self.upload_bytes_per_s: float | None = None  # caps the speed of request bodies (uploads)
         self._lock = threading.RLock()
         self._clock = datetime(2025, 1, 1, tzinfo=timezone.utc)
         self._server: ThreadingHTTPServer | None = None
@@ -171,8 +186,15 @@ class FakeHub:
         return self._url
 
     def start(self) -> FakeHub:
+        self._serve(0)
+        self._timer = threading.Timer(self.lifetime_s, self.stop)
+        self._timer.daemon = True
+        self._timer.start()
+        return self
+
+    def _serve(self, port: int) -> None:
         handler = type("FakeHubHandler", (_Handler,), {"hub": self})
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), handler)  # allow_reuse_address: same port
         self._server.daemon_threads = True
         host, port = self._server.server_address[:2]
         self._url = f"http://{host}:{port}"
@@ -180,20 +202,28 @@ class FakeHub:
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-hub", daemon=True
         )
         self._thread.start()
-        self._timer = threading.Timer(self.lifetime_s, self.stop)
-        self._timer.daemon = True
-        self._timer.start()
-        return self
 
-    def stop(self) -> None:
+    def refuse_connections(self) -> None:
+        """Close the port: connections are refused (the state is kept) until `accept_connections`."""
+        self._close_server()
+
+    def accept_connections(self) -> None:
+        """Serve again on the same port after `refuse_connections`."""
+        if self._server is None:
+            self._serve(int(self.url.rsplit(":", 1)[1]))
+
+    def _close_server(self) -> None:
         server, self._server = self._server, None
-        if self._timer is not None and self._timer is not threading.current_thread():
-            self._timer.cancel()
         if server is not None:
             server.shutdown()
             server.server_close()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
+
+    def stop(self) -> None:
+        if self._timer is not None and self._timer is not threading.current_thread():
+            self._timer.cancel()
+        self._close_server()
 
     def __enter__(self) -> FakeHub:
         return self.start()
@@ -208,6 +238,7 @@ class FakeHub:
             "HF_TOKEN": self.token,
             "HF_HUB_CACHE": str(cache_dir),
             "HF_HUB_DISABLE_TELEMETRY": "1",
+            "HF_HUB_DISABLE_XET": "1",  # the fake speaks LFS, not Xet
             "NO_PROXY": "127.0.0.1,localhost",
             "no_proxy": "127.0.0.1,localhost",
         }
@@ -298,7 +329,13 @@ class FakeHub:
     # --- internals shared by the handler ------------------------------------------------------------------
 
     def _new_commit(
-        self, repo: Repo, parent: Commit | None, title: str, description: str, files: dict[str, bytes]
+        self,
+        repo: Repo,
+        parent: Commit | None,
+        title: str,
+        description: str,
+        files: dict[str, bytes],
+        lfs: frozenset[str] = frozenset(),
     ) -> Commit:
         self._clock += timedelta(seconds=1)  # strictly increasing dates, independent of wall-clock speed
         digest = hashlib.sha1()
@@ -313,9 +350,42 @@ class FakeHub:
             parent.oid if parent else None,
             MappingProxyType(dict(files)),
             self._clock,
+            frozenset(p for p in lfs if p in files),
         )
         repo.commits[commit.oid] = commit
         return commit
+
+
+def model_index_errors(model_index: Any) -> list[str]:
+    """What the Hub's metadata validation says about a `model-index` (empty when it is valid or absent)."""
+    if model_index is None:
+        return []
+    if not isinstance(model_index, list) or not model_index:
+        return ['"model-index" must be a non-empty array']
+    errors = []
+    for i, model in enumerate(model_index):
+        if not isinstance(model, dict) or not isinstance(model.get("name"), str):
+            errors.append(f'"model-index[{i}].name" is required')
+            continue
+        results = model.get("results")
+        if not isinstance(results, list):
+            errors.append(f'"model-index[{i}].results" must be an array')
+            continue
+        for j, result in enumerate(results):
+            where = f"model-index[{i}].results[{j}]"
+            task, dataset = result.get("task") or {}, result.get("dataset") or {}
+            if not isinstance(task.get("type"), str):
+                errors.append(f'"{where}.task.type" is required')
+            if not isinstance(dataset.get("type"), str) or not isinstance(dataset.get("name"), str):
+                errors.append(f'"{where}.dataset" needs "type" and "name"')
+            metrics = result.get("metrics")
+            if not isinstance(metrics, list) or not metrics:
+                errors.append(f'"{where}.metrics" must be a non-empty array')
+                continue
+            for k, metric in enumerate(metrics):
+                if not isinstance(metric.get("type"), str) or "value" not in metric:
+                    errors.append(f'"{where}.metrics[{k}]" needs "type" and "value"')
+    return errors
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -338,6 +408,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:
         self._dispatch("DELETE")
 
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
     # --- plumbing -----------------------------------------------------------------------------------------
 
     def _dispatch(self, method: str) -> None:
@@ -345,7 +418,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.raw_path, self.query = split.path, parse_qs(split.query)
         status = 500
         try:
+            started = time.perf_counter()
             body = self._read_body()
+            rate = self.hub.upload_bytes_per_s
+            # A slow link: the request takes at least the latency plus its upload time at `rate`.
+            wait = self.hub.latency_s + (len(body) / rate if rate else 0.0) - (time.perf_counter() - started)
+            if wait > 0:
+                time.sleep(wait)
             self._check_failures(method, body)
             status = self._route(method, body)
         except _HttpError as error:
@@ -451,6 +530,9 @@ class _Handler(BaseHTTPRequestHandler):
         r"^/api/(?P<type>models|datasets|spaces)/(?P<id>[^/]+/[^/]+)"
         r"(?:/(?P<op>preupload|commit|branch|commits|revision|tree|refs)(?:/(?P<rest>.*))?)?$"
     )
+    LFS_BATCH = re.compile(
+        r"^/(?:(?P<type>dataset|space)s/)?(?P<id>[^/]+/[^/]+)\.git/info/lfs/objects/batch$"
+    )
     RESOLVE = re.compile(
         r"^/(?:(?P<type>datasets|spaces)/)?(?P<id>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$"
     )
@@ -460,8 +542,19 @@ class _Handler(BaseHTTPRequestHandler):
         with self.hub._lock:
             if path == "/api/repos/create" and method == "POST":
                 return self._create_repo(self._json(body))
+            if path == "/" and method in ("GET", "HEAD"):  # the home page: what a reachability probe asks
+                self._send(200, b"fake Hub", {"Content-Type": "text/plain"}, head=method == "HEAD")
+                return 200
             if path == "/api/validate-yaml" and method == "POST":
-                return self._ok({"errors": [], "warnings": []})
+                return self._validate_yaml(self._json(body))
+            if (lfs := self.LFS_BATCH.fullmatch(path)) and method == "POST":
+                self._require_token()
+                return self._lfs_batch(self._repo(f"{lfs['type'] or 'model'}s", lfs["id"]), self._json(body))
+            if (upload := re.fullmatch(r"/lfs-objects/(?P<oid>[0-9a-f]{64})", path)) and method == "PUT":
+                return self._lfs_put(upload["oid"], body)
+            if path == "/lfs-verify" and method == "POST":
+                self._require_token()
+                return self._lfs_verify(self._json(body))
             if path == "/api/agent-harnesses":
                 # huggingface_hub's telemetry registry: a 404 makes the client skip it without caching
                 # an answer in the real HF_HOME.
@@ -550,12 +643,22 @@ class _Handler(BaseHTTPRequestHandler):
         answer = []
         for entry in files:
             existing = head.files.get(entry["path"])
+            sample = base64.b64decode(entry.get("sample") or "")
+            lfs = (
+                entry["path"].endswith(LFS_SUFFIXES)
+                or int(entry.get("size") or 0) >= LFS_MIN_SIZE
+                or b"\0" in sample
+            )
+            if existing is None:
+                oid = None
+            else:
+                oid = hashlib.sha256(existing).hexdigest() if lfs else git_blob_oid(existing)
             answer.append(
                 {
                     "path": entry["path"],
-                    "uploadMode": "regular",
+                    "uploadMode": "lfs" if lfs else "regular",
                     "shouldIgnore": False,
-                    "oid": git_blob_oid(existing) if existing is not None else None,
+                    "oid": oid,
                 }
             )
         return self._ok({"files": answer, "commitOid": head.oid})
@@ -572,7 +675,7 @@ class _Handler(BaseHTTPRequestHandler):
         head = repo.commits[repo.branches[branch]]
         if header.get("parentCommit") and header["parentCommit"] != head.oid:
             raise _HttpError(412, f"Parent commit {header['parentCommit']} is not the head of {branch}")
-        files = dict(head.files)
+        files, lfs = dict(head.files), set(head.lfs)
         for line in lines[1:]:
             key, value = line.get("key"), line.get("value", {})
             path = value.get("path", "")
@@ -580,6 +683,13 @@ class _Handler(BaseHTTPRequestHandler):
                 if value.get("encoding") != "base64":
                     raise _HttpError(400, f"Unsupported encoding for {path}: {value.get('encoding')}")
                 files[path] = base64.b64decode(value["content"])
+                lfs.discard(path)
+            elif key == "lfsFile":
+                content = self.hub.lfs_objects.get(value.get("oid", ""))
+                if content is None:
+                    raise _HttpError(400, f"LFS object {value.get('oid')} for {path} was never uploaded")
+                files[path] = content
+                lfs.add(path)
             elif key == "deletedFile":
                 if path not in files:
                     raise _HttpError(404, f"A file with this name doesn't exist: {path}")
@@ -591,7 +701,7 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 raise _HttpError(400, f"The fake Hub does not support '{key}' commit operations")
         commit = self.hub._new_commit(
-            repo, head, header.get("summary", ""), header.get("description", ""), files
+            repo, head, header.get("summary", ""), header.get("description", ""), files, frozenset(lfs)
         )
         repo.branches[branch] = commit.oid
         prefix = "" if repo.repo_type == "model" else f"{repo.repo_type}s/"
@@ -604,6 +714,59 @@ class _Handler(BaseHTTPRequestHandler):
                 "pullRequestUrl": None,
             }
         )
+
+    def _lfs_batch(self, repo: Repo, payload: dict) -> int:
+        if payload.get("operation") != "upload":
+            raise _HttpError(400, "The fake Hub's LFS batch API only uploads")
+        objects = []
+        for obj in payload.get("objects") or []:
+            oid, size = obj.get("oid"), obj.get("size")
+            if (
+                not isinstance(oid, str)
+                or not re.fullmatch(r"[0-9a-f]{64}", oid)
+                or not isinstance(size, int)
+            ):
+                raise _HttpError(422, f"Malformed LFS object {obj!r}")
+            answer: dict[str, Any] = {"oid": oid, "size": size, "authenticated": True}
+            if oid not in self.hub.lfs_objects:  # known objects need no upload, as on the Hub
+                answer["actions"] = {
+                    "upload": {"href": f"{self.hub.url}/lfs-objects/{oid}", "header": {}},
+                    "verify": {"href": f"{self.hub.url}/lfs-verify", "header": {}},
+                }
+            objects.append(answer)
+        self._send_json(200, {"transfer": "basic", "objects": objects, "hash_algo": "sha256"})
+        return 200
+
+    def _lfs_put(self, oid: str, body: bytes) -> int:
+        if hashlib.sha256(body).hexdigest() != oid:
+            raise _HttpError(400, f"Uploaded content does not match LFS object {oid}")
+        self.hub._uploaded_lfs[oid] = body
+        return self._ok({})
+
+    def _lfs_verify(self, payload: dict) -> int:
+        oid = payload.get("oid", "")
+        content = self.hub._uploaded_lfs.get(oid, self.hub.lfs_objects.get(oid))
+        if content is None or len(content) != payload.get("size"):
+            raise _HttpError(404, f"LFS object {oid} of size {payload.get('size')} was not uploaded")
+        self.hub.lfs_objects[oid] = content
+        return self._ok({"success": True})
+
+    def _validate_yaml(self, payload: dict) -> int:
+        content = payload.get("content") or ""
+        match = re.match(r"^---\n(.*?)\n---\n", content, re.DOTALL)
+        if match is None:
+            return self._ok({"errors": [], "warnings": []})
+        try:
+            import yaml
+
+            metadata = yaml.safe_load(match[1]) or {}
+        except Exception as error:
+            raise _HttpError(400, f"Invalid YAML metadata: {error}") from error
+        errors = model_index_errors(metadata.get("model-index")) if isinstance(metadata, dict) else []
+        if errors:
+            self._send(400, "; ".join(errors).encode(), {"Content-Type": "text/plain"})
+            return 400
+        return self._ok({"errors": [], "warnings": []})
 
     def _collection(self, slug: str) -> dict[str, Any]:
         collection = self.hub.collections.get(slug)
@@ -720,6 +883,9 @@ class _Handler(BaseHTTPRequestHandler):
                     entries[folder] = {"type": "directory", "oid": oid, "size": 0, "path": folder}
             if recursive or len(parts) == 1:
                 entries[path] = {"type": "file", "oid": git_blob_oid(data), "size": len(data), "path": path}
+                if path in commit.lfs:
+                    sha = hashlib.sha256(data).hexdigest()
+                    entries[path]["lfs"] = {"oid": sha, "size": len(data), "pointerSize": 134}
         return self._ok(list(entries.values()))
 
     def _resolve(self, repo: Repo, revision: str, path: str, head: bool) -> int:
@@ -759,6 +925,7 @@ def point_hub_client_at(hub: FakeHub, cache_dir: str | os.PathLike[str]) -> Iter
             constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}"
         )
         patch.setattr(constants, "HF_HUB_OFFLINE", False)
+        patch.setattr(constants, "HF_HUB_DISABLE_XET", True)
         patch.setattr(constants, "HF_HUB_CACHE", str(cache_dir))
         for name, value in hub.client_env(cache_dir).items():
             patch.setenv(name, value)

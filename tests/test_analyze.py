@@ -537,3 +537,48 @@ def test_library_logs_warnings_to_the_analysis_log(trained_run, tmp_path, caplog
             ),
             LocalRun(trained_run),
         )
+
+
+# --- a new analysis never mixes with an old one; suffix typos are config errors; one summary per kind ----
+
+
+def test_an_existing_analysis_is_replaced_only_with_overwrite(trained_run, tmp_path, capsys):
+    code, out = analyse(tmp_path, "--run_path", trained_run, steps=[2, 4])
+    assert code == 0 and sorted(read_results(out)) == [2, 4]
+    (out / "stale.txt").write_text("from an older analysis")
+    code, _ = analyse(tmp_path, "--run_path", trained_run, steps=[4])
+    assert code == 1
+    assert f"{out} already holds an analysis; pass --overwrite to replace it" in capsys.readouterr().err
+    assert sorted(read_results(out)) == [2, 4] and (out / "stale.txt").exists()  # refused: untouched
+    config = write_config(tmp_path / "again.yaml", tmp_path / "out", steps=[4])
+    assert (
+        CLI.main(["--config", str(config), "--run_path", str(trained_run), "--no_report", "--overwrite"]) == 0
+    )
+    assert sorted(read_results(out)) == [4] and not (out / "stale.txt").exists()
+    assert capsys.readouterr().out.strip().splitlines() == [str(out)]  # the folder, once
+
+
+def test_a_suffix_that_matches_no_module_is_a_config_error(trained_run, tmp_path, capsys):
+    metrics = [
+        {"metric_name": "hoyer", "data_split": "train", "components": [simple("gradients", "swiglu.w2")]}
+    ]
+    code, _ = analyse(tmp_path, "--run_path", trained_run, metrics=metrics, steps=[2, 4])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "metric hoyer_train: layer_suffixes 'swiglu.w2' matches no module of the run; did you mean " in err
+    assert "'swiglu.w_2'" in err and "attention.v_proj" in err
+    assert err.count("not computed") == 0
+
+
+def test_the_console_summary_is_per_component_kind(trained_run, tmp_path, capsys):
+    metrics = [
+        {"metric_name": "norm", "norm_type": "nuclear", "data_split": "val", "components": [ov("weights")]}
+    ]
+    code, out = analyse(tmp_path, "--run_path", trained_run, metrics=metrics, steps=[2])
+    assert code == 0
+    values = read_results(out)[2]["norm_nuclear_val"]
+    heads = [v for k, v in values.items() if ".heads." in k]
+    whole = [v for k, v in values.items() if ".heads." not in k]
+    line = next(line for line in capsys.readouterr().err.splitlines() if "step 2:" in line)
+    assert f"norm_nuclear_val ov_circuit.weights.heads mean {sum(heads) / len(heads):.4g}" in line
+    assert f"norm_nuclear_val ov_circuit.weights mean {sum(whole) / len(whole):.4g}" in line

@@ -26,6 +26,7 @@ from pico_hf.tokenization import load_tokenizer
 RUN_SCRIPT = REPO / "eval" / "run.py"
 TASKS_DIR = REPO / "eval" / "tasks"
 PICO_TASKS = ["pico_arc_easy", "pico_hellaswag", "pico_paloma", "pico_paloma_tinsy"]
+BLIMP_TASKS = [f"pico_blimp_{path.stem}" for path in sorted((TASKS_DIR / "blimp").glob("[a-z]*.yaml"))]
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +71,12 @@ def scores(report):
 
 
 def test_pico_tasks_are_registered(manager, full_manager):
-    assert manager.all_tasks == ["pico", *PICO_TASKS]
-    assert set(manager.task_index["pico"].tags) == set(PICO_TASKS)
-    assert {"pico", *PICO_TASKS, "hellaswag", "arc_easy", "blimp", "paloma"} <= set(full_manager.all_tasks)
+    assert len(BLIMP_TASKS) == 67
+    assert manager.all_tasks == sorted(["pico", *PICO_TASKS, "pico_blimp", *BLIMP_TASKS])
+    assert set(manager.task_index["pico"].tags) == {*PICO_TASKS, *BLIMP_TASKS}
+    assert {"pico", *PICO_TASKS, "pico_blimp", "hellaswag", "arc_easy", "blimp", "paloma"} <= set(
+        full_manager.all_tasks
+    )
     assert task_manager_for(["pico_arc_easy", "pico_p*"], TASKS_DIR).all_tasks == manager.all_tasks
 
 
@@ -80,7 +84,9 @@ def test_pico_tag_runs_offline_and_skips_the_hub_task(checkpoint, manager, caplo
     model, tokenizer = load_model(str(checkpoint), device="cpu")
     report = evaluate(model, tokenizer, ["pico"], manager, limit=2, batch_size=4, bootstrap_iters=0)
     values = scores(report)
-    assert sorted(values) == ["pico_arc_easy", "pico_hellaswag", "pico_paloma"]
+    assert sorted(values) == sorted(
+        ["pico_arc_easy", "pico_blimp", "pico_hellaswag", "pico_paloma", *BLIMP_TASKS]
+    )
     assert set(values["pico_arc_easy"]) == set(values["pico_hellaswag"]) == {"acc", "acc_norm"}
     assert set(values["pico_paloma"]) == {"word_perplexity", "byte_perplexity", "bits_per_byte"}
     assert all(value == value for task in values.values() for value in task.values())  # no NaN
@@ -109,7 +115,18 @@ def test_hub_tasks_are_skipped_offline_and_kept_online(full_manager):
     )
     assert online.runnable == ["hellaswag", "blimp", "paloma_c4_en", "pico_paloma_tinsy"]
     assert online.skipped == {}
-    assert resolve_tasks(["pico_*"], manager).runnable == ["pico_arc_easy", "pico_hellaswag", "pico_paloma"]
+    runnable = resolve_tasks(["pico_*"], manager).runnable
+    assert [n for n in runnable if not n.startswith("pico_blimp")] == [
+        "pico_arc_easy",
+        "pico_hellaswag",
+        "pico_paloma",
+    ]
+    assert resolve_tasks(["pico"], manager).runnable == [
+        "pico_arc_easy",
+        "pico_blimp",
+        "pico_hellaswag",
+        "pico_paloma",
+    ]
 
 
 def _lm_eval_yaml(name):
@@ -280,7 +297,9 @@ def test_unknown_task_names_the_available_ones(full_manager):
         resolve_tasks(["pico_hellaswg"], manager)
     message = str(error.value)
     assert message.startswith("Unknown task 'pico_hellaswg'. Did you mean 'pico_hellaswag'")
-    assert "pico-hf tasks: pico_arc_easy, pico_hellaswag, pico_paloma, pico_paloma_tinsy" in message
+    assert (
+        "pico-hf tasks: pico_arc_easy, pico_blimp, pico_hellaswag, pico_paloma, pico_paloma_tinsy;" in message
+    )
     assert "`python eval/run.py --list` prints them" in message
     with pytest.raises(EvaluationError, match=r"Unknown task 'zzz_\*'"):
         resolve_tasks(["zzz_*"], manager)
@@ -320,3 +339,117 @@ def test_model_errors(checkpoint, tmp_path):
         EvaluationError, match=r"Could not load model \(local cache or Hub\) 'pico-lm/not-cached'"
     ):
         load_model("pico-lm/not-cached")
+
+
+def test_a_perplexity_task_draws_one_progress_bar(checkpoint, tmp_path):
+    result = run_cli(
+        "--model", str(checkpoint), "--tasks", "pico_paloma", "--limit", "6", "--device", "cpu",
+        "--batch_size", "2", "--output", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    states = [line for line in result.stderr.replace("\r", "\n").splitlines() if "loglikelihood" in line]
+    assert not any(
+        line.startswith("Running loglikelihood requests") for line in states
+    )  # one per batch before
+    assert {line.split(":")[0] for line in states} == {"Running loglikelihood_rolling requests"}
+    assert states[-1].startswith("Running loglikelihood_rolling requests: 12 windows")  # 2 per document here
+
+
+def test_list_puts_pico_tasks_first_and_filters(full_manager):
+    result = run_cli("--list", "arc_e")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:2] == ["pico-hf tasks (1):", "  pico_arc_easy"]
+    assert lines[2] == "pico-hf tags and groups (0):"
+    tasks = lines[lines.index(next(line for line in lines if line.startswith("lm-eval tasks"))) + 1 :]
+    assert "  arc_easy" in tasks and all("arc_e" in line for line in tasks)
+    everything = run_cli("--list").stdout.splitlines()
+    assert (
+        everything[:7]
+        == ["pico-hf tasks (4):", *(f"  {t}" for t in PICO_TASKS), "pico-hf tags and groups (1):", "  pico"][
+            :7
+        ]
+    )
+
+
+# --- BLiMP: pico_blimp vs lm-eval's blimp_* on a local copy in the Hub dataset's layout -----------------------
+
+BLIMP_PARITY = ["anaphor_number_agreement", "wh_island"]
+
+
+@pytest.fixture(scope="module")
+def blimp_hub_copy(tmp_path_factory):
+    """`nyu-mll/blimp`'s layout (one parquet config per sub-dataset, split `train`) holding the shipped pairs of
+    two sub-datasets, and lm-eval's own blimp task config pointed at it."""
+    import lm_eval
+    import pyarrow.parquet as pq
+
+    root = tmp_path_factory.mktemp("blimp")
+    hub = root / "nyu-mll-blimp"
+    configs = []
+    for uid in BLIMP_PARITY:
+        (hub / uid).mkdir(parents=True)
+        table = pq.read_table(REPO / "eval" / "data" / "blimp.parquet", filters=[("UID", "==", uid)])
+        pq.write_table(table, hub / uid / "train-00000-of-00001.parquet")
+        configs.append(f"- config_name: {uid}\n  data_files:\n  - split: train\n    path: {uid}/train-*")
+    (hub / "README.md").write_text("---\nconfigs:\n" + "\n".join(configs) + "\n---\n")
+    template = os.path.join(os.path.dirname(lm_eval.__file__), "tasks", "blimp", "_template_yaml")
+    tasks = root / "tasks"
+    tasks.mkdir()
+    for uid in BLIMP_PARITY:
+        (tasks / f"{uid}.yaml").write_text(
+            f"include: {template}\ntask: blimp_{uid}\ndataset_path: {hub}\ndataset_name: {uid}\n"
+        )
+    return tasks
+
+
+def test_blimp_tasks_are_lm_evals_67(manager):
+    import lm_eval
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    reference = load_yaml(
+        os.path.join(os.path.dirname(lm_eval.__file__), "tasks", "blimp", "_blimp.yaml"), resolve_func=False
+    )
+    ours = manager.task_index["pico_blimp"].cfg
+    assert len(ours["task"]) == 67
+    assert ours["task"] == [name.replace("blimp_", "pico_blimp_", 1) for name in reference["task"]]
+    assert ours["aggregate_metric_list"] == reference["aggregate_metric_list"]
+    assert set(ours["task"]) <= manager.task_index["pico"].tags
+
+
+def test_pico_blimp_scores_equal_lm_evals_blimp(checkpoint, blimp_hub_copy):
+    manager = task_manager([TASKS_DIR, blimp_hub_copy], include_defaults=False)
+    ours = [f"pico_blimp_{uid}" for uid in BLIMP_PARITY]
+    theirs = [f"blimp_{uid}" for uid in BLIMP_PARITY]
+    loaded = manager.load(ours + theirs)["tasks"]
+    for mine, ref in zip(ours, theirs, strict=True):
+        docs, ref_docs = loaded[mine].validation_docs(), loaded[ref].validation_docs()
+        assert len(docs) == len(ref_docs) == 1000
+        assert list(docs) == list(ref_docs)
+        for doc in docs.select(range(0, 1000, 37)):
+            args = [
+                (r.arguments, r.doc_id)
+                for r in loaded[mine].construct_requests(doc, "", metadata=("t", 0, 1))
+            ]
+            ref_args = [
+                (r.arguments, r.doc_id) for r in loaded[ref].construct_requests(doc, "", metadata=("t", 0, 1))
+            ]
+            assert args == ref_args
+    model, tokenizer = load_model(str(checkpoint), device="cpu")
+    report = evaluate(model, tokenizer, ours + theirs, manager, limit=40, batch_size=16, bootstrap_iters=0)
+    values = scores(report)
+    for mine, ref in zip(ours, theirs, strict=True):
+        assert values[mine] == values[ref]
+        assert report.results["n-samples"][mine] == {"original": 1000, "effective": 40}
+    assert len({values[name]["acc"] for name in ours}) == 2  # different pairs, different scores
+
+
+@pytest.mark.slow
+def test_pico_blimp_group_is_the_mean_of_its_tasks(checkpoint, manager):
+    model, tokenizer = load_model(str(checkpoint), device="cpu")
+    report = evaluate(model, tokenizer, ["pico_blimp"], manager, limit=2, batch_size=16, bootstrap_iters=0)
+    values = scores(report)
+    subtasks = [name for name in values if name.startswith("pico_blimp_")]
+    assert len(subtasks) == 67
+    mean = sum(values[name]["acc"] for name in subtasks) / 67
+    assert values["pico_blimp"]["acc"] == pytest.approx(mean, abs=1e-12)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import REPO, tiny_training_overrides
 from fake_hub import FakeHub, fake_hub, point_hub_client_at, running_fake_hub  # noqa: F401
-from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub import HfApi, ModelCard, snapshot_download
 from safetensors.torch import load_file, save_file
 
 from pico_hf.hub import publish
@@ -34,6 +34,7 @@ from pico_hf.training.trainer import CheckpointContributor
 REPO_ID = "fake-user/pico-tiny"
 COLLECTION = "fake-user/pico-suite-0123456789"
 BRANCH = "tiny"  # the run name in tiny_training_overrides
+FINAL_TITLE = "Saving Final Model -- Step 6 (run branch 'tiny')"
 LD_TITLE = re.compile(r"Saving Learning Dynamics Data \((\w+)\) -- Step (\d+)")  # what pico-analyze looks for
 
 
@@ -108,11 +109,12 @@ def published(tmp_path_factory):
 def test_branch_holds_every_checkpoint_as_pico_train_commits(published):
     hub, _, _ = published
     assert hub.titles(REPO_ID, BRANCH) == ["initial commit", *expected_titles([0, 2, 4, 6], last=6)]
-    assert hub.titles(REPO_ID, "main") == ["initial commit"]  # the run lives on its own branch
+    # The run lives on its own branch; main gets the final model and its card, once the run is complete.
+    assert hub.titles(REPO_ID, "main") == ["initial commit", FINAL_TITLE]
     assert [item["id"] for item in hub.collections[COLLECTION]["items"]] == [REPO_ID]
     # Nothing was pushed twice, and the writes carried the token.
     commit_posts = [r for r in hub.requests if r[0] == "POST" and "/commit/" in r[1]]
-    assert len(commit_posts) == len(expected_titles([0, 2, 4, 6], last=6))
+    assert len(commit_posts) == len(expected_titles([0, 2, 4, 6], last=6)) + 1
     assert [r for r in hub.requests if r[2] != 200 and r[1] != "/api/agent-harnesses"] == []
 
 
@@ -289,13 +291,20 @@ def test_failed_push_is_reported_training_goes_on_and_the_cli_completes_it(
     )
     config, notes = load_config(None, hub_overrides(tmp_path, **{"training.max_steps": 4}))
     with (
-        caplog.at_level(logging.ERROR, logger="pico_hf.training.hub"),
+        caplog.at_level(logging.INFO, logger="pico_hf.training"),
         pytest.raises(HubPushError, match=r"from step 2 'Saving Fabric Checkpoint -- Step 2' on") as raised,
     ):
         run_training(config, notes, extra_callbacks=[HandMadeStates()])
-    assert f"python -m pico_hf.hub.publish {config.run_dir} --repo_id {REPO_ID} --branch {BRANCH}" in str(
-        raised.value
-    )
+    command = f"python -m pico_hf.hub.publish {config.run_dir} --repo_id {REPO_ID} --branch {BRANCH}"
+    assert str(raised.value).endswith(command) and raised.value.command == command
+    # The run still ends with its summary, which counts the pushes and names what is left and how to push it.
+    [summary] = [r.getMessage() for r in caplog.records if "Finished 4 steps" in r.getMessage()]
+    hub_line = summary.splitlines()[-1]
+    assert re.fullmatch(
+        rf"  hub: +\d+ commits pushed, \d+ retries; \d+ NOT pushed, finish with: {re.escape(command)}",
+        hub_line,
+    ), hub_line
+    assert int(re.search(r"(\d+) retries", hub_line)[1]) >= 4
     assert any(
         "step 2, commit 'Saving Fabric Checkpoint -- Step 2'" in r.getMessage()
         and "Hub is down" in r.getMessage()
@@ -431,7 +440,8 @@ def test_cli_dry_run_lists_commits_in_step_order(tmp_path, capsys):
     assert publish.main([str(run_dir), "--repo_id", "me/x", "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"Would push 10 commits from {run_dir} to me/x (branch 'my-run'):"
-    assert [line.split("  (")[0].strip() for line in lines[1:]] == [
+    assert lines[-1] == "and on 'main': Saving Final Model -- Step 10 (run branch 'my-run')  (5 files)"
+    assert [line.split("  (")[0].strip() for line in lines[1:-1]] == [
         "Saving HF Model -- Step 0",
         "Saving Tokenizer -- Step 0",
         "Saving Fabric Checkpoint -- Step 0",
@@ -476,3 +486,139 @@ def test_module_runs_as_a_script(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "Saving HF Model -- Step 0" in result.stdout
+
+
+# --- cards, main, the LFS path, concurrent writers ----------------------------------------------------------
+
+
+def test_each_model_commit_carries_the_card_and_main_holds_the_final_model(published, tmp_path):
+    hub, config, _ = published
+    run_dir = config.run_dir
+    for step in (0, 2, 4, 6):
+        at_model = hub.commit_by_title(REPO_ID, BRANCH, f"Saving HF Model -- Step {step}").files
+        local = (run_dir / "checkpoints" / f"step_{step}" / "README.md").read_bytes()
+        assert at_model["README.md"] == local
+        card = ModelCard(local.decode())
+        [index] = card.data.eval_results
+        assert (index.metric_name, index.metric_value) == ("paloma", 100.0 - step)  # HandMadeStates' value
+        assert index.dataset_name == config.evaluation.paloma.dataset_name  # the file names no dataset
+        assert f"| {step} | 6 | {step * 8 * 16:,} |" in card.text  # step, of, tokens seen
+        assert (
+            f'revision="{BRANCH}"' in card.text and "learning_dynamics/val_weights.safetensors" in card.text
+        )
+        card.validate()  # the Hub's metadata validation, model-index included
+    # main: the final checkpoint's model, tokenizer and card, nothing of the history.
+    final = hub.files(REPO_ID, "main")
+    last = publish.checkpoint_steps(run_dir)[-1]  # 6, or 8 once the resumed run has run
+    assert hub.titles(REPO_ID, "main")[-1] == f"Saving Final Model -- Step {last} (run branch 'tiny')"
+    final_dir = run_dir / "checkpoints" / f"step_{last}"
+    for name in ("README.md", "model.safetensors", "config.json", "tokenizer.json"):
+        assert final[name] == (final_dir / name).read_bytes(), name
+    assert not any(name.startswith(("fabric_state/", "learning_dynamics/")) for name in final)
+    # Read back as a user would: the native loader from main.
+    from transformers import AutoModelForCausalLM
+
+    import pico_hf  # noqa: F401
+
+    model = AutoModelForCausalLM.from_pretrained(REPO_ID, cache_dir=tmp_path / "cache")
+    local = AutoModelForCausalLM.from_pretrained(final_dir).state_dict()
+    loaded = model.state_dict()
+    assert sorted(local) == sorted(loaded)
+    for name, tensor in local.items():
+        torch.testing.assert_close(loaded[name], tensor, rtol=0, atol=0)
+
+
+def test_weights_travel_the_lfs_path_and_the_token_is_never_written(published):
+    hub, config, _ = published
+    head = hub.commits(REPO_ID, BRANCH)[-1]
+    assert {"model.safetensors", "fabric_state/optimizer.pt"} <= head.lfs
+    assert {"config.json", "README.md", "training_config.yaml"}.isdisjoint(head.lfs)
+    puts = [path for method, path, status in hub.requests if method == "PUT" and status == 200]
+    batches = [path for method, path, _ in hub.requests if path.endswith(".git/info/lfs/objects/batch")]
+    assert puts and batches and any(path == "/lfs-verify" for _, path, _ in hub.requests)
+    tree = HfApi().list_repo_tree(REPO_ID, revision=BRANCH)
+    assert {entry.path: entry.lfs is not None for entry in tree if entry.path.endswith("json")} == {
+        "config.json": False,
+        "generation_config.json": False,
+        "tokenizer.json": False,
+        "tokenizer_config.json": False,
+    }
+    # The token: in no local file of the run (logs, config, cards) and in no file of any commit.
+    token = hub.token.encode()
+    for path in config.run_dir.rglob("*"):
+        if path.is_file():
+            assert token not in path.read_bytes(), path
+    for revision in (BRANCH, "main"):
+        for commit in hub.commits(REPO_ID, revision):
+            assert commit.title.encode().find(token) == -1
+            assert all(token not in data for data in commit.files.values()), commit.title
+
+
+def test_hub_pushes_draw_no_progress_bars(published):
+    # Background uploads must not interleave huggingface_hub's per-file bars with the training bar.
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    assert are_progress_bars_disabled()
+
+
+def test_a_failure_in_the_middle_of_an_lfs_upload_is_retried(fake_hub, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(publish, "RETRY_DELAYS", (0.0, 0.0))
+    weights = tmp_path / "model.safetensors"
+    save_file({"w": torch.arange(1000.0)}, weights)
+    fake_hub.fail("/lfs-verify", status=400, message="verify failed", times=1)  # uploaded, not verified
+    publisher = HubPublisher(REPO_ID, "run", api=HfApi())
+    publisher.prepare()
+    oid = publisher.push(PlannedCommit(1, "Saving HF Model -- Step 1", ((weights, "model.safetensors"),)))
+    assert publisher.retries == 1
+    assert fake_hub.titles(REPO_ID, "run") == ["initial commit", "Saving HF Model -- Step 1"]
+    head = fake_hub.commits(REPO_ID, "run")[-1]
+    assert head.oid == oid and head.files["model.safetensors"] == weights.read_bytes()
+    assert head.lfs == {"model.safetensors"}
+    puts = [r for r in fake_hub.requests if r[0] == "PUT"]
+    assert len(puts) == 2  # the object went up again after the failed verification
+
+
+def test_a_concurrent_writer_is_never_overwritten(fake_hub, tmp_path):  # noqa: F811
+    note = tmp_path / "note.txt"
+    note.write_text("mine")
+    publisher = HubPublisher(REPO_ID, "run", api=HfApi())
+    publisher.prepare()
+    HfApi().upload_file(path_or_fileobj=b"theirs", path_in_repo="other.txt", repo_id=REPO_ID, revision="run")
+    with pytest.raises(HubPushError, match="changed by another writer"):
+        publisher.push(PlannedCommit(1, "Saving HF Model -- Step 1", ((note, "note.txt"),)))
+    assert fake_hub.files(REPO_ID, "run")["other.txt"] == b"theirs"
+    assert "note.txt" not in fake_hub.files(REPO_ID, "run")
+    assert 412 in {status for _, path, status in fake_hub.requests if "/commit/" in path}
+    # A new publisher starts from the new head (create_branch(exist_ok=True) keeps the branch) and pushes.
+    again = HubPublisher(REPO_ID, "run", api=HfApi())
+    again.prepare()
+    again.push(PlannedCommit(1, "Saving HF Model -- Step 1", ((note, "note.txt"),)))
+    assert fake_hub.files(REPO_ID, "run")["other.txt"] == b"theirs"
+    assert fake_hub.files(REPO_ID, "run")["note.txt"] == b"mine"
+
+
+def test_reachability_probe_goes_through_the_configured_proxy(monkeypatch):
+    """huggingface_hub's HTTP client honours HTTP(S)_PROXY; a raw socket to the endpoint would not."""
+    from huggingface_hub import close_session, constants
+
+    from pico_hf import hub as hub_module
+
+    with FakeHub() as proxy:
+        for name in ("NO_PROXY", "no_proxy", "HF_HUB_OFFLINE"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "ENDPOINT", "http://hub.invalid")  # resolvable only by the proxy
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        close_session()  # the shared client reads the proxy settings when it is created
+        try:
+            assert hub_module.hub_reachable(timeout=5)
+            deadline = time.monotonic() + 5  # the fake logs a request just after answering it
+            while ("HEAD", "/", 200) not in proxy.requests and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert ("HEAD", "/", 200) in proxy.requests  # asked through the proxy
+            monkeypatch.delenv("HTTP_PROXY")
+            close_session()
+            monkeypatch.setattr(constants, "ENDPOINT", "http://hub2.invalid")
+            assert not hub_module.hub_reachable(timeout=5)
+        finally:
+            close_session()

@@ -174,3 +174,54 @@ def test_comparative_ov_metric_keeps_the_weights_its_target_needs(run):
     )["cka"]
     assert results["cka_val"] == pytest.approx(expected)
     assert "layers.1.ov_circuit.activations.heads.0" in results["cka_val"]
+
+
+def metrics_run(tmp_path, callbacks=None):
+    val = make_pretokenized(tmp_path / "val" / "val.parquet", n_rows=10, row_length=17, seed=1)
+    overrides = {
+        "training.max_steps": 8,
+        "checkpointing.learning_dynamics.eval_data": str(val),
+        "checkpointing.learning_dynamics.batch_size": 4,
+        "checkpointing.learning_dynamics.metrics": json.dumps(METRICS),
+    }
+    config, notes = load_config(None, tiny_training_overrides(tmp_path, **overrides))
+    run_training(config, notes, extra_callbacks=callbacks)
+    return config
+
+
+def test_a_resumed_run_computes_the_same_metrics(tmp_path, caplog):
+    """Killed after step 5 (latest: step_4, past the fixed target step 2) and restarted: every later
+    checkpoint's metrics equal an uninterrupted run's, comparisons reading earlier states from disk."""
+    from test_training_run import StopAfter
+
+    reference = metrics_run(tmp_path / "reference")
+    with pytest.raises(KeyboardInterrupt):
+        metrics_run(tmp_path / "resumed", callbacks=[StopAfter(5)])
+    caplog.set_level("INFO", logger="pico_hf.learning_dynamics")
+    resumed = metrics_run(tmp_path / "resumed")
+    assert not [r for r in caplog.records if "Skipping" in r.getMessage()]
+    assert set(saved_metrics(resumed, 6)) == {
+        "per_train",
+        "cka_val",
+        "cka_train",
+        "norm_frobenius_val",
+        "norm_nuclear_val",
+    }
+    for step in (6, 8):
+        assert saved_metrics(resumed, step) == saved_metrics(reference, step), step  # bitwise resume
+
+
+def test_a_missing_target_is_named_truthfully(run, caplog):
+    caplog.set_level("INFO", logger="pico_hf.learning_dynamics")
+    tracker = MetricsTracker.from_config([{**METRICS[1], "target_checkpoint": 3}], run.model)
+    tracker.update(2, ld_dir(run, 2))
+    tracker.update(4, ld_dir(run, 4))  # step 3 was no checkpoint
+    assert [r.getMessage() for r in caplog.records] == [
+        "Skipping cka_val at step 2: step 3 has not been reached to compare with"
+    ]
+    tracker = MetricsTracker.from_config([{**METRICS[1], "target_checkpoint": 3}], run.model)
+    caplog.clear()
+    tracker.update(4, ld_dir(run, 4))
+    assert [r.getMessage() for r in caplog.records] == [
+        "Skipping cka_val at step 4: no learning-dynamics states were saved at step 3 to compare with"
+    ]

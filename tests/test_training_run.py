@@ -135,12 +135,6 @@ def test_resume_is_bitwise_identical(finished_run, tmp_path):
     assert_bitwise_equal(final_weights(tmp_path / "runs" / "tiny"), final_weights(config.run_dir))
 
 
-def test_auto_resume_off_starts_over(tmp_path):
-    train(tmp_path, **{"training.max_steps": 2})
-    summary, _ = train(tmp_path, **{"training.max_steps": 2, "checkpointing.training.auto_resume": "false"})
-    assert summary["resumed_from"] is None and summary["steps"] == 2
-
-
 # --- bad input: a clear error before the first step, nothing written over --------------------------------
 
 

@@ -100,7 +100,14 @@ def task_manager_for(names: list[str], include_path: str | Path | list[str | Pat
 
 
 def pico_task_names(manager) -> list[str]:
-    return [name for name in manager.all_tasks if name.startswith(PICO_TASK_PREFIX)]
+    """pico-hf's tasks and groups, without the groups' sub-tasks (`pico_blimp`, not its 67 tasks)."""
+    children = {
+        child
+        for group in manager.all_groups
+        for child in (manager.task_index[group].cfg or {}).get("task") or []
+        if isinstance(child, str)
+    }
+    return [name for name in manager.all_tasks if name.startswith(PICO_TASK_PREFIX) and name not in children]
 
 
 def _unknown_task(name: str, manager) -> EvaluationError:
@@ -128,8 +135,6 @@ def _hub_dataset(config: dict[str, Any]) -> str | None:
 
 def _leaf_configs(name: str, manager, seen: set[str] | None = None) -> list[tuple[str, dict[str, Any]]]:
     """(task name, raw config) of every task a task, group or tag name stands for."""
-    from lm_eval.tasks._index import Kind
-
     seen = set() if seen is None else seen
     if name in seen:
         return []
@@ -137,9 +142,9 @@ def _leaf_configs(name: str, manager, seen: set[str] | None = None) -> list[tupl
     entry = manager.task_index.get(name)
     if entry is None:
         return []
-    if entry.kind == Kind.TAG:
+    if name in manager.all_tags:
         return [leaf for child in sorted(entry.tags) for leaf in _leaf_configs(child, manager, seen)]
-    if entry.kind == Kind.GROUP:
+    if name in manager.all_groups:
         leaves = []
         for child in (entry.cfg or {}).get("task", []):
             if isinstance(child, dict):  # an inline task, possibly overriding a registered one
@@ -149,6 +154,19 @@ def _leaf_configs(name: str, manager, seen: set[str] | None = None) -> list[tupl
                 leaves += _leaf_configs(child, manager, seen)
         return leaves
     return [(name, entry.cfg or {})]
+
+
+def _tag_members(tag: str, manager) -> list[str] | None:
+    """A tag's tasks with every complete group among them named as the group (lm-eval's tags hold tasks,
+    not groups: the `pico` tag lists the 67 `pico_blimp_*` tasks, reported as `pico_blimp` and its mean);
+    None when no group is complete in the tag."""
+    members = sorted(manager.task_index[tag].tags)
+    out, grouped = list(members), False
+    for group in manager.all_groups:
+        children = (manager.task_index[group].cfg or {}).get("task") or []
+        if children and all(isinstance(c, str) for c in children) and set(children) <= set(out):
+            out, grouped = [m for m in out if m not in children] + [group], True
+    return sorted(out) if grouped else None
 
 
 @dataclass
@@ -170,21 +188,22 @@ def resolve_tasks(names: list[str], manager, hub_available: bool | None = None) 
             expanded += [m for m in matches if m not in expanded]
         elif name not in manager.all_tasks:
             raise _unknown_task(name, manager)
+        elif name in manager.all_tags and (members := _tag_members(name, manager)) is not None:
+            expanded += [m for m in members if m not in expanded]
         elif name not in expanded:
             expanded.append(name)
 
     hub_available = hub_reachable() if hub_available is None else hub_available
     selection = TaskSelection(runnable=[])
     for name in expanded:
-        entry = manager.task_index[name]
         leaves = _leaf_configs(name, manager)
         needs_hub = {task: dataset for task, config in leaves if (dataset := _hub_dataset(config))}
         if hub_available or not needs_hub:
             selection.runnable.append(name)
             continue
-        from lm_eval.tasks._index import Kind
-
-        if entry.kind == Kind.TAG and len(needs_hub) < len(leaves):  # a tag is just a list: run what can run
+        if name in manager.all_tags and len(needs_hub) < len(
+            leaves
+        ):  # a tag is just a list: run what can run
             for task, _ in leaves:
                 if task in needs_hub:
                     selection.skipped[task] = _skip_reason(needs_hub[task])
@@ -356,6 +375,38 @@ def paloma_perplexity(
     }
 
 
+def _one_bar_hflm(hflm: type) -> type:
+    """lm-eval's HFLM drawing one progress bar for rolling loglikelihoods (perplexity tasks): it draws one
+    per batch of windows, dozens of "Running loglikelihood requests" bars for one task."""
+    from tqdm.auto import tqdm
+
+    class OneBarHFLM(hflm):
+        _windows_bar = None
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            self._windows_bar = tqdm(
+                desc="Running loglikelihood_rolling requests",
+                unit=" windows",
+                disable=disable_tqdm or self.rank != 0,
+            )
+            try:
+                return super().loglikelihood_rolling(requests, disable_tqdm=True)
+            finally:
+                self._windows_bar.close()
+                self._windows_bar = None
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            if self._windows_bar is None:
+                return super()._loglikelihood_tokens(
+                    requests, disable_tqdm=disable_tqdm, override_bs=override_bs
+                )
+            result = super()._loglikelihood_tokens(requests, disable_tqdm=True, override_bs=override_bs)
+            self._windows_bar.update(len(requests))
+            return result
+
+    return OneBarHFLM
+
+
 def evaluate(
     model,
     tokenizer,
@@ -385,7 +436,9 @@ def evaluate(
     name = model_name or getattr(model, "name_or_path", None) or type(model).__name__
     results = None
     if selection.runnable:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size)
+        lm = _one_bar_hflm(HFLM)(
+            pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size
+        )
         results = simple_evaluate(
             model=lm,
             tasks=selection.runnable,

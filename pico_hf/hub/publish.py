@@ -50,7 +50,7 @@ from typing import Any
 
 import yaml
 from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.utils import disable_progress_bars
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..training.config import ConfigError
@@ -61,6 +61,7 @@ logger = logging.getLogger("pico_hf.training.hub")  # under the training logger:
 
 RETRY_DELAYS: tuple[float, ...] = (1.0, 2.0)  # pico-train's backoff: two retries, 1 s then 2 s apart
 CONFIG_FILE = "training_config.yaml"
+MAIN = "main"
 
 # Learning-dynamics entries of one split: `{split}_{activations|weights|gradients}.{safetensors|pt}` files and
 # the `{split}_data/` dataset folder.
@@ -86,7 +87,18 @@ class HubSetupError(ConfigError):
 
 
 class HubPushError(RuntimeError):
-    """Some commits could not be pushed; the local checkpoints are complete and can be pushed later."""
+    """Some commits could not be pushed; the local checkpoints are complete and can be pushed later.
+
+    `command` is the one command that completes the push, when there is one."""
+
+    def __init__(self, message: str, command: str | None = None) -> None:
+        super().__init__(message)
+        self.command = command
+
+
+def _status(error: BaseException) -> int | None:
+    response = getattr(error, "response", None)
+    return getattr(response, "status_code", None)
 
 
 # --- what to push -----------------------------------------------------------------------------------------
@@ -243,6 +255,17 @@ def plan_checkpoint_commits(
     return [commit for commit in commits if commit.files]
 
 
+def final_model_commit(
+    run_dir: Path, step: int, branch: str, folders: RunFolders = RunFolders()
+) -> PlannedCommit:
+    """The commit that puts checkpoint `step` on `main`: its model files, tokenizer and card (README.md)."""
+    step_dir = Path(run_dir) / folders.checkpoints / f"step_{step}"
+    if not _is_checkpoint(step_dir):
+        raise FileNotFoundError(f"{step_dir} is not a complete checkpoint (no config.json)")
+    files = tuple((p, p.name) for p in sorted(step_dir.iterdir()) if p.is_file() and _visible(p))
+    return PlannedCommit(step, f"Saving Final Model -- Step {step} (run branch '{branch}')", files)
+
+
 # --- pushing ----------------------------------------------------------------------------------------------
 
 
@@ -255,25 +278,30 @@ def describe_error(error: BaseException | None) -> str:
     return f"{type(error).__name__}: {' | '.join(lines)}"
 
 
-def check_hub_ready(what: str = "checkpointing.save_to_hf is true") -> None:
-    """Fail fast, before any training, when pushes cannot work: offline, unreachable, or no token."""
+TRAINING_REMEDY = (
+    "or set checkpointing.save_to_hf=false and push the run later with `python -m pico_hf.hub.publish`"
+)
+
+
+def check_hub_ready(
+    what: str = "checkpointing.save_to_hf is true but", remedy: str = TRAINING_REMEDY
+) -> None:
+    """Fail fast, before any training or upload, when pushes cannot work: offline, unreachable, or no token.
+    `what` begins each message (what was attempted), `remedy` ends it."""
     endpoint = constants.ENDPOINT
-    remedy = (
-        "or set checkpointing.save_to_hf=false and push the run later with `python -m pico_hf.hub.publish`"
-    )
     if offline_requested():
         raise HubSetupError(
-            f"{what} but Hugging Face Hub access is switched off (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is "
+            f"{what} Hugging Face Hub access is switched off (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is "
             f"set): unset it, {remedy}"
         )
     if not hub_reachable():
         raise HubSetupError(
-            f"{what} but the Hugging Face Hub at {endpoint} cannot be reached: check the network and "
-            f"HF_ENDPOINT, {remedy}"
+            f"{what} the Hugging Face Hub at {endpoint} cannot be reached: check the network, HF_ENDPOINT "
+            f"and any proxy (HTTPS_PROXY, NO_PROXY), {remedy}"
         )
     if get_token() is None:
         raise HubSetupError(
-            f"{what} but no Hugging Face token is available: set HF_TOKEN or run `hf auth login`, {remedy}"
+            f"{what} no Hugging Face token is available: set HF_TOKEN or run `hf auth login`, {remedy}"
         )
 
 
@@ -301,6 +329,8 @@ class HubPublisher:
         self.api = api if api is not None else HfApi()
         self.known_titles: set[str] = set()
         self.pushed: list[tuple[PlannedCommit, str]] = []  # (commit, commit oid), in push order
+        self.retries = 0  # attempts after a failed one, over all pushes
+        self._head: str | None = None  # the branch head our next commit goes on top of
         self._pending: deque[PlannedCommit] = deque()
         self._blocked: tuple[PlannedCommit, BaseException] | None = None
         self._futures: list[Future[None]] = []
@@ -317,14 +347,11 @@ class HubPublisher:
             self.repo_id = repo.repo_id  # a bare name becomes "<user>/<name>"
             if self.collection_slug:
                 self.api.add_collection_item(self.collection_slug, self.repo_id, "model", exists_ok=True)
-            try:
-                self.api.create_branch(self.repo_id, branch=self.branch)
-                existing: set[str] = set()
-            except HfHubHTTPError as error:
-                if error.response is None or error.response.status_code != 409:
-                    raise
-                # The branch exists (a resumed run, a re-push): its commits are not pushed again.
-                existing = {c.title for c in self.api.list_repo_commits(self.repo_id, revision=self.branch)}
+            self.api.create_branch(self.repo_id, branch=self.branch, exist_ok=True)
+            # A branch that exists (a resumed run, a re-push) keeps its commits: they are not pushed again.
+            history = self.api.list_repo_commits(self.repo_id, revision=self.branch)
+            existing = {c.title for c in history}
+            self._head = history[0].commit_id
         except Exception as error:
             raise HubSetupError(
                 f"Could not set up the Hub repo {self.where}: {describe_error(error)}"
@@ -361,21 +388,33 @@ class HubPublisher:
             left, blocked = list(self._pending), self._blocked
         if left:
             commit, error = blocked if blocked is not None else (left[0], None)
+            command = self.completing_command()
             raise HubPushError(
                 f"{len(left)} Hub commit(s) to {self.where} were not pushed, from step {commit.step} "
                 f"'{commit.title}' on ({describe_error(error)}). The checkpoints are complete on disk; "
-                "push them with: "
-                f"python -m pico_hf.hub.publish {self.run_dir or 'RUN_DIR'} --repo_id {self.repo_id} "
-                f"--branch {self.branch}"
+                f"push them with: {command}",
+                command,
             )
 
-    def push(self, commit: PlannedCommit) -> str:
-        """Push one commit now (with retries) and return its commit id."""
+    def completing_command(self) -> str:
+        """The command that pushes whatever this run's branch (and `main`) still lacks."""
+        return (
+            f"python -m pico_hf.hub.publish {self.run_dir or 'RUN_DIR'} --repo_id {self.repo_id} "
+            f"--branch {self.branch}"
+        )
+
+    def push(self, commit: PlannedCommit, branch: str | None = None) -> str:
+        """Push one commit now (with retries) on top of the branch head this publisher knows, and return its
+        commit id. A head moved by another writer is never overwritten: the push fails (HTTP 412)."""
+        branch = branch or self.branch
         last_error: BaseException | None = None
         for attempt in range(len(RETRY_DELAYS) + 1):
             if attempt > 0:
-                if self._head_title() == commit.title:  # the failed attempt landed after all
-                    return self._head_oid()
+                head = self._head_commit(branch)
+                if head is not None and head.title == commit.title:  # the failed attempt landed after all
+                    self._landed(commit, head.commit_id, branch)
+                    return head.commit_id
+                self.retries += 1
                 logger.warning(
                     "Hub push of '%s' failed (attempt %d of %d): %s; retrying in %.0f s",
                     commit.title,
@@ -385,6 +424,7 @@ class HubPublisher:
                     RETRY_DELAYS[attempt - 1],
                 )
                 time.sleep(RETRY_DELAYS[attempt - 1])
+            parent = self._head if branch == self.branch else self._head_oid(branch)
             try:
                 info = self.api.create_commit(
                     self.repo_id,
@@ -394,26 +434,49 @@ class HubPublisher:
                         for local, in_repo in commit.files
                     ],
                     commit_message=commit.title,
-                    revision=self.branch,
+                    revision=branch,
+                    parent_commit=parent,
                 )
             except Exception as error:
                 last_error = error
+                if _status(error) == 412:  # someone else moved the branch: retrying would overwrite them
+                    break
                 continue
-            with self._lock:
-                self.known_titles.add(commit.title)
-                self.pushed.append((commit, info.oid))
+            self._landed(commit, info.oid, branch)
             return info.oid
         assert last_error is not None
+        if _status(last_error) == 412:
+            raise HubPushError(
+                f"The branch '{branch}' of {self.repo_id} was changed by another writer while this run was "
+                f"pushing to it ('{commit.title}' was not pushed, nothing was overwritten)"
+            ) from last_error
         raise last_error
 
-    def _head_title(self) -> str | None:
+    def _landed(self, commit: PlannedCommit, oid: str, branch: str) -> None:
+        with self._lock:
+            if branch == self.branch:
+                self._head = oid
+                self.known_titles.add(commit.title)
+            self.pushed.append((commit, oid))
+
+    def _head_commit(self, branch: str) -> Any:
         try:
-            return self.api.list_repo_commits(self.repo_id, revision=self.branch)[0].title
+            return self.api.list_repo_commits(self.repo_id, revision=branch)[0]
         except Exception:
             return None
 
-    def _head_oid(self) -> str:
-        return self.api.list_repo_commits(self.repo_id, revision=self.branch)[0].commit_id
+    def _head_oid(self, branch: str) -> str | None:
+        head = self._head_commit(branch)
+        return head.commit_id if head is not None else None
+
+    def push_final(self, run_dir: Path, step: int, folders: RunFolders) -> str | None:
+        """Put checkpoint `step` (model, tokenizer, card) on `main`, as pico-train's published repos hold
+        their final model there; returns the commit id, or None when `main` already has it."""
+        commit = final_model_commit(run_dir, step, self.branch, folders)
+        head = self._head_commit(MAIN)
+        if head is not None and head.title == commit.title:
+            return None
+        return self.push(commit, branch=MAIN)
 
     def _drain(self) -> None:
         while True:
@@ -454,6 +517,7 @@ class HubPublishCallback(CheckpointContributor):
         self.publisher, self.run_dir, self.folders = publisher, Path(run_dir), folders
         self._prepared = False
         self._ended = False
+        self.push_error: HubPushError | None = None
         self._trainer: Any = None
 
     def _prepare(self) -> None:
@@ -498,7 +562,27 @@ class HubPublishCallback(CheckpointContributor):
         if not state.is_world_process_zero:
             return
         self._ended = True
+        try:
+            self._finish(state)
+        except HubPushError as error:
+            # Raised by the run once the trainer has wrapped up (progress bar, summary): see hub_push_error.
+            self.push_error = error
+
+    def _finish(self, state: TrainerState) -> None:
         self.publisher.finish()
+        final = max(checkpoint_steps(self.run_dir, self.folders), default=None)
+        if final is not None and final == state.global_step >= state.max_steps:  # a finished run only
+            try:
+                oid = self.publisher.push_final(self.run_dir, final, self.folders)
+            except Exception as error:
+                command = self.publisher.completing_command()
+                raise HubPushError(
+                    f"The final model (step {final}) could not be put on 'main' of {self.publisher.repo_id}: "
+                    f"{describe_error(error)}. The run branch is complete; push it with: {command}",
+                    command,
+                ) from error
+            if oid is not None:
+                logger.info("Pushed the final model (step_%d) and its card to 'main' (%s)", final, oid[:8])
 
 
 def build_hub_callbacks(config: Any, run: Any) -> list[TrainerCallback]:
@@ -507,6 +591,8 @@ def build_hub_callbacks(config: Any, run: Any) -> list[TrainerCallback]:
     if not checkpointing.save_to_hf:
         return []
     check_hub_ready()
+    # Background uploads would draw huggingface_hub's per-file bars over the training progress bar.
+    disable_progress_bars()
     publisher = HubPublisher(
         checkpointing.hf_checkpoint.repo_id,
         branch=str(checkpointing.run_name),
@@ -514,6 +600,26 @@ def build_hub_callbacks(config: Any, run: Any) -> list[TrainerCallback]:
         run_dir=run.run_dir,
     )
     return [HubPublishCallback(publisher, run.run_dir, RunFolders.from_checkpointing(checkpointing))]
+
+
+def hub_push_error(trainer: Any) -> HubPushError | None:
+    """What the run's final push left undone, if anything (raised by `run_training` after its summary)."""
+    callbacks = [c for c in trainer.callback_handler.callbacks if isinstance(c, HubPublishCallback)]
+    return callbacks[0].push_error if callbacks else None
+
+
+def hub_summary(trainer: Any) -> str | None:
+    """The run summary's `hub:` line: commits pushed and retries, and what is left with its command."""
+    callbacks = [c for c in trainer.callback_handler.callbacks if isinstance(c, HubPublishCallback)]
+    if not callbacks:
+        return None
+    publisher = callbacks[0].publisher
+    with publisher._lock:
+        pushed, left = len(publisher.pushed), len(publisher._pending)
+    line = f"{pushed} commits pushed, {publisher.retries} retries"
+    if left:
+        line += f"; {left} NOT pushed, finish with: {publisher.completing_command()}"
+    return line
 
 
 # --- pushing an existing run ------------------------------------------------------------------------------
@@ -527,10 +633,12 @@ def publish_run(
     steps: Sequence[int] | None = None,
     dry_run: bool = False,
     out: Any = None,
+    main: bool = True,
 ) -> list[PlannedCommit]:
     """Push a local run's checkpoints in step order with pico-train's commits; return the commits pushed.
 
     Commits whose titles the branch already has are skipped, so this also completes an interrupted upload.
+    Then (unless `main` is false) the last checkpoint pushed, with its card, goes on `main`.
     `repo_id`, `branch` and `collection_slug` default to the run's training_config.yaml (branch: run name)."""
     out = out if out is not None else sys.stdout
     run_dir = Path(run_dir)
@@ -554,16 +662,24 @@ def publish_run(
         if missing:
             raise ConfigError(f"No checkpoint for step(s) {missing} in {run_dir}; available: {available}")
         available = [s for s in available if s in set(steps)]
+    if not dry_run:
+        _write_missing_cards(run_dir, available, repo_id, branch, folders)
     plan = [commit for step in available for commit in plan_checkpoint_commits(run_dir, step, folders)]
+    final = final_model_commit(run_dir, available[-1], branch, folders) if main else None
 
     if dry_run:
         print(f"Would push {len(plan)} commits from {run_dir} to {repo_id} (branch '{branch}'):", file=out)
         for commit in plan:
             size = sum(local.stat().st_size for local, _ in commit.files)
             print(f"  {commit.title}  ({_count(commit.files)}, {_human(size)})", file=out)
+        if final is not None:
+            print(f"and on '{MAIN}': {final.title}  ({_count(final.files)})", file=out)
         return plan
 
-    check_hub_ready(f"Pushing {run_dir} to the Hub")
+    check_hub_ready(
+        f"Cannot push {run_dir} to {repo_id}:",
+        "or run again once the Hub is reachable (nothing was pushed; the local run is unchanged)",
+    )
     publisher = HubPublisher(repo_id, branch, collection_slug, run_dir=run_dir)
     publisher.prepare()
     print(f"Pushing {run_dir} to {publisher.where}", file=out)
@@ -583,7 +699,30 @@ def publish_run(
         print(f"  push  {commit.title}  ({_count(commit.files)}) -> {oid[:8]}", file=out)
         pushed.append(commit)
     print(f"Done: {len(pushed)} pushed, {len(plan) - len(pushed)} already there.", file=out)
+    if final is not None:
+        try:
+            oid = publisher.push_final(run_dir, final.step, folders)
+        except Exception as error:
+            raise HubPushError(
+                f"Putting step {final.step} on '{MAIN}' of {publisher.repo_id} failed: {describe_error(error)}. "
+                "Run the same command again to finish."
+            ) from error
+        state = f"pushed -> {oid[:8]}" if oid else "already there"
+        print(f"On '{MAIN}': {final.title}  ({state})", file=out)
     return pushed
+
+
+def _write_missing_cards(
+    run_dir: Path, steps: Sequence[int], repo_id: str, branch: str, folders: RunFolders
+) -> None:
+    """Checkpoints saved without a card (older runs) get one before they are pushed."""
+    from .cards import CARD_FILE, write_checkpoint_card
+
+    if not (run_dir / CONFIG_FILE).is_file():
+        return  # e.g. a bare pico-train export: nothing to render the card from
+    for step in steps:
+        if not (run_dir / folders.checkpoints / f"step_{step}" / CARD_FILE).is_file():
+            write_checkpoint_card(run_dir, step, repo_id, branch)
 
 
 def _count(files: Sequence[object]) -> str:
@@ -615,13 +754,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dry-run", "--dry_run", dest="dry_run", action="store_true", help="list, push nothing"
     )
+    parser.add_argument(
+        "--no-main",
+        "--no_main",
+        dest="main",
+        action="store_false",
+        help="leave 'main' alone (by default "
+        "the last checkpoint pushed and its card go on 'main', as the final model)",
+    )
     args = parser.parse_args(argv)
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
         logger.addHandler(handler)
     try:
-        publish_run(args.run_dir, args.repo_id, args.branch, args.collection_slug, args.steps, args.dry_run)
+        publish_run(
+            args.run_dir,
+            args.repo_id,
+            args.branch,
+            args.collection_slug,
+            args.steps,
+            args.dry_run,
+            main=args.main,
+        )
     except (ConfigError, HubPushError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2 if isinstance(error, ConfigError) else 1

@@ -37,10 +37,12 @@ checkpoint is read once for the whole analysis.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import math
 import re
+import shutil
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -74,6 +76,10 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 class AnalysisError(RuntimeError):
     """Nothing could be analysed, or the run cannot be read at all."""
+
+
+class AnalysisExists(AnalysisError):
+    """The output folder already holds an analysis (and `overwrite` was not given)."""
 
 
 class StatesUnavailable(AnalysisError):
@@ -597,14 +603,25 @@ def run_analysis(
     *,
     output_dir: Path | None = None,
     progress: Callable[[Iterable[int], int], Iterable[int]] | None = None,
+    overwrite: bool = False,
 ) -> AnalysisResult:
     """Compute the config's metrics at each step of `source` and write them (see the module docstring).
 
     Missing steps, splits or targets are skipped with a warning naming them. Raises `AnalysisError` when
-    nothing at all could be analysed. `progress` wraps the step loop (e.g. a rich progress bar).
+    nothing at all could be analysed, and `ConfigError` when a metric's `layer_suffixes` names no module of
+    the run. `progress` wraps the step loop (e.g. a rich progress bar). An existing, non-empty output folder
+    is an error unless `overwrite`, which empties it first: one folder never mixes two analyses.
     """
     name, default_dir = analysis_output_dir(config, source)
     output_dir = Path(output_dir) if output_dir is not None else default_dir
+    # Only a log (of an analysis that failed) may be replaced without asking.
+    if output_dir.is_dir() and any(p.name != LOG_FILE for p in output_dir.iterdir()) and not overwrite:
+        raise AnalysisExists(
+            f"{output_dir} already holds an analysis; pass --overwrite to replace it "
+            "(or choose another analysis_name)"
+        )
+    if output_dir.is_dir():
+        shutil.rmtree(output_dir)
     with _file_log(output_dir):
         return _analyse(config, source, name, output_dir, progress)
 
@@ -670,6 +687,7 @@ def _analyse(
         wandb_log = _WandbLog(config, name)
         results: dict[str, dict[int, dict[str, float]]] = {result_stem(spec): {} for spec in config.metrics}
         warning_log = _WarningLog()
+        checked: set[str] = set()  # splits whose module names were checked against the metrics' suffixes
         step_iter: Iterable[int] = progress(steps, len(steps)) if progress is not None else steps
         for step in step_iter:
             step_values: dict[str, dict[str, float]] = {}
@@ -690,6 +708,9 @@ def _analyse(
                     skipped.append(Skipped(step, split, stems, str(error)))
                     logger.warning("%s", skipped[-1].describe())
                     continue
+                if split not in checked:
+                    _check_suffixes(split_specs, states)
+                    checked.add(split)
                 for target, group in groups:
                     if not group:
                         continue
@@ -717,7 +738,7 @@ def _analyse(
                 + (f"; and {len(skipped) - 6} more" if len(skipped) > 6 else "")
             )
         analysed = sorted({step for by_step in results.values() for step in by_step})
-        logger.info("Analysed %d step(s) %s into %s", len(analysed), analysed, output_dir)
+        logger.info("Analysed %d step(s): %s", len(analysed), analysed)
         return AnalysisResult(
             output_dir=output_dir,
             config=config,
@@ -762,22 +783,56 @@ def _compute_group(
     return values
 
 
+_MODULE = re.compile(r"^.*?\d+\.")  # the layer prefix and index: `layers.0.` of `layers.0.swiglu.w_2`
+
+
+def _check_suffixes(specs: Sequence[MetricSpec], states: States) -> None:
+    """A suffix that matches no module of the run is a typo in the config, not a missing step."""
+    modules = sorted({_MODULE.sub("", name) for by_name in states.values() for name in by_name})
+    for spec in specs:
+        for component in spec.components:
+            suffixes = (
+                [component.layer_suffixes]
+                if isinstance(component.layer_suffixes, str)
+                else [suffix for _, suffix in component.layer_suffixes]
+            )
+            for suffix in suffixes:
+                if suffix not in modules:
+                    close = difflib.get_close_matches(suffix, modules, n=1)
+                    hint = f"; did you mean '{close[0]}'?" if close else ""
+                    raise ConfigError(
+                        f"metric {result_stem(spec)}: layer_suffixes '{suffix}' matches no module of the run"
+                        f"{hint} (modules: {', '.join(modules)})"
+                    )
+
+
+def _component_kind(key: str) -> str:
+    """`layers.3.ov_circuit.weights.heads.5` -> `ov_circuit.weights.heads`: what the key measures, any layer."""
+    kind = _MODULE.sub("", key)
+    return re.sub(r"\.heads\.\d+$", ".heads", kind)
+
+
 def _log_values(step: int, results: Mapping[str, Mapping[str, float]]) -> None:
-    """One console line per step; every value in the log file."""
+    """One console line per step, a mean per metric and component kind (per-head values apart from
+    all-heads values); every value in the log file."""
     summaries = []
     for stem, values in results.items():
-        finite = [v for v in values.values() if isinstance(v, float) and math.isfinite(v)]
-        summaries.append(
-            f"{stem} mean {sum(finite) / len(finite):.4g}" if finite else f"{stem} (no finite values)"
-        )
+        kinds: dict[str, list[float]] = {}
         for key, value in values.items():
             logger.debug("step %d %s %s = %r", step, stem, key, value)
+            if isinstance(value, float) and math.isfinite(value):
+                kinds.setdefault(_component_kind(key), []).append(value)
+        if not kinds:
+            summaries.append(f"{stem} (no finite values)")
+        for kind, finite in kinds.items():
+            summaries.append(f"{stem} {kind} mean {sum(finite) / len(finite):.4g}")
     logger.info("step %d: %s", step, ", ".join(summaries))
 
 
 __all__ = [
     "AnalysisConfig",
     "AnalysisError",
+    "AnalysisExists",
     "AnalysisResult",
     "CheckpointSource",
     "HubRun",

@@ -32,6 +32,7 @@ from ..training.config import PicoTrainingConfig
 from ..training.trainer import CheckpointContributor, RunLayout
 from .capture import (
     ActivationRecorder,
+    EffectiveGradientRecorder,
     find_layers,
     gradients_of,
     save_states,
@@ -83,6 +84,7 @@ class LearningDynamicsCallback(CheckpointContributor):
         self.run = run
         self.layers: dict[str, torch.nn.Module] = {}
         self.recorder: ActivationRecorder | None = None
+        self.effective_gradients: EffectiveGradientRecorder | None = None
         self.pending_train_ids: list[torch.Tensor] = []
         self.capture_next_step = False
         self.metrics = None  # built lazily, needs the model shape
@@ -94,12 +96,15 @@ class LearningDynamicsCallback(CheckpointContributor):
     ):
         self.layers = find_layers(model, self.layer_suffixes)
         self.recorder = ActivationRecorder(model, self.layers, self.sequence_idx)
+        self.effective_gradients = EffectiveGradientRecorder(self.layers)  # ReLoRA's LoRA layers
         model.register_forward_pre_hook(self._record_inputs, with_kwargs=True)
         self.tokenizer = kwargs.get("processing_class")
         if self.metric_specs:
             from .tracker import MetricsTracker
 
             self.metrics = MetricsTracker.from_config(self.metric_specs, model.config)
+            if state.global_step > 0:  # resumed: comparisons continue from the states saved on disk
+                self.metrics.restore(state.global_step, lambda step: self.run.step_dir(step) / self.dirname)
 
     def _record_inputs(self, module: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         if self.recorder is not None and self.recorder.armed and module.training:
@@ -138,17 +143,27 @@ class LearningDynamicsCallback(CheckpointContributor):
             self.capture_next_step = False
             self.pending_train_ids = []
             self.recorder.start()
+            self.effective_gradients.start()
 
     def on_checkpoint_next_step(
         self, args, state, control, checkpoint_dir: Path, model=None, trainer=None, **kwargs
     ):
         recorded = self.recorder.stop()
+        effective = self.effective_gradients.stop()
+        if trainer.accelerator.num_processes > 1:  # DDP averages the other gradients across processes
+            for tensor in effective.values():
+                moved = tensor.to(trainer.args.device)
+                dist.all_reduce(moved)
+                tensor.copy_(moved.cpu() / trainer.accelerator.num_processes)
         micro_batch = trainer.args.per_device_train_batch_size
         activations = {name: self._gather(rows, trainer, micro_batch) for name, rows in recorded.items()}
         input_ids = self._gather(torch.cat(self.pending_train_ids), trainer, micro_batch)
         self.pending_train_ids = []
         directory = Path(checkpoint_dir) / self.dirname
-        weights, gradients = weights_of(self.layers), gradients_of(self.layers)  # collectives under FSDP2
+        weights, gradients = (
+            weights_of(self.layers),
+            gradients_of(self.layers, effective),
+        )  # FSDP2: collectives
         if args.should_save:
             save_states(
                 directory,
@@ -196,6 +211,7 @@ class LearningDynamicsCallback(CheckpointContributor):
         unwrapped.zero_grad(set_to_none=True)
         unwrapped.eval()
         self.recorder.start()
+        self.effective_gradients.start()
         try:
             for micro_rows in mine:
                 width = max(len(row) for row, _ in micro_rows) - 1
@@ -224,17 +240,21 @@ class LearningDynamicsCallback(CheckpointContributor):
                     )
                 (out.loss * processes if sharded else out.loss).backward()
             recorded = self.recorder.stop()
-            gradients = gradients_of(self.layers)
+            effective = self.effective_gradients.stop()
+            gradients = gradients_of(self.layers, effective)
         finally:
             self.recorder.armed = False
+            self.effective_gradients.armed = False
             unwrapped.train(was_training)
             for name, param in unwrapped.named_parameters():
                 param.grad = saved_grads[name]
-        if processes > 1 and not sharded and dist.is_initialized():
-            for tensor in gradients.values():
+        if processes > 1 and dist.is_initialized():
+            for name, tensor in gradients.items():
+                if sharded and name not in effective:  # FSDP2 has reduced these already
+                    continue
                 moved = tensor.to(device)
                 dist.all_reduce(moved)
-                tensor.copy_(moved.cpu())
+                tensor.copy_(moved.cpu() / (processes if sharded else 1))  # undo the loss scaling above
         activations = {
             name: self._gather(outputs, trainer, micro)[: len(rows)] for name, outputs in recorded.items()
         }

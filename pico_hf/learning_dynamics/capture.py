@@ -40,13 +40,16 @@ def trunk(model: nn.Module) -> nn.Module:
 
 def find_layers(model: nn.Module, layer_suffixes: Sequence[str]) -> dict[str, nn.Linear]:
     """Modules of the trunk whose name contains a configured suffix, in model order (pico-train's rule)."""
-    modules = {
-        name: module
-        for name, module in trunk(model).named_modules()
-        if name
-        and any(suffix in name for suffix in layer_suffixes)
-        and isinstance(getattr(module, "weight", None), torch.Tensor)
-    }
+    modules: dict[str, nn.Module] = {}
+    for name, module in trunk(model).named_modules():
+        if (
+            name
+            and any(suffix in name for suffix in layer_suffixes)
+            and isinstance(getattr(module, "weight", None), torch.Tensor)
+            # A wrapper's inner modules (a PEFT LoRA layer's base_layer, lora_A, ...) are not layers of their own.
+            and not any(name.startswith(f"{outer}.") for outer in modules)
+        ):
+            modules[name] = module
     if not modules:
         raise ValueError(
             f"No module of the model matches the learning-dynamics layer suffixes {list(layer_suffixes)}"
@@ -119,17 +122,79 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
+def is_adapted(module: nn.Module) -> bool:
+    """A PEFT LoRA layer (ReLoRA training): its `weight` is the frozen base, not what the forward applies."""
+    return hasattr(module, "get_delta_weight") and hasattr(module, "base_layer")
+
+
+def effective_weight(module: nn.Module) -> torch.Tensor:
+    """The weight the forward applies: for a LoRA layer, base + scaling * B @ A of its unmerged adapters."""
+    weight = full_tensor(module.weight.detach())
+    if is_adapted(module) and not module.merged:
+        with torch.no_grad():
+            for adapter in module.active_adapters:
+                weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
+    return weight
+
+
 def weights_of(layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-    return {
-        name: full_tensor(module.weight.detach()).float().cpu().clone() for name, module in layers.items()
-    }
+    return {name: effective_weight(module).float().cpu().clone() for name, module in layers.items()}
 
 
-def gradients_of(layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+class EffectiveGradientRecorder:
+    """The gradient of the loss with respect to each LoRA layer's effective weight, while armed.
+
+    A LoRA layer computes y = x W^T + scaling * B A dropout(x); its effective weight W_eff = W + scaling * B A
+    gets dL/dW_eff = sum over tokens of grad_y^T x, the gradient a full-rank layer with weight W_eff would get
+    (exactly, without LoRA dropout; with it, the one of the un-dropped input). Hooks record x and, through a
+    tensor hook on y, grad_y during the real backward pass and accumulate that product; no parameter's `.grad`
+    changes, so training is unaffected. Under DDP the sums are per process: `all_reduce` them."""
+
+    def __init__(self, layers: dict[str, nn.Module]) -> None:
+        self.layers = {name: module for name, module in layers.items() if is_adapted(module)}
+        self.armed = False
+        self.sums: dict[str, torch.Tensor] = {}
+        self._handles = [m.register_forward_hook(self._hook(name)) for name, m in self.layers.items()]
+
+    def _hook(self, name: str):
+        def record(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+            if not self.armed or not output.requires_grad:
+                return
+            x = args[0].detach()
+
+            def accumulate(grad: torch.Tensor) -> None:
+                product = grad.reshape(-1, grad.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
+                self.sums[name] = self.sums[name] + product if name in self.sums else product
+
+            output.register_hook(accumulate)
+
+        return record
+
+    def start(self) -> None:
+        self.sums = {}
+        self.armed = True
+
+    def stop(self) -> dict[str, torch.Tensor]:
+        self.armed = False
+        sums, self.sums = self.sums, {}
+        return sums
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def gradients_of(
+    layers: dict[str, nn.Module], effective: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """Each layer's accumulated weight gradient, whole (DeepSpeed ZeRO's partitioned and FSDP2's sharded
-    gradients are gathered: call it on every process)."""
+    gradients are gathered: call it on every process); LoRA layers' gradients with respect to their effective
+    weight come from `effective` (EffectiveGradientRecorder)."""
     gradients = {}
     for name, module in layers.items():
+        if effective is not None and name in effective:
+            gradients[name] = effective[name].detach().float().cpu().clone()
+            continue
         grad = _full_grad(module.weight)
         if grad is None:
             raise RuntimeError(f"Layer {name} has no gradient to capture; is it frozen?")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +116,22 @@ class MetricsTracker:
         self._keep(step, states)
         return results
 
+    def restore(self, step: int, directory_of: Callable[[int], Path]) -> None:
+        """After resuming at checkpoint `step`, reload from disk what an uninterrupted run would hold in memory:
+        that checkpoint's states (the previous checkpoint of the next one) and fixed targets already reached.
+        `directory_of(step)` is a checkpoint's learning_dynamics folder."""
+        for spec in self.specs:
+            target = spec.target_checkpoint
+            if target is None or target >= step or not spec.build().comparative:
+                continue
+            states = load_states(directory_of(target), spec.data_split)
+            needed = self._needed_types(spec.data_split, target)
+            if states:
+                kept = self._kept.setdefault((spec.data_split, target), {})
+                kept.update({kind: states[kind] for kind in needed if kind in states})
+        splits = {spec.data_split for spec in self.specs}
+        self._keep(step, {split: load_states(directory_of(step), split) for split in splits})
+
     def _keep(self, step: int, states: dict[str, States]) -> None:
         fixed = {
             (spec.data_split, spec.target_checkpoint)
@@ -135,9 +151,12 @@ class MetricsTracker:
         if spec.output_filename in self._skipped:
             return
         self._skipped.add(spec.output_filename)
-        reason = (
-            "no earlier checkpoint" if target_step is None else f"step {target_step} has not been reached"
-        )
+        if target_step is None:
+            reason = "no earlier checkpoint"
+        elif target_step > step:
+            reason = f"step {target_step} has not been reached"
+        else:
+            reason = f"no learning-dynamics states were saved at step {target_step}"
         logger.info("Skipping %s at step %d: %s to compare with", result_key(spec), step, reason)
 
     @staticmethod

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -105,6 +106,42 @@ class OptimizationConfig:
     gradient_accumulation_steps: int = 128
 
 
+DEFAULT_RELORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "w_0", "w_1", "w_2"]
+# The reference implementations' defaults: random pruning keeps 0.1% of the moments, magnitude keeps 10%.
+DEFAULT_RESET_RATIO = {"random": 0.999, "magnitude": 0.9}
+
+
+@dataclass
+class ReLoRAConfig:
+    """`training.relora`: off unless `enabled`. Keys follow the Pico port (relora-pico) where it has them."""
+
+    enabled: bool = False
+    # Module names (or name suffixes) that get LoRA adapters: by default the attention and SwiGLU projections.
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_RELORA_TARGET_MODULES))
+    r: int = 16
+    lora_alpha: float = 32
+    lora_dropout: float = 0.1
+    # Merge-and-reinit cadence in optimizer steps, counted from the end of the warm start.
+    reset_frequency: int = 1000
+    # How the LoRA parameters' Adam moments are pruned at each reset: `random` or `magnitude`.
+    optimizer_reset: str = "random"
+    # Fraction of each moment tensor zeroed; null: 0.999 (random) or 0.9 (magnitude).
+    optimizer_reset_ratio: float | None = None
+    restart_warmup_steps: int = 100
+    # The cosine decays to lr * min_lr_ratio at max_steps.
+    min_lr_ratio: float = 0.1
+    # Full-rank warm start: N full-rank steps in this run before LoRA training starts ...
+    warm_start_steps: int = 0
+    # ... or a checkpoint (path or Hub id) whose weights, not its optimizer, initialise the run.
+    warm_start_checkpoint: str | None = None
+
+    @property
+    def reset_ratio(self) -> float:
+        if self.optimizer_reset_ratio is not None:
+            return self.optimizer_reset_ratio
+        return DEFAULT_RESET_RATIO.get(self.optimizer_reset, 0.0)
+
+
 @dataclass
 class MAMLConfig:
     """MAML pretraining (`pico_hf.training.maml`): first-order MAML on SMLMT episodes mixed with LM steps.
@@ -135,6 +172,8 @@ class TrainingConfig:
     max_steps: int = 200_000
     # Seeds model initialisation, the data order and every other random choice of the run (pico-train: 42).
     seed: int = 42
+    # ReLoRA pretraining through PEFT LoRA layers (pico_hf.training.relora); off by default.
+    relora: ReLoRAConfig = field(default_factory=ReLoRAConfig)
     maml: MAMLConfig = field(default_factory=MAMLConfig)
 
 
@@ -404,7 +443,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def load_config(
-    path: str | Path | None = None, overrides: list[str] | None = None
+    path: str | Path | None = None, overrides: list[str] | None = None, check: bool = True
 ) -> tuple[PicoTrainingConfig, list[str]]:
     """Read a pico-train-style YAML file and dotted overrides into a validated config.
 
@@ -424,7 +463,8 @@ def load_config(
         _set_dotted(tree, key, value)
     notes: list[str] = []
     config = _build(PicoTrainingConfig, tree, "", notes)
-    validate(config)
+    if check:  # value checks (`--help` lists values without them: the metric checks import torch)
+        validate(config)
     if config.checkpointing.run_name is None:
         config.checkpointing.run_name = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     return config, notes
@@ -445,10 +485,15 @@ def validate(config: PicoTrainingConfig) -> None:
         "data.dataloader.batch_size": config.data.dataloader.batch_size,
         "checkpointing.save_every_n_steps": config.checkpointing.save_every_n_steps,
         "monitoring.logging.log_every_n_steps": config.monitoring.logging.log_every_n_steps,
+        "training.optimization.lr": optimization.lr,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
+    if optimization.lr_warmup_steps < 0:
+        raise ConfigError(
+            f"training.optimization.lr_warmup_steps must be 0 or more, got {optimization.lr_warmup_steps}"
+        )
     if config.training.fabric.precision not in PRECISIONS:
         raise ConfigError(
             f"training.fabric.precision must be one of {sorted(PRECISIONS)}, got '{config.training.fabric.precision}'"
@@ -457,6 +502,17 @@ def validate(config: PicoTrainingConfig) -> None:
         raise ConfigError("checkpointing.save_to_hf is true but checkpointing.hf_checkpoint.repo_id is empty")
     if config.model.model_type != "pico_decoder":
         raise ConfigError(f"model.model_type must be 'pico_decoder', got '{config.model.model_type}'")
+    from .relora import validate_relora
+
+    relora_problems = validate_relora(
+        config.training.relora, config.training.max_steps, optimization.lr_warmup_steps
+    )
+    if relora_problems:
+        raise ConfigError(relora_problems[0])
+    if config.training.relora.enabled and config.training.maml.enabled:
+        raise ConfigError(
+            "training.relora and training.maml cannot both be enabled: choose one research mode"
+        )
     if config.training.maml.enabled:
         from .maml import check_maml_config
 
@@ -485,9 +541,19 @@ PRECISIONS = {
 }
 
 
-def describe_sections() -> str:
-    """Every section and key with its default, for `--help`."""
+def describe_sections(config: PicoTrainingConfig | None = None, sources: dict[str, str] | None = None) -> str:
+    """Every section and key with the value that will run (pico-train's defaults when `config` is None), each
+    set key marked with where it came from (`sources`: dotted key or section -> "file" / "command line")."""
     lines = []
+    sources = sources or {}
+
+    def source(key: str) -> str | None:
+        parts = key.split(".")
+        for end in range(len(parts), 0, -1):  # the key, or a section set whole on the command line
+            if ".".join(parts[:end]) in sources:
+                return sources[".".join(parts[:end])]
+        inner = [origin for set_key, origin in sources.items() if set_key.startswith(key + ".")]
+        return inner[-1] if inner else None  # a mapping value (training_arguments) set key by key
 
     def walk(cls: type, prefix: str, instance: Any) -> None:
         hints = typing.get_type_hints(cls)
@@ -496,7 +562,34 @@ def describe_sections() -> str:
             if dataclasses.is_dataclass(hints[f.name]):
                 walk(hints[f.name], f"{prefix}{f.name}.", value)
             else:
-                lines.append(f"  {prefix}{f.name} = {value!r}")
+                origin = source(f"{prefix}{f.name}")
+                lines.append(f"  {prefix}{f.name} = {value!r}" + (f"    <- {origin}" if origin else ""))
 
-    walk(PicoTrainingConfig, "", PicoTrainingConfig())
+    walk(PicoTrainingConfig, "", config or PicoTrainingConfig())
     return "\n".join(lines)
+
+
+def describe_config(path: Path | None, overrides: list[str]) -> str:
+    """`--help`'s list of keys: the values a run with this config file and these overrides would use."""
+    try:
+        config, _ = load_config(path, overrides, check=False)
+    except ConfigError as error:
+        return f"Sections and keys (pico-train's defaults; {error}):\n" + describe_sections()
+    tree = (yaml.safe_load(Path(path).read_text()) or {}) if path is not None else {}
+    sources: dict[str, str] = {}
+
+    def flatten(node: dict[str, Any], prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                flatten(value, f"{prefix}{key}.")
+            else:
+                sources[f"{prefix}{key}"] = Path(path).name
+
+    flatten(tree, "")
+    for override in overrides:
+        sources[override.split("=", 1)[0].strip()] = "command line"
+    origin = os.path.relpath(path) if path is not None else "no file"
+    return (
+        f"Sections and keys, with the values a run would use: those marked '<-' come from {origin} or the "
+        "command line, the others are pico-train's defaults.\n" + describe_sections(config, sources)
+    )

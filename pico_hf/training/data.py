@@ -33,10 +33,24 @@ EMBEDDED = "embedded"
 INPUT_IDS = "input_ids"
 
 
+class DataError(ConfigError):
+    """A bad row found mid-run in streamed data: the run stops after checkpointing the steps it completed."""
+
+
 def open_pretokenized(name: str, split: str = "train", streaming: bool | None = None):
     """A pretokenized dataset by Hub id, local path (directory, parquet file or glob), or `"embedded"`.
 
     Returns a `datasets.Dataset` (memory-mapped) or, for streamed Hub data, a `datasets.IterableDataset`."""
+    shown = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # "Generating train split" for a local file is noise next to our own count
+    try:
+        return _open_pretokenized(name, split, streaming)
+    finally:
+        if shown:
+            datasets.enable_progress_bars()
+
+
+def _open_pretokenized(name: str, split: str, streaming: bool | None):
     if name == EMBEDDED:
         folder = CORPUS_DIR / ("train" if split == "train" else "validation")
         return datasets.load_dataset(
@@ -69,6 +83,19 @@ def open_pretokenized(name: str, split: str = "train", streaming: bool | None = 
             f"Dataset '{name}' is neither a local path nor a reachable Hub dataset ({type(error).__name__}: "
             f"{error}). Offline, use data.dataset.name=embedded or a local path."
         ) from error
+
+
+def local_shard_rows(dataset: datasets.IterableDataset) -> list[tuple[str, int]] | None:
+    """[(parquet file, row count)] of a stream over local parquet files, from their footers; None otherwise."""
+    import pyarrow.parquet as pq
+
+    iterable = dataset._ex_iterable  # datasets keeps the shard files on the innermost examples iterable
+    while hasattr(iterable, "ex_iterable"):
+        iterable = iterable.ex_iterable
+    files = list(getattr(iterable, "kwargs", {}).get("files") or [])
+    if not files or not all(isinstance(f, str) and Path(f).is_file() for f in files):
+        return None
+    return [(f, pq.ParquetFile(f).metadata.num_rows) for f in files]
 
 
 def check_columns(dataset, name: str) -> None:
@@ -137,11 +164,21 @@ class PretokenizedStream:
         check_columns(self.dataset, name)
         self.streaming = isinstance(self.dataset, datasets.IterableDataset)
         if self.streaming:
+            # What can be checked before step 1 without reading the stream: the column's type, and the shards'
+            # row counts when they are local files. Each row is checked as it is read.
+            feature = (self.dataset.features or {}).get(INPUT_IDS)
+            value = getattr(feature, "feature", None)
+            if feature is not None and not str(getattr(value, "dtype", "")).startswith(("int", "uint")):
+                raise ConfigError(
+                    f"Dataset '{name}' column '{INPUT_IDS}' is {feature}, not a list of integer token ids"
+                )
+            self.shard_rows = local_shard_rows(self.dataset)
             first = next(iter(self.dataset.select_columns([INPUT_IDS])))[INPUT_IDS]
             self.row_length = len(first)
             self.windows = windows_per_row(self.row_length, max_seq_len, f"Row 0 of dataset '{name}'")
-            self.num_rows = None
+            self.num_rows = sum(rows for _, rows in self.shard_rows) if self.shard_rows else None
         else:
+            self.shard_rows = None
             self._check_all_rows()
             self.dataset = self.dataset.select_columns([INPUT_IDS]).with_format("torch")
 
@@ -171,6 +208,16 @@ class PretokenizedStream:
     @property
     def num_sequences(self) -> int | None:
         return None if self.num_rows is None else self.num_rows * self.windows
+
+    def where(self, row_index: int) -> str:
+        """A streamed row by shard file and row within it when the shards are local, else by stream index."""
+        if self.shard_rows:
+            row = row_index % sum(rows for _, rows in self.shard_rows)
+            for file, rows in self.shard_rows:
+                if row < rows:
+                    return f"Row {row} of shard {file} (dataset '{self.name}')"
+                row -= rows
+        return f"Row {row_index} of the stream of dataset '{self.name}'"
 
     def _split_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """(R, k*T + 1) rows -> (R*k, T + 1) windows sharing boundary tokens."""
@@ -215,8 +262,14 @@ class PretokenizedStream:
                 state = dataset.state_dict()  # the position after this row
                 ids = torch.as_tensor(row[INPUT_IDS], dtype=torch.long)
                 if ids.numel() != self.row_length:
-                    raise ValueError(
-                        f"Row {row_index} of dataset '{self.name}' has {ids.numel()} tokens, expected {self.row_length}"
+                    raise DataError(
+                        f"{self.where(row_index)} has {ids.numel()} tokens, expected {self.row_length} like row 0"
+                    )
+                if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+                    bad = int(ids.max()) if int(ids.max()) >= self.vocab_size else int(ids.min())
+                    raise DataError(
+                        f"{self.where(row_index)} holds token id {bad}, outside the model's vocabulary of "
+                        f"{self.vocab_size} (model.vocab_size)"
                     )
                 row_index += 1
                 windows = self._split_rows(ids[None])[skip_windows:]
@@ -256,6 +309,7 @@ class TrainingSequences(torch.utils.data.IterableDataset):
         self.stream = stream
         self.layout = layout
         self.resume_at(start_step, stream_state)
+        self.data_error: DataError | None = None
 
     def resume_at(self, step: int, stream_state: dict | None = None) -> None:
         self.start_step = step
@@ -270,12 +324,17 @@ class TrainingSequences(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         start = self.start_step * self.layout.global_batch
         global_batches = self.stream.batches(start, self.layout.global_batch, self.stream_state)
-        for step, (batch, position) in enumerate(global_batches, start=self.start_step):
-            check_token_ids(batch, self.stream.vocab_size, f"Training batch of step {step}")
-            self._positions = {k: v for k, v in self._positions.items() if k >= step - 1}
-            self._positions[step + 1] = position
-            for micro_batch in self.layout.micro_batches(batch):
-                yield to_model_inputs(micro_batch)
+        try:
+            for step, (batch, position) in enumerate(global_batches, start=self.start_step):
+                check_token_ids(batch, self.stream.vocab_size, f"Training batch of step {step}")
+                self._positions = {k: v for k, v in self._positions.items() if k >= step - 1}
+                self._positions[step + 1] = position
+                for micro_batch in self.layout.micro_batches(batch):
+                    yield to_model_inputs(micro_batch)
+        except DataError as error:
+            # No micro-batch of this step was handed out (a global batch is read whole): end the data here and
+            # let the trainer checkpoint the steps done, then report the error.
+            self.data_error = error
 
 
 def to_model_inputs(sequences: torch.Tensor) -> dict[str, torch.Tensor]:

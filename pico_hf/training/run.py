@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import logging
 import math
+import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -20,13 +21,17 @@ from transformers import ProgressCallback, TrainerCallback, TrainingArguments, s
 from transformers.integrations import TensorBoardCallback
 
 from ..evaluation.callback import build_evaluation_callbacks
-from ..hub.publish import build_hub_callbacks
+from ..hub.cards import build_card_callbacks
+from ..hub.publish import build_hub_callbacks, hub_push_error, hub_summary
 from ..learning_dynamics.callback import build_learning_dynamics_callbacks
 from ..models.pico_decoder import PicoDecoderConfig, PicoDecoderForCausalLM
 from ..tokenization import load_tokenizer
+from .arguments import check_training_arguments
 from .config import PRECISIONS, ConfigError, PicoTrainingConfig
-from .data import BatchLayout, PretokenizedStream, TrainingSequences
+from .console import interrupts_end_cleanly, log_console
+from .data import BatchLayout, DataError, PretokenizedStream, TrainingSequences
 from .maml import build_maml
+from .rundir import RunLock, check_existing_run, finished_step, remove_leftovers, write_config
 from .trainer import PicoTrainer, RunLayout, no_clipping
 
 logger = logging.getLogger("pico_hf.training")
@@ -67,23 +72,36 @@ def training_arguments(config: PicoTrainingConfig, run: RunLayout) -> TrainingAr
         ddp_find_unused_parameters=False,
         disable_tqdm=False,
     )
-    valid = {f.name for f in dataclasses.fields(TrainingArguments)}
-    for key in config.training_arguments:
-        if key not in valid:
-            close = difflib.get_close_matches(key, sorted(valid), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(
-                f"Unknown config key 'training_arguments.{key}': not a TrainingArguments field{hint}"
-            )
+    check_training_arguments(config.training_arguments)
     values.update(config.training_arguments)
-    # The per-device batch is derived from the global batch; it cannot be set independently.
-    values.pop("per_device_train_batch_size", None)
     args = TrainingArguments(**values)
-    if not {"bf16", "fp16"} & set(config.training_arguments):
-        # training.fabric.precision decides: an accelerate config's `mixed_precision` reaches TrainingArguments
-        # through ACCELERATE_MIXED_PRECISION and would otherwise autocast a `32-true` run (or a CPU run).
-        args.mixed_precision = mixed
+    # training.fabric.precision decides: an accelerate config's `mixed_precision` reaches TrainingArguments
+    # through ACCELERATE_MIXED_PRECISION and would otherwise autocast a `32-true` run (or a CPU run).
+    args.mixed_precision = mixed
     return args
+
+
+def resolve_device(config: PicoTrainingConfig) -> str | None:
+    """Record in the config what will actually run: CUDA asked for on a machine without it trains on CPU in
+    float32. Returns a one-line notice when the config was changed."""
+    fabric = config.training.fabric
+    if fabric.accelerator == "cpu" or torch.cuda.is_available():
+        return None
+    asked = f"{fabric.accelerator} / {fabric.precision}"
+    fabric.accelerator = "cpu"
+    if PRECISIONS[fabric.precision][0] != "no":
+        fabric.precision = "32-true"  # CPU runs train in float32; mixed precision is a GPU setting
+    return f"training.fabric asks for {asked} but CUDA is not available: training on cpu / {fabric.precision}"
+
+
+def apply_wandb_settings(config: PicoTrainingConfig) -> None:
+    """monitoring.wandb.project / entity reach W&B through the environment its Trainer integration reads."""
+    wandb = config.monitoring.wandb
+    if config.monitoring.save_to_wandb:
+        if wandb.project:
+            os.environ["WANDB_PROJECT"] = wandb.project
+        if wandb.entity:
+            os.environ["WANDB_ENTITY"] = wandb.entity
 
 
 def build_model(config: PicoTrainingConfig, tokenizer: Any) -> PicoDecoderForCausalLM:
@@ -99,6 +117,45 @@ def build_model(config: PicoTrainingConfig, tokenizer: Any) -> PicoDecoderForCau
     model = PicoDecoderForCausalLM(model_config)
     _, dtype = PRECISIONS[config.training.fabric.precision]
     return model.to(getattr(torch, dtype))
+
+
+def check_data_fits(config: PicoTrainingConfig, stream: PretokenizedStream) -> None:
+    """A global batch must fit in the dataset (a smaller one would repeat sequences within a batch)."""
+    batch = config.data.dataloader.batch_size
+    if stream.num_sequences is not None and stream.num_sequences < batch:
+        raise ConfigError(
+            f"Dataset '{stream.name}' holds {stream.num_sequences} sequences of {stream.max_seq_len} tokens, "
+            f"fewer than one global batch (data.dataloader.batch_size={batch}): lower the batch size or use "
+            "a larger dataset"
+        )
+
+
+def capture_bytes(config: PicoTrainingConfig, model: torch.nn.Module, num_processes: int) -> int:
+    """Host memory the `train` split of one learning-dynamics capture holds: the whole global batch's token ids
+    and, per captured module, one output row per sequence (gathered on every process), its weights and
+    gradients."""
+    from ..learning_dynamics.capture import find_layers
+
+    layers = find_layers(model, config.checkpointing.learning_dynamics.layer_suffixes)
+    batch = config.data.dataloader.batch_size
+    ids = batch * (config.model.max_seq_len + 1) * 8 * 2  # recorded, then gathered
+    outputs = sum(batch * m.weight.shape[0] * 4 * 2 for m in layers.values())
+    tensors = sum(m.weight.numel() * 4 * 2 for m in layers.values())
+    return (ids + outputs) * num_processes + tensors
+
+
+def check_capture_fits(config: PicoTrainingConfig, needed: int, available: int | None = None) -> None:
+    """Refuse up front a learning-dynamics capture that would not fit in host memory (half of it, leaving the
+    rest to training)."""
+    if available is None:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > available // 2:
+        raise ConfigError(
+            f"Learning-dynamics capture would hold about {needed / 2**30:.1f} GiB per checkpoint (the `train` "
+            f"split keeps the whole global batch), more than half of this machine's {available / 2**30:.1f} GiB. "
+            "Shrink data.dataloader.batch_size or checkpointing.learning_dynamics.layer_suffixes, or turn "
+            "capture off with checkpointing.learning_dynamics.layer_suffixes=[]"
+        )
 
 
 def check_run_dir_writable(run_dir: Path) -> None:
@@ -130,11 +187,32 @@ class PicoProgressCallback(ProgressCallback):
         super().on_log(args, state, control, logs=logs, **kwargs)
 
 
+class LogLastStep(TrainerCallback):
+    """Log the last step too, so the summary's final loss is the run's (e.g. `max_steps=2` with logging
+    every 10 steps logs steps 1 and 2)."""
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step == state.max_steps:
+            control.should_log = True
+
+
 class MetricsFileCallback(TrainerCallback):
     """Every log line also goes to `logs/metrics.jsonl`, one JSON object per line, on the main process."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # A resumed run replays the steps after its checkpoint: drop their rows so each step has one.
+        if state.is_world_process_zero and self.path.exists():
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= state.global_step
+            ]
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
@@ -143,17 +221,10 @@ class MetricsFileCallback(TrainerCallback):
 
 
 def setup_logging(run: RunLayout, level: str, is_main: bool) -> Path | None:
-    """pico-train's log file: `logs/log_<time>.log`, same format, with transformers' and pico-hf's records."""
+    """pico-train's log file, `logs/log_<time>.log`: `log_console` copies every console line into it."""
     if not is_main:
         return None
-    run.logs_dir.mkdir(parents=True, exist_ok=True)
     path = run.logs_dir / f"log_{datetime.now().strftime('%Y%m%d_%H%M%S')}.log"
-    handler = logging.FileHandler(path)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s", "%Y-%m-%d %H:%M:%S")
-    )
-    logging.getLogger("transformers").addHandler(handler)  # its warnings and errors, at its own verbosity
-    logging.getLogger("pico_hf").addHandler(handler)
     if not any(isinstance(h, logging.StreamHandler) and h.stream is sys.stderr for h in logger.handlers):
         console = logging.StreamHandler(sys.stderr)
         console.setFormatter(logging.Formatter("%(message)s"))
@@ -169,11 +240,21 @@ class TrainingJob:
     run: RunLayout
     resume_from: Path | None
     log_file: Path | None
+    lock: RunLock | None = None
+
+
+@dataclass
+class CompleteRun:
+    """A run started again after it reached `training.max_steps`: nothing to do."""
+
+    run: RunLayout
+    step: int
+    is_main: bool
 
 
 def build_job(
     config: PicoTrainingConfig, extra_callbacks: list[TrainerCallback] | None = None
-) -> TrainingJob:
+) -> TrainingJob | CompleteRun:
     """Everything a run needs, with every input checked before the first step."""
     run = RunLayout(
         config.run_dir,
@@ -181,12 +262,43 @@ def build_job(
         config.checkpointing.logs_dir,
         config.checkpointing.fabric_checkpoint_dir,
     )
+    device_notice = resolve_device(config)
+    apply_wandb_settings(config)
     args = training_arguments(config, run)
     is_main = args.process_index == 0
+    # Nothing is written before these checks: a finished run stays as it is, and two runs never mix.
+    check_existing_run(config, run.checkpoints_dir)
+    if config.checkpointing.training.auto_resume:
+        step = finished_step(run.latest_checkpoint(), run.state_dirname, config.training.max_steps)
+        if step is not None:
+            return CompleteRun(run, step, is_main)
+    lock = None
     if is_main:
         check_run_dir_writable(run.run_dir)
+        lock = RunLock(run.run_dir).acquire()
+    try:
+        job = _build_job(config, run, args, extra_callbacks, device_notice)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    job.lock = lock
+    return job
+
+
+def _build_job(
+    config: PicoTrainingConfig,
+    run: RunLayout,
+    args: TrainingArguments,
+    extra_callbacks: list[TrainerCallback] | None,
+    device_notice: str | None,
+) -> TrainingJob:
+    is_main = args.process_index == 0
+    if is_main:
         run.checkpoints_dir.mkdir(parents=True, exist_ok=True)
     log_file = setup_logging(run, config.monitoring.logging.log_level, is_main)
+    if is_main and device_notice:
+        logger.info("Note: %s", device_notice)
 
     layout = BatchLayout(
         global_batch=config.data.dataloader.batch_size,
@@ -214,26 +326,33 @@ def build_job(
         config.model.vocab_size,
         config.data.dataset.streaming,
     )
+    check_data_fits(config, stream)
     model = build_model(config, tokenizer)
+    if config.checkpointing.learning_dynamics.layer_suffixes:
+        check_capture_fits(config, capture_bytes(config, model, args.world_size))
     maml, maml_callbacks = build_maml(config, tokenizer, layout.micro_batch)
+    trainer_class: Any = PicoTrainer
+    if config.training.relora.enabled:
+        from .relora import prepare_relora
+
+        model, trainer_class = prepare_relora(model, config.training.relora, args.world_size)
 
     resume_from = None
     if is_main:
         run.remove_partial_checkpoints()
+        remove_leftovers(run.checkpoints_dir)
     if config.checkpointing.training.auto_resume:
         resume_from = run.latest_checkpoint()
-    if is_main:
-        saved = run.run_dir / "training_config.yaml"
-        if not saved.exists():
-            config.save_yaml(saved)
 
     # Order matters: learning dynamics and evaluation add to each checkpoint before it is published; the Hub
     # publisher pushes it once it is complete.
     callbacks: list[TrainerCallback] = [
+        LogLastStep(),
         *maml_callbacks,  # first: its values join each log before it is written
         MetricsFileCallback(run.logs_dir / "metrics.jsonl"),
         *build_learning_dynamics_callbacks(config, run),
         *build_evaluation_callbacks(config, run),
+        *build_card_callbacks(config, run),  # README.md of each checkpoint, before it is pushed
         *hub_callbacks,
     ]
     if "tensorboard" in args.report_to and is_main:
@@ -241,7 +360,7 @@ def build_job(
 
         args.report_to = [r for r in args.report_to if r != "tensorboard"]
         callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(run.logs_dir / "tensorboard"))))
-    trainer = PicoTrainer(
+    trainer = trainer_class(
         model=model,
         args=args,
         processing_class=tokenizer,
@@ -253,6 +372,8 @@ def build_job(
     trainer.remove_callback(ProgressCallback)
     if not args.disable_tqdm:
         trainer.add_callback(PicoProgressCallback())
+    if is_main:
+        write_config(config, run.run_dir)  # what this run trains with, once every input checked out
     return TrainingJob(config, trainer, run, resume_from, log_file)
 
 
@@ -263,7 +384,31 @@ def run_training(
 ) -> dict[str, Any]:
     """Train (resuming if a checkpoint exists and auto_resume is on) and return a summary."""
     transformers.logging.set_verbosity_warning()
-    job = build_job(config, extra_callbacks)
+    transformers.logging.disable_progress_bar()  # "Writing model shards" would break the training bar
+    new = [p for p in [config.run_dir, *config.run_dir.parents] if not p.exists()]  # made by this start
+    try:
+        job = build_job(config, extra_callbacks)
+    except BaseException:
+        if new and int(os.environ.get("RANK", "0")) == 0:
+            shutil.rmtree(new[-1], ignore_errors=True)  # a start that fails leaves nothing behind
+        raise
+    if isinstance(job, CompleteRun):
+        message = (
+            f"Run '{job.run.run_dir.name}' is complete (step {job.step} of {config.training.max_steps}). "
+            "Nothing to do."
+        )
+        if job.is_main:
+            print(message, flush=True)
+        return {"run_dir": str(job.run.run_dir), "steps": job.step, "complete": True, "message": message}
+    try:
+        with log_console(job.log_file), interrupts_end_cleanly(job.trainer):
+            return _train(job, config, notes)
+    finally:
+        if job.lock is not None:
+            job.lock.release()
+
+
+def _train(job: TrainingJob, config: PicoTrainingConfig, notes: list[str] | None) -> dict[str, Any]:
     trainer, run = job.trainer, job.run
     is_main = trainer.args.process_index == 0
     if is_main:
@@ -272,7 +417,7 @@ def run_training(
         stream = trainer.train_sequences.stream
         logger.info(
             "Training %s (%.1fM parameters) on '%s' (%s sequences of %d tokens) for %d steps, global batch %d "
-            "= %d processes x %d accumulation x %d",
+            "= %d process%s x %d accumulation x %d",
             run.run_dir.name,
             trainer.model.num_parameters() / 1e6,
             stream.name,
@@ -281,6 +426,7 @@ def run_training(
             config.training.max_steps,
             config.data.dataloader.batch_size,
             trainer.args.world_size,
+            "" if trainer.args.world_size == 1 else "es",
             trainer.args.gradient_accumulation_steps,
             trainer.args.per_device_train_batch_size,
         )
@@ -291,6 +437,15 @@ def run_training(
     summary = summarize(job, time.perf_counter() - start)
     if is_main:
         logger.info(format_summary(summary))
+    error = trainer.train_sequences.data_error
+    if error is not None:
+        raise DataError(
+            f"{error}. Training stopped after step {summary['steps']} (checkpoint: "
+            f"{summary['latest_checkpoint']}); fix or replace the data and start the run again to resume"
+        ) from error
+    push_error = hub_push_error(trainer)
+    if push_error is not None:  # training finished and is saved; only the upload is incomplete
+        raise push_error
     return summary
 
 
@@ -310,6 +465,7 @@ def summarize(job: TrainingJob, seconds: float) -> dict[str, Any]:
         "tensorboard": str(job.run.logs_dir / "tensorboard"),
         "seconds": round(seconds, 1),
         "resumed_from": str(job.resume_from) if job.resume_from else None,
+        "hub": hub_summary(job.trainer),
     }
 
 
@@ -333,5 +489,6 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"  checkpoints: {shown}  (latest: {summary['latest_checkpoint']})",
             f"  logs:        {summary['log_file']}",
             f"  tensorboard: tensorboard --logdir {summary['tensorboard']}",
+            *([f"  hub:         {summary['hub']}"] if summary.get("hub") else []),
         ]
     )

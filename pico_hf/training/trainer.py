@@ -200,11 +200,23 @@ class PicoTrainer(Trainer):
 
     def get_train_dataloader(self) -> DataLoader:
         # Already per-process micro-batches in the global order: no sampler, no accelerate re-sharding.
-        return DataLoader(self.train_sequences, batch_size=None, num_workers=0)
+        # Its own generator: creating an iterator draws a seed, which from the global RNG would shift the stream
+        # (dropout) of a resumed run, whose RNG state is restored before the iterator is made.
+        return DataLoader(self.train_sequences, batch_size=None, num_workers=0, generator=torch.Generator())
 
     def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
         # pico-train's optimizer is torch's AdamW on every parameter (weight decay 0.01 on norms too).
         return [name for name, _ in model.named_parameters()]
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> Any:
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if not batch_samples and self.train_sequences.data_error is not None:
+            # Bad data ahead: stop, with a checkpoint of every step done (unless one is written or open).
+            self.control.should_training_stop = True
+            step = self.state.global_step
+            open_here = self._pending is not None and self._pending.step == step
+            self.control.should_save = not open_here and not self.run.step_dir(step).exists()
+        return batch_samples, num_items_in_batch
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(model)
@@ -249,6 +261,11 @@ class PicoTrainer(Trainer):
             self._last_log = (now, tokens)
             logs["inf_or_nan_count"] = int(self._nonfinite_losses)
             self._nonfinite_losses = 0
+        # The share of the dataset consumed (the Trainer's own epoch counts fractions of max_steps); none for
+        # streamed data of unknown length.
+        total = self.train_sequences.stream.num_sequences
+        consumed = self.state.global_step * self.train_sequences.layout.global_batch
+        self.state.epoch = round(consumed / total, 4) if total else None
         super().log(logs, start_time)
 
     # --- checkpoints --------------------------------------------------------------------------------------

@@ -1,0 +1,326 @@
+"""A study: one base training config, variants of it as dotted overrides, seeds, evaluation and analysis.
+
+    name: norm-eps
+    base_config: ../demo.yaml              # relative to this file
+    overrides: {training.max_steps: 100}   # applied to every run (optional)
+    variants:                              # the first one is the baseline unless `baseline` names another
+      baseline: {}
+      eps-1e-3: {model.norm_eps: 1.0e-3}
+    seeds: 2                               # or a list, e.g. [42, 43]
+    evaluation: {metrics: [paloma]}        # the `evaluation` section of every run
+    analysis: ../analysis/demo.yaml        # a pico-analyze config (path or inline); `target_checkpoint: final`
+    quick: {overrides: {...}, seeds: 2}    # what `--quick` changes
+
+Overrides are the keys and values `recipes/train.py` takes on its command line (`model.norm_eps=1e-3`), as a
+mapping or as a list of `key=value` strings. Every run of the study is checked here, before anything trains.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..learning_dynamics.analyze import AnalysisConfig, parse_analysis_config
+from ..training.config import ConfigError, PicoTrainingConfig, load_config, parse_override
+
+STUDY_KEYS = ("name", "base_config", "overrides", "variants", "baseline", "seeds", "evaluation", "analysis")
+QUICK_KEYS = ("overrides", "seeds", "analysis")
+# The study owns these: every run gets the same data order (per seed), evaluation and checkpoint layout.
+STUDY_OWNED = {
+    "training.seed": "the study sets it from `seeds`",
+    "data": "every variant trains on the same data in the same order",
+    "evaluation": "every variant is evaluated the same way: set the study's `evaluation`",
+    "checkpointing": "checkpoints, learning-dynamics capture and run folders are the study's",
+}
+# Set by the study for every run, whatever the config says.
+RUN_OWNED = {
+    "training.seed": "the study sets it from `seeds`",
+    "checkpointing.runs_dir": "runs live in the study's folder",
+    "checkpointing.run_name": "runs are named <variant>_seed<seed>",
+}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+FINAL = "final"  # `target_checkpoint: final` in the analysis: the run's last step
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of the study: a variant at a seed, with every override train.py is given."""
+
+    variant: str
+    seed: int
+    overrides: tuple[str, ...]
+    config: PicoTrainingConfig = field(compare=False, repr=False)
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant}_seed{self.seed}"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.config.run_dir
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    name: str
+    path: Path
+    base_config: Path
+    overrides: tuple[str, ...]
+    variants: dict[str, tuple[str, ...]]
+    baseline: str
+    seeds: tuple[int, ...]
+    evaluation: tuple[str, ...]
+    analysis: dict[str, Any] | None  # a pico-analyze config mapping, `final` targets not yet resolved
+    quick: bool
+    output_dir: Path
+    runs: tuple[RunSpec, ...]
+
+    @property
+    def study_dir(self) -> Path:
+        return self.output_dir / self.name
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.study_dir / "runs"
+
+    def analysis_for(self, run: RunSpec) -> AnalysisConfig | None:
+        """The analysis config of one run, `target_checkpoint: final` set to its last step."""
+        if self.analysis is None:
+            return None
+        return parse_analysis_config(resolve_final(self.analysis, run.config.training.max_steps))
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "base_config": str(self.base_config),
+            "overrides": list(self.overrides),
+            "variants": {name: list(values) for name, values in self.variants.items()},
+            "baseline": self.baseline,
+            "seeds": list(self.seeds),
+            "evaluation": list(self.evaluation),
+            "analysis": self.analysis,
+            "quick": self.quick,
+        }
+
+
+def _overrides(value: Any, where: str) -> list[str]:
+    """A mapping `{model.norm_eps: 1e-3}` or a list `["model.norm_eps=1e-3"]` as train.py's `key=value`s."""
+    if value is None:
+        return []
+    if isinstance(value, Mapping):
+        # JSON is YAML: train.py parses the value back to exactly what the study file held.
+        return [f"{key}={json.dumps(item)}" for key, item in value.items()]
+    if isinstance(value, list):
+        for item in value:
+            if not isinstance(item, str):
+                raise ConfigError(f"{where}: override {item!r} must be a 'section.key=value' string")
+            parse_override(item)  # the same check train.py makes
+        return list(value)
+    raise ConfigError(
+        f"{where} must be a mapping of dotted keys to values or a list of key=value, got {value!r}"
+    )
+
+
+def _flatten(section: str, value: Any) -> list[str]:
+    """`evaluation: {paloma: {max_samples: 8}}` -> `["evaluation.paloma.max_samples=8"]`."""
+    if isinstance(value, Mapping):
+        return [item for key, sub in value.items() for item in _flatten(f"{section}.{key}", sub)]
+    return [f"{section}={json.dumps(value)}"]
+
+
+def _check_owned(overrides: list[str], where: str, owned_keys: Mapping[str, str]) -> None:
+    for override in overrides:
+        key = parse_override(override)[0]
+        for owned, why in owned_keys.items():
+            if key == owned or key.startswith(owned + "."):
+                raise ConfigError(f"{where}: '{key}' cannot be set here ({why})")
+
+
+def seed_list(value: Any, where: str = "seeds") -> list[int]:
+    """An int N (seeds 0..N-1) or a list of distinct non-negative ints."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where} must be a positive number of seeds or a list of seeds, got {value!r}")
+    if isinstance(value, int):
+        if value < 1:
+            raise ConfigError(f"{where} must be at least 1, got {value}")
+        return list(range(value))
+    if isinstance(value, list) and value:
+        if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value):
+            raise ConfigError(f"{where} must be non-negative integers, got {value}")
+        if len(set(value)) != len(value):
+            raise ConfigError(f"{where} has repeated seeds: {value}")
+        return list(value)
+    raise ConfigError(
+        f"{where} must be a positive number of seeds or a non-empty list of seeds, got {value!r}"
+    )
+
+
+def take_seeds(seeds: list[int], count: int) -> list[int]:
+    """`--seeds N`: the first N of the study's seeds, continued past the last one if N is larger."""
+    if count < 1:
+        raise ConfigError(f"--seeds must be at least 1, got {count}")
+    seeds = list(seeds)
+    while len(seeds) < count:
+        seeds.append(max(seeds) + 1)
+    return seeds[:count]
+
+
+def resolve_final(analysis: Mapping[str, Any], final_step: int) -> dict[str, Any]:
+    analysis = copy.deepcopy(dict(analysis))
+    for metric in analysis.get("metrics") or []:
+        if isinstance(metric, dict) and metric.get("target_checkpoint") == FINAL:
+            metric["target_checkpoint"] = final_step
+    return analysis
+
+
+def _load_analysis(value: Any, base: Path) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        path = (base / value).resolve()
+        if not path.is_file():
+            raise ConfigError(f"analysis: config file {path} does not exist")
+        value = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"analysis must be a path to a pico-analyze config or a mapping, got {value!r}")
+    value = dict(value)
+    value.pop("monitoring", None)  # results go into each run's folder
+    value.pop("analysis_name", None)
+    try:
+        parse_analysis_config(resolve_final(value, 1))  # every key and metric checked before training
+    except ConfigError as error:
+        raise ConfigError(f"analysis: {error}") from error
+    return value
+
+
+def load_study_config(
+    path: str | Path,
+    *,
+    seeds: int | None = None,
+    quick: bool = False,
+    output_dir: str | Path = "studies",
+) -> StudyConfig:
+    """Read and check a study file; every run's training config is built and validated here."""
+    if seeds is not None and seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1, got {seeds}")
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Study config {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from error
+    try:
+        return _parse(raw, path, seeds, quick, Path(output_dir))
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from error
+
+
+def _parse(raw: Any, path: Path, seeds: int | None, quick: bool, output_dir: Path) -> StudyConfig:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"a study config must be a mapping, got {type(raw).__name__}")
+    unknown = [key for key in raw if key not in (*STUDY_KEYS, "quick")]
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown}; valid keys: {[*STUDY_KEYS, 'quick']}")
+    name = str(raw.get("name") or path.stem)
+    if not _NAME.match(name):
+        raise ConfigError(f"name {name!r} must be letters, digits, '.', '_' or '-'")
+    if not raw.get("base_config"):
+        raise ConfigError("base_config must name the training config the variants change")
+    base_config = (path.parent / str(raw["base_config"])).resolve()
+    if not base_config.is_file():
+        raise ConfigError(f"base_config {base_config} does not exist")
+
+    common = _overrides(raw.get("overrides"), "overrides")
+    quick_section = raw.get("quick") or {}
+    if not isinstance(quick_section, Mapping):
+        raise ConfigError(f"quick must be a mapping with keys {list(QUICK_KEYS)}, got {quick_section!r}")
+    bad = [key for key in quick_section if key not in QUICK_KEYS]
+    if bad:
+        raise ConfigError(f"unknown key(s) {bad} in quick; valid keys: {list(QUICK_KEYS)}")
+    if quick:
+        common += _overrides(quick_section.get("overrides"), "quick.overrides")
+    _check_owned(common, "overrides", RUN_OWNED)
+
+    variants_raw = raw.get("variants")
+    if not isinstance(variants_raw, Mapping) or not variants_raw:
+        raise ConfigError("variants must be a non-empty mapping: name -> overrides ({} for the baseline)")
+    variants: dict[str, tuple[str, ...]] = {}
+    for variant, value in variants_raw.items():
+        variant = str(variant)
+        if not _NAME.match(variant):
+            raise ConfigError(f"variant name {variant!r} must be letters, digits, '.', '_' or '-'")
+        overrides = _overrides(value, f"variants.{variant}")
+        _check_owned(overrides, f"variants.{variant}", STUDY_OWNED)
+        variants[variant] = tuple(overrides)
+    baseline = str(raw.get("baseline") or next(iter(variants)))
+    if baseline not in variants:
+        raise ConfigError(f"baseline {baseline!r} is not one of the variants {list(variants)}")
+
+    seed_values = seed_list(
+        quick_section.get("seeds") if quick and "seeds" in quick_section else raw.get("seeds", 1)
+    )
+    if seeds is not None:
+        seed_values = take_seeds(seed_values, seeds)
+
+    evaluation_raw = raw.get("evaluation")
+    if evaluation_raw is not None and not isinstance(evaluation_raw, Mapping):
+        raise ConfigError(
+            f"evaluation must be a mapping of the `evaluation` section's keys, got {evaluation_raw!r}"
+        )
+    evaluation = _flatten("evaluation", dict(evaluation_raw)) if evaluation_raw else []
+
+    analysis_raw = quick_section.get("analysis", raw.get("analysis")) if quick else raw.get("analysis")
+    analysis = _load_analysis(analysis_raw, path.parent)
+
+    full_name = f"{name}-quick" if quick else name
+    runs_dir = output_dir / full_name / "runs"
+    runs = []
+    for variant, variant_overrides in variants.items():
+        for seed in seed_values:
+            overrides = [
+                *common,
+                *evaluation,
+                *variant_overrides,
+                f"training.seed={seed}",
+                f"checkpointing.runs_dir={json.dumps(str(runs_dir))}",
+                f"checkpointing.run_name={variant}_seed{seed}",
+                "checkpointing.training.auto_resume=true",
+            ]
+            try:
+                config, _ = load_config(base_config, overrides)
+                check_run_config(config)
+            except ConfigError as error:
+                raise ConfigError(f"variant {variant!r} (seed {seed}): {error}") from error
+            runs.append(RunSpec(variant, seed, tuple(overrides), config))
+    return StudyConfig(
+        name=full_name,
+        path=path,
+        base_config=base_config,
+        overrides=tuple(common),
+        variants=variants,
+        baseline=baseline,
+        seeds=tuple(seed_values),
+        evaluation=tuple(evaluation),
+        analysis=analysis,
+        quick=quick,
+        output_dir=output_dir,
+        runs=tuple(runs),
+    )
+
+
+def check_run_config(config: PicoTrainingConfig) -> None:
+    """The checks a run makes when it starts that need no data or model, made before anything trains."""
+    from ..evaluation.callback import check_evaluation_config
+
+    check_evaluation_config(config)
+
+
+__all__ = ["FINAL", "RunSpec", "StudyConfig", "load_study_config", "resolve_final", "seed_list", "take_seeds"]

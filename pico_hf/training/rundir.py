@@ -1,0 +1,135 @@
+"""One run directory, one training at a time, one run's data: the checks made before a run writes anything.
+
+- A finished run started again does nothing (`finished_step`).
+- A run directory already holding a run is resumed only when the model, data and seed are the ones it was
+  started with, and never reused when `auto_resume` is off (`check_existing_run`).
+- A lock file (`run.lock`, held with `fcntl.flock`) names the process training in the directory; the kernel
+  releases it when that process dies, so a killed run's lock never blocks its resume (`RunLock`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import ConfigError, PicoTrainingConfig
+
+CONFIG_NAME = "training_config.yaml"
+LOCK_NAME = "run.lock"
+# What a checkpoint's weights and data position depend on: resuming with any of these changed would mix runs.
+IDENTITY_SECTIONS = ("model", "data")
+IDENTITY_KEYS = ("training.seed",)
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}{key}."))
+    return flat
+
+
+def _identity(tree: dict[str, Any]) -> dict[str, Any]:
+    flat = _flatten(tree)
+    return {
+        key: value
+        for key, value in flat.items()
+        if key.split(".")[0] in IDENTITY_SECTIONS or key in IDENTITY_KEYS
+    }
+
+
+def has_run(checkpoints_dir: Path) -> bool:
+    """Whether a run directory already holds a run: any checkpoint (a run that failed its checks has none)."""
+    return any(checkpoints_dir.glob("step_*"))
+
+
+def check_existing_run(config: PicoTrainingConfig, checkpoints_dir: Path) -> None:
+    """Refuse to mix a new run with the one already in the run directory."""
+    run_dir = config.run_dir
+    if not has_run(checkpoints_dir):
+        return
+    name = config.checkpointing.run_name
+    if not config.checkpointing.training.auto_resume:
+        raise ConfigError(
+            f"Run directory {run_dir} already holds run '{name}' and checkpointing.training.auto_resume is "
+            f"false. Start a new run with another checkpointing.run_name, or delete {run_dir} to start this "
+            "one over (or set checkpointing.training.auto_resume=true to resume it)"
+        )
+    saved = run_dir / CONFIG_NAME
+    if not saved.exists():
+        return
+    stored = _identity(yaml.safe_load(saved.read_text()) or {})
+    current = _identity(config.to_dict())
+    differing = sorted(k for k in stored.keys() | current.keys() if stored.get(k) != current.get(k))
+    if differing:
+        changes = ", ".join(f"{k} ({stored.get(k)!r} -> {current.get(k)!r})" for k in differing)
+        raise ConfigError(
+            f"Cannot resume run '{name}' in {run_dir}: its {CONFIG_NAME} differs in {changes}. Start a new "
+            f"run with another checkpointing.run_name, or delete {run_dir} to start over with these settings"
+        )
+
+
+def finished_step(latest: Path | None, state_dirname: str, max_steps: int) -> int | None:
+    """The step of `latest` when it is at or past `max_steps` (the run is complete), else None."""
+    if latest is None:
+        return None
+    position = latest / state_dirname / "data_position.json"
+    step = json.loads(position.read_text())["step"] if position.exists() else int(latest.name[5:])
+    return step if step >= max_steps else None
+
+
+def write_config(config: PicoTrainingConfig, run_dir: Path) -> None:
+    """`training_config.yaml`, written whole or not at all (temporary file, then an atomic rename)."""
+    tmp = run_dir / f".{CONFIG_NAME}.tmp"
+    with tmp.open("w") as handle:
+        yaml.safe_dump(config.to_dict(), handle, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, run_dir / CONFIG_NAME)
+
+
+def remove_leftovers(checkpoints_dir: Path) -> None:
+    """Folders a killed run can leave: a checkpoint being replaced (`.step_N.old`)."""
+    for old in checkpoints_dir.glob(".step_*.old"):
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class RunLock:
+    """An exclusive lock on a run directory, held for the life of the training."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / LOCK_NAME
+        self._handle = None
+
+    def acquire(self) -> RunLock:
+        handle = open(self.path, "a+")  # noqa: SIM115 (held, open, for the whole run)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            handle.close()
+            raise ConfigError(
+                f"Run directory {self.path.parent} is in use by {owner} (lock {self.path}). Wait for that "
+                "training to end, or use another checkpointing.run_name"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
+        handle.flush()
+        self._handle = handle
+        return self
+
+    def release(self) -> None:
+        if self._handle is not None:
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None

@@ -1,0 +1,102 @@
+"""Model cards: the suite cards in model_cards/ are current, evaluation files become model-index entries."""
+
+import json
+
+import pytest
+from conftest import REPO
+from fake_hub import fake_hub  # noqa: F401
+from huggingface_hub import ModelCard, constants, get_session
+
+from pico_hf import PicoDecoderConfig, PicoDecoderForCausalLM
+from pico_hf.hub import cards
+from pico_hf.training.config import ConfigError, load_config
+
+SIZES = ("tiny", "small", "medium", "large")
+
+
+def test_suite_cards_are_current(tmp_path):
+    """`python -m pico_hf.hub.cards suite` re-rendered gives exactly the committed cards."""
+    written = cards.write_suite_cards(REPO / "recipes" / "configs", tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in written] == [
+        f"pico-decoder-{size}/README.md" for size in SIZES
+    ]
+    for path in written:
+        committed = REPO / "model_cards" / path.relative_to(tmp_path)
+        assert committed.read_text() == path.read_text(), (
+            f"{committed} is stale: run `python -m pico_hf.hub.cards suite`"
+        )
+    # The template beside the cards is the one the package renders with.
+    assert (REPO / "model_cards" / "template.md").read_text() == cards.TEMPLATE.read_text()
+
+
+@pytest.mark.parametrize("size", ["tiny", "small"])
+def test_suite_card_metadata_and_facts(size):
+    card = ModelCard.load(REPO / "model_cards" / f"pico-decoder-{size}" / "README.md")
+    data = card.data.to_dict()
+    assert data["license"] == "apache-2.0"
+    assert data["library_name"] == "transformers"
+    assert data["pipeline_tag"] == "text-generation"
+    assert data["datasets"] == ["pico-lm/pretokenized-dolma"]
+    assert data["language"] == "en"
+    assert "pico" in data["tags"]
+    assert "model-index" not in data  # nothing measured here, nothing claimed
+    # The architecture row: parameters counted on a real model built from the suite config.
+    config, _ = load_config(REPO / "recipes" / "configs" / f"pico-decoder-{size}.yaml")
+    model = config.model
+    parameters = PicoDecoderForCausalLM(
+        PicoDecoderConfig(
+            d_model=model.d_model,
+            n_layers=model.n_layers,
+            attention_n_heads=model.attention_n_heads,
+            attention_n_kv_heads=model.attention_n_kv_heads,
+            activation_hidden_dim=model.activation_hidden_dim,
+            vocab_size=model.vocab_size,
+            max_seq_len=model.max_seq_len,
+        )
+    ).num_parameters()
+    row = (
+        f"| {model.d_model} | {model.n_layers} | {model.attention_n_heads} | {model.attention_n_kv_heads} | "
+        f"{model.activation_hidden_dim} | {model.vocab_size} | {model.max_seq_len} |"
+    )
+    assert row in card.text and f"({parameters:,})" in card.text
+    assert f"| steps | {config.training.max_steps:,} " in card.text
+    assert f'from_pretrained("pico-lm/pico-decoder-{size}")' in card.text
+    assert "trust_remote_code=True" in card.text
+    assert "@software{pico2025" in card.text
+
+
+def test_evaluation_file_becomes_model_index_entries(tmp_path):
+    measured = tmp_path / "step_4.json"
+    measured.write_text(json.dumps({"paloma": 123.456789, "dataset": "pico-lm/pretokenized-paloma-tinsy"}))
+    [result] = cards.read_evaluation(measured, default_dataset="somewhere/else")
+    assert (result.metric_name, result.metric_value, result.dataset_name) == (
+        "paloma",
+        123.4568,
+        "pico-lm/pretokenized-paloma-tinsy",
+    )
+    assert result.metric_type == "perplexity"
+    # No `dataset` field: the configured dataset; any metric name is taken as it is.
+    stand_in = tmp_path / "step_5.json"
+    stand_in.write_text(json.dumps({"embedded_heldout_perplexity": 50.0, "note": "x"}))
+    [result] = cards.read_evaluation(stand_in, default_dataset="embedded")
+    assert (result.metric_name, result.dataset_name) == ("embedded_heldout_perplexity", "embedded")
+    broken = tmp_path / "step_6.json"
+    broken.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=r"step_6\.json holds list"):
+        cards.read_evaluation(broken, default_dataset=None)
+
+
+def test_fake_hub_validation_checks_the_model_index(fake_hub, tmp_path):  # noqa: F811
+    measured = tmp_path / "step_1.json"
+    measured.write_text(json.dumps({"paloma": 10.0, "dataset": "pico-lm/pretokenized-paloma-tinsy"}))
+    data = cards._card_data("run", ["pico-lm/pretokenized-dolma"], cards.read_evaluation(measured, None))
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n# run\n")
+    card.validate()  # a well-formed model-index passes
+    # What the client itself cannot parse, the fake Hub refuses with the Hub's 400 and a reason.
+    broken = "---\nmodel-index:\n- name: run\n  results:\n  - task: {type: text-generation}\n    metrics: []\n---\n"
+    answer = get_session().post(
+        f"{constants.ENDPOINT}/api/validate-yaml", json={"repoType": "model", "content": broken}
+    )
+    assert answer.status_code == 400
+    assert '"model-index[0].results[0].dataset" needs "type" and "name"' in answer.text
+    assert '"model-index[0].results[0].metrics" must be a non-empty array' in answer.text

@@ -1,0 +1,526 @@
+"""Studies: config errors before training, reuse and resume of runs, report numbers from the runs' files, the
+paired difference and its interval against scipy, and the shipped quick study end to end."""
+
+import hashlib
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, assert_bitwise_equal, final_weights
+from scipy import stats
+
+from pico_hf.study import StudyError, load_study_config, run_state, run_study, write_study_report
+from pico_hf.study.config import take_seeds
+from pico_hf.study.report import mean_std, paired_difference, read_eval_results, read_training_log
+from pico_hf.training.config import ConfigError
+
+STUDY_SCRIPT = REPO / "recipes" / "study.py"
+
+# A seconds-long model on the embedded corpus (OLMo tokenizer), with learning dynamics and evaluation.
+TINY_BASE = {
+    "data": {"dataset": {"name": "embedded"}, "dataloader": {"batch_size": 4}},
+    "model": {
+        "d_model": 16,
+        "n_layers": 2,
+        "attention_n_heads": 2,
+        "attention_n_kv_heads": 1,
+        "activation_hidden_dim": 32,
+        "max_seq_len": 32,
+    },
+    "training": {
+        "max_steps": 4,
+        "optimization": {"lr": 0.01, "lr_warmup_steps": 1, "gradient_accumulation_steps": 1},
+        "fabric": {"accelerator": "cpu", "precision": "32-true"},
+    },
+    "checkpointing": {
+        "save_every_n_steps": 2,
+        "learning_dynamics": {
+            "layer_suffixes": ["swiglu.w_2"],
+            "eval_data": "embedded",
+            "eval_max_samples": 4,
+            "batch_size": 4,
+        },
+    },
+    "evaluation": {"metrics": []},
+    "monitoring": {"logging": {"log_every_n_steps": 1}},
+    "training_arguments": {"disable_tqdm": True},
+}
+TINY_ANALYSIS = {
+    "metrics": [
+        {
+            "metric_name": "cka",
+            "target_checkpoint": "final",
+            "data_split": "val",
+            "components": [
+                {
+                    "component_name": "simple",
+                    "data_type": "activations",
+                    "layer_suffixes": "swiglu.w_2",
+                    "layers": [0, 1],
+                }
+            ],
+        },
+        {
+            "metric_name": "per",
+            "data_split": "val",
+            "components": [
+                {
+                    "component_name": "simple",
+                    "data_type": data_type,
+                    "layer_suffixes": "swiglu.w_2",
+                    "layers": [0, 1],
+                }
+                for data_type in ("weights", "gradients")
+            ],
+        },
+    ]
+}
+
+
+def write_study(tmp_path, **changes):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(TINY_BASE))
+    study = {
+        "name": "tiny",
+        "base_config": "base.yaml",
+        "variants": {"baseline": {}, "eps": {"model.norm_eps": 0.01}},
+        "seeds": 2,
+        "evaluation": {
+            "metrics": ["paloma"],
+            "paloma": {"dataset_name": "embedded", "max_samples": 4, "max_length": 32},
+        },
+        "analysis": TINY_ANALYSIS,
+    }
+    study.update(changes)
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return path
+
+
+def load(tmp_path, **changes):
+    return load_study_config(write_study(tmp_path, **changes), output_dir=tmp_path / "studies")
+
+
+# --- config errors, before anything trains -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (
+            {"variants": {"baseline": {}, "typo": {"model.norm_epz": 0.01}}},
+            "variant 'typo' (seed 0): Unknown config key 'model.norm_epz'; did you mean 'model.norm_eps'?",
+        ),
+        (
+            {"variants": {"baseline": {}, "bad": ["model.norm_eps"]}},
+            "Override 'model.norm_eps' must look like section.key=value",
+        ),
+        (
+            {"variants": {"baseline": {}, "bad": {"model.n_layers": "two"}}},
+            "variant 'bad' (seed 0): 'model.n_layers' must be an integer, got 'two'",
+        ),
+        ({"seeds": 0}, "seeds must be at least 1, got 0"),
+        ({"seeds": [1, 1]}, "seeds has repeated seeds: [1, 1]"),
+        (
+            {"variants": {"baseline": {}, "x": {"training.seed": 3}}},
+            "variants.x: 'training.seed' cannot be set here (the study sets it from `seeds`)",
+        ),
+        (
+            {"variants": {"baseline": {}, "x": {"data.dataloader.batch_size": 8}}},
+            "variants.x: 'data.dataloader.batch_size' cannot be set here (every variant trains on the same data",
+        ),
+        (
+            {"variants": {"baseline": {}, "x": {"evaluation.metrics": []}}},
+            "variants.x: 'evaluation.metrics' cannot be set here",
+        ),
+        ({"baseline": "nope"}, "baseline 'nope' is not one of the variants ['baseline', 'eps']"),
+        ({"variants": {}}, "variants must be a non-empty mapping"),
+        ({"evaluation": {"metrics": ["hellaswag"]}}, "evaluation.metrics: unknown metric 'hellaswag'"),
+        (
+            {"analysis": {"metrics": [{"metric_name": "nope", "data_split": "val"}]}},
+            "analysis: metrics[0] (nope)",
+        ),
+        ({"colour": "red"}, "unknown key(s) ['colour']"),
+    ],
+)
+def test_config_errors_name_the_problem(tmp_path, changes, message):
+    with pytest.raises(ConfigError) as error:
+        load(tmp_path, **changes)
+    assert message in str(error.value)
+    assert str(tmp_path / "study.yaml") in str(error.value)
+
+
+def test_recipe_reports_config_errors_before_training(tmp_path, capsys):
+    sys.path.insert(0, str(STUDY_SCRIPT.parent))
+    try:
+        import study as recipe
+    finally:
+        sys.path.pop(0)
+    path = write_study(tmp_path)
+    assert recipe.main(["--config", str(path), "--seeds", "0", "--output_dir", str(tmp_path / "out")]) == 2
+    assert "error: --seeds must be at least 1, got 0" in capsys.readouterr().err
+    path = write_study(tmp_path, variants={"baseline": {}, "eps": {}, "typo": {"model.norm_epz": 1}})
+    assert recipe.main(["--config", str(path), "--output_dir", str(tmp_path / "out")]) == 2
+    assert "Unknown config key 'model.norm_epz'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing trained, nothing written
+
+
+def test_runs_seeds_and_overrides(tmp_path):
+    study = load(tmp_path, seeds=[7, 3])
+    assert [run.name for run in study.runs] == ["baseline_seed7", "baseline_seed3", "eps_seed7", "eps_seed3"]
+    eps = study.runs[2]
+    assert eps.config.model.norm_eps == 0.01 and eps.config.training.seed == 7
+    assert study.runs[0].config.model.norm_eps == 1e-6
+    assert eps.run_dir == tmp_path / "studies" / "tiny" / "runs" / "eps_seed7"
+    # Identical evaluation for every run, from the study's `evaluation` section.
+    assert {tuple(r.config.evaluation.metrics) for r in study.runs} == {("paloma",)}
+    assert {r.config.evaluation.paloma.max_samples for r in study.runs} == {4}
+    assert take_seeds([7, 3], 1) == [7] and take_seeds([7, 3], 4) == [7, 3, 8, 9]
+    assert load_study_config(write_study(tmp_path), seeds=3).seeds == (0, 1, 2)
+    # A training mode is one more variant: its keys are checked like any other.
+    maml = load(tmp_path, variants={"baseline": {}, "maml": {"training.maml.enabled": True}}).runs[2]
+    assert maml.config.training.maml.enabled and maml.variant == "maml"
+    # The analysis' `final` target is each run's last step.
+    cka = study.analysis_for(eps).metrics[0]
+    assert cka.target_checkpoint == 4
+
+
+# --- statistics ---------------------------------------------------------------------------------------------
+
+
+def test_paired_difference_matches_scipy_and_the_formula():
+    baseline = {0: 3.10, 1: 3.40, 2: 2.95, 3: 3.22}
+    variant = {0: 3.00, 1: 3.41, 2: 2.70, 3: 3.05, 9: 100.0}  # seed 9 has no baseline: not paired
+    result = paired_difference(variant, baseline, confidence=0.9)
+    differences = [variant[s] - baseline[s] for s in range(4)]
+    interval = stats.ttest_rel(
+        [variant[s] for s in range(4)], [baseline[s] for s in range(4)]
+    ).confidence_interval(0.9)
+    assert result.n == 4
+    assert result.mean == pytest.approx(sum(differences) / 4)
+    assert (result.low, result.high) == pytest.approx((interval.low, interval.high))
+    # By hand: t_{0.95, 3} = 2.353363434801823.
+    mean = sum(differences) / 4
+    sd = math.sqrt(sum((d - mean) ** 2 for d in differences) / 3)
+    assert result.high - mean == pytest.approx(2.353363434801823 * sd / 2)
+    one = paired_difference({0: 2.0}, {0: 1.5})
+    assert one.mean == 0.5 and one.n == 1 and math.isnan(one.low)
+    assert paired_difference({1: 2.0}, {0: 1.5}) is None
+    mean, std = mean_std([1.0, 2.0, 4.0])
+    assert (mean, std) == pytest.approx((7 / 3, stats.tstd([1.0, 2.0, 4.0])))
+
+
+def test_readers_take_any_numeric_key_and_the_last_logged_loss(tmp_path):
+    results = tmp_path / "eval_results"
+    results.mkdir()
+    (results / "step_0.json").write_text(json.dumps({"paloma": 12.5, "dataset": "embedded"}))
+    (results / "step_10.json").write_text(
+        json.dumps({"paloma": 9.0, "blimp": {"acc": 0.61, "note": "x"}, "dataset": "embedded", "ok": True})
+    )
+    (results / ".step_20.json.tmp").write_text("{")
+    series, datasets = read_eval_results(results)
+    assert series == {"blimp/acc": {10: 0.61}, "paloma": {0: 12.5, 10: 9.0}}
+    assert datasets == {"paloma": "embedded", "blimp/acc": "embedded"}
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    lines = [
+        {"step": 1, "loss": 5.0, "num_input_tokens_seen": 8},
+        {"step": 2, "loss": 4.0, "tokens_per_second": 100.0, "num_input_tokens_seen": 16},
+        {"step": 2, "eval/paloma": 3.0},
+        {"step": 2, "loss": 4.5, "tokens_per_second": 300.0, "num_input_tokens_seen": 16},  # after a resume
+    ]
+    (logs / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert read_training_log(tmp_path) == ({1: 5.0, 2: 4.5}, [300.0], 16)
+
+
+# --- a tiny real study: reuse, resume, and the report ------------------------------------------------------
+
+
+def snapshot(root: Path) -> dict[str, tuple[str, int]]:
+    """Every file under root: its content hash and modification time."""
+    return {
+        str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    tmp_path = tmp_path_factory.mktemp("study")
+    study = load(tmp_path)
+    lines = []
+    outcomes, warnings = run_study(study, in_process=True, log=lines.append)
+    md, html = write_study_report(study, outcomes, warnings)
+    return study, outcomes, warnings, lines, md, html
+
+
+def test_every_run_trained_with_the_same_data_order_per_seed(tiny_study):
+    study, outcomes, warnings, lines, _, _ = tiny_study
+    assert [o.status for o in outcomes] == ["trained"] * 4
+    assert [line.split(": ")[1] for line in lines[:4]] == [
+        "training -> " + str(s.run_dir) for s in study.runs
+    ]
+    assert warnings == []
+    assert all(run_state(spec) == "done" for spec in study.runs)
+    for spec in study.runs:
+        saved = yaml.safe_load((spec.run_dir / "training_config.yaml").read_text())
+        assert saved["training"]["seed"] == spec.seed
+        assert saved["model"]["norm_eps"] == (0.01 if spec.variant == "eps" else 1e-6)
+        assert sorted(p.name for p in (spec.run_dir / "analysis").glob("step_*")) == [
+            "step_0",
+            "step_2",
+            "step_4",
+        ]
+    # Same seed: same initial weights and data for both variants (the step-0 checkpoint is identical except
+    # for the norm's epsilon, which is not a weight), different seeds: different.
+    from safetensors.torch import load_file
+
+    def step0(name):
+        return load_file(study.runs_dir / name / "checkpoints" / "step_0" / "model.safetensors")
+
+    assert_bitwise_equal(step0("baseline_seed0"), step0("eps_seed0"))
+    a, b = step0("baseline_seed0"), step0("baseline_seed1")
+    assert any(not (a[k] == b[k]).all() for k in a)
+
+
+def _table(md: str, title: str) -> list[list[str]]:
+    """The rows of the Markdown table under `### title`."""
+    section = md.split(f"### {title}\n", 1)[1].strip("\n").split("\n\n", 1)[0]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()[2:]]
+
+
+@pytest.mark.filterwarnings("ignore:Precision loss occurred")  # scipy, on seeds that agree to float precision
+def test_report_numbers_are_the_runs_files(tiny_study):
+    study, _, _, _, md_path, html_path = tiny_study
+    md = md_path.read_text()
+    summary = json.loads((study.study_dir / "summary.json").read_text())
+
+    # Independent readers: the files as written by training and analysis.
+    def eval_value(spec, step):
+        return json.loads((spec.run_dir / "eval_results" / f"step_{step}.json").read_text())["paloma"]
+
+    def analysis_value(spec, step, stem, key):
+        return json.loads((spec.run_dir / "analysis" / f"step_{step}" / f"{stem}.json").read_text())[key]
+
+    def loss_value(spec, step):
+        lines = (spec.run_dir / "logs" / "metrics.jsonl").read_text().splitlines()
+        return [
+            json.loads(x)["loss"]
+            for x in lines
+            if json.loads(x).get("step") == step and "loss" in json.loads(x)
+        ][-1]
+
+    readers = {
+        "eval/paloma": eval_value,
+        "train/loss": loss_value,
+        "cka_val/layers.1.swiglu.w_2.activations": lambda s, n: analysis_value(
+            s, n, "cka_val", "layers.1.swiglu.w_2.activations"
+        ),
+        "per_val/layers.0.swiglu.w_2.gradients": lambda s, n: analysis_value(
+            s, n, "per_val", "layers.0.swiglu.w_2.gradients"
+        ),
+    }
+    titles = {
+        "eval/paloma": "paloma (embedded)",
+        "train/loss": "training loss",
+        "cka_val/layers.1.swiglu.w_2.activations": "cka_val: layers.1.swiglu.w_2.activations",
+        "per_val/layers.0.swiglu.w_2.gradients": "per_val: layers.0.swiglu.w_2.gradients",
+    }
+    for name, read in readers.items():
+        quantity = summary["quantities"][name]
+        steps = [0, 2, 4] if name != "train/loss" else [2, 4]
+        assert sorted(map(int, quantity["steps"])) == steps, name
+        rows = _table(md, titles[name])
+        assert len(rows) == len(steps) * 2
+        for step in steps:
+            by_variant = {
+                v: {s.seed: read(s, step) for s in study.runs if s.variant == v} for v in ("baseline", "eps")
+            }
+            for variant, values in by_variant.items():
+                cell = quantity["steps"][str(step)][variant]
+                assert cell["values"] == {str(seed): value for seed, value in values.items()}
+                mean = sum(values.values()) / 2
+                std = stats.tstd(list(values.values()))
+                assert cell["mean"] == pytest.approx(mean) and cell["std"] == pytest.approx(std)
+                row = next(r for r in rows if r[0] == str(step) and r[1] == variant)
+                assert row[2:5] == ["2", f"{mean:.5g}", f"{std:.5g}"]
+            differences = [by_variant["eps"][s] - by_variant["baseline"][s] for s in (0, 1)]
+            interval = stats.ttest_rel(
+                [by_variant["eps"][s] for s in (0, 1)], [by_variant["baseline"][s] for s in (0, 1)]
+            ).confidence_interval(0.95)
+            difference = quantity["steps"][str(step)]["eps"]["difference"]
+            assert difference["mean"] == pytest.approx(sum(differences) / 2)
+            if differences[0] != differences[1]:
+                assert (difference["low"], difference["high"]) == pytest.approx((interval.low, interval.high))
+            row = next(r for r in rows if r[0] == str(step) and r[1] == "eps")
+            assert row[5].startswith(f"{sum(differences) / 2:.5g} [")
+
+    # Wall time and tokens/s per run come from study_timing.json and metrics.jsonl.
+    for run in summary["runs"]:
+        timing = json.loads((Path(run["run_dir"]) / "study_timing.json").read_text())
+        assert run["wall_seconds"] == pytest.approx(sum(a["seconds"] for a in timing["attempts"]))
+        assert run["tokens"] == 4 * 4 * 32
+
+    # Structure: sections, plots and a self-contained page.
+    for heading in ("## Variants", "## Runs", "## Training loss", "## Evaluation", "## Learning dynamics"):
+        assert heading in md
+    plots = sorted(p.name for p in (study.study_dir / "plots").glob("*.png"))
+    assert plots == ["cka_val.png", "eval_paloma.png", "per_val.png", "train_loss.png"]
+    page = html_path.read_text()
+    assert page.count('src="data:image/png;base64,') == 4
+    assert not re.search(r'(src|href)="(?!data:)', page)
+    assert page.count("<details><summary>") == 4  # every run's resolved config
+
+
+def test_finished_study_is_reused_bitwise(tiny_study):
+    study = tiny_study[0]
+    before = snapshot(study.runs_dir)
+    lines = []
+    outcomes, _ = run_study(study, in_process=True, log=lines.append)
+    assert [o.status for o in outcomes] == ["reused"] * 4
+    assert all("done, reused" in line for line in lines)
+    assert snapshot(study.runs_dir) == before
+
+
+def test_report_only_rewrites_the_report_from_the_files(tiny_study, capsys):
+    study = tiny_study[0]
+    sys.path.insert(0, str(STUDY_SCRIPT.parent))
+    try:
+        import study as recipe
+    finally:
+        sys.path.pop(0)
+    before = snapshot(study.runs_dir)
+    summary = json.loads((study.study_dir / "summary.json").read_text())
+    (study.study_dir / "summary.json").unlink()
+    argv = ["--config", str(study.path), "--output_dir", str(study.output_dir), "--report_only"]
+    assert recipe.main(argv) == 0
+    assert "Study tiny: 4 runs; report:" in capsys.readouterr().out
+    assert json.loads((study.study_dir / "summary.json").read_text())["quantities"] == summary["quantities"]
+    assert snapshot(study.runs_dir) == before
+
+
+def test_interrupted_study_resumes_the_unfinished_run_only(tiny_study, tmp_path):
+    import shutil
+
+    study = tiny_study[0]
+    copy = tmp_path / "studies"
+    shutil.copytree(study.study_dir.parent, copy, symlinks=True)
+    study = load_study_config(study.path, output_dir=copy)
+    reference = final_weights(study.runs[3].run_dir)
+    # eps_seed1 killed after its step-2 checkpoint: the last checkpoint and evaluation never written.
+    run_dir = study.runs[3].run_dir
+    shutil.rmtree(run_dir / "checkpoints" / "step_4")
+    shutil.rmtree(run_dir / "analysis")
+    (run_dir / "eval_results" / "step_4.json").unlink()
+    (run_dir / "checkpoints" / "latest").unlink()
+    (run_dir / "checkpoints" / "latest").symlink_to("step_2")
+    assert run_state(study.runs[3]) == "partial"
+    others = {spec.name: snapshot(spec.run_dir) for spec in study.runs[:3]}
+
+    lines = []
+    outcomes, _ = run_study(study, in_process=True, log=lines.append)
+    assert [o.status for o in outcomes] == ["reused", "reused", "reused", "resumed"]
+    assert "resuming from" in lines[3] and lines[3].endswith("eps_seed1")
+    for spec in study.runs[:3]:
+        assert snapshot(spec.run_dir) == others[spec.name]
+    assert_bitwise_equal(final_weights(run_dir), reference)  # resumed exactly
+    attempts = json.loads((run_dir / "study_timing.json").read_text())["attempts"]
+    assert attempts[-1]["resumed_from"].endswith("step_2") and attempts[-1]["completed"]
+    assert (run_dir / "analysis" / "step_4").is_dir()
+
+
+def test_a_run_folder_from_another_config_is_an_error(tiny_study, tmp_path):
+    import shutil
+
+    study = tiny_study[0]
+    copy = tmp_path / "studies"
+    shutil.copytree(study.study_dir.parent, copy, symlinks=True)
+    path = write_study(tmp_path, variants={"baseline": {}, "eps": {"model.norm_eps": 0.02}})
+    changed = load_study_config(path, output_dir=copy)
+    with pytest.raises(
+        StudyError, match=r"eps_seed0 was trained with a different config .* variant 'eps', seed 0"
+    ):
+        run_study(changed, in_process=True, log=lambda line: None)
+
+
+# --- the shipped quick study, end to end -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_norm_eps_quick_study_end_to_end(tmp_path):
+    config = REPO / "recipes" / "configs" / "studies" / "norm-eps.yaml"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(STUDY_SCRIPT), "--config", str(config), "--quick", "--output_dir", "out"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    study_dir = tmp_path / "out" / "norm-eps-quick"
+    md = (study_dir / "report.md").read_text()
+    summary = json.loads((study_dir / "summary.json").read_text())
+    assert [(r["variant"], r["seed"]) for r in summary["runs"]] == [
+        ("baseline", 0),
+        ("baseline", 1),
+        ("eps-1", 0),
+        ("eps-1", 1),
+    ]
+    kinds = {q["kind"] for q in summary["quantities"].values()}
+    assert kinds == {"training", "evaluation", "learning dynamics"}
+    stems = {
+        name.split("/")[0] for name, q in summary["quantities"].items() if q["kind"] == "learning dynamics"
+    }
+    assert stems == {"cka_val", "per_train", "condition_number_train", "gini_val", "hoyer_val"}
+    # Every number: the runs' files, read here independently.
+    checked = 0
+    for name, quantity in summary["quantities"].items():
+        for step, row in quantity["steps"].items():
+            for variant, cell in row.items():
+                for seed, value in cell["values"].items():
+                    run_dir = tmp_path / "out" / "norm-eps-quick" / "runs" / f"{variant}_seed{seed}"
+                    if name == "train/loss":
+                        lines = [
+                            json.loads(x)
+                            for x in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()
+                        ]
+                        expected = [x["loss"] for x in lines if x["step"] == int(step) and "loss" in x][-1]
+                    elif name.startswith("eval/"):
+                        expected = json.loads((run_dir / "eval_results" / f"step_{step}.json").read_text())[
+                            name[5:]
+                        ]
+                    else:
+                        stem, key = name.split("/", 1)
+                        expected = json.loads(
+                            (run_dir / "analysis" / f"step_{step}" / f"{stem}.json").read_text()
+                        )[key]
+                    assert value == expected, (name, step, variant, seed)
+                    checked += 1
+                mean = sum(cell["values"].values()) / len(cell["values"])
+                assert cell["mean"] == pytest.approx(mean)
+                assert f"| {step} | {variant} | 2 | {mean:.5g} |" in md
+    assert checked > 100
+    page = (study_dir / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == len(list((study_dir / "plots").glob("*.png"))) == 7
+
+
+@pytest.mark.slow
+def test_two_process_launch_trains_each_run_on_both_processes(tmp_path):
+    path = write_study(tmp_path, seeds=1)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(STUDY_SCRIPT)]
+    command = [*launch, "--config", str(path), "--output_dir", str(tmp_path / "out")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert output.count("= 2 processes x 1 accumulation x 2") == 2  # both runs, in the launched world
+    assert output.count("[1/2] baseline_seed0: training") == 1  # the main process speaks for the study
+    summary = json.loads((tmp_path / "out" / "tiny" / "summary.json").read_text())
+    assert [r["status"] for r in summary["runs"]] == ["trained", "trained"]
+    assert "eps" in summary["quantities"]["eval/paloma"]["steps"]["4"]
+    assert (
+        tmp_path / "out" / "tiny" / "runs" / "eps_seed0" / "analysis" / "step_4" / "per_val.json"
+    ).is_file()
