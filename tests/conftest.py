@@ -5,6 +5,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import re
 import sys
 from pathlib import Path
 
@@ -111,13 +112,31 @@ def tiny_training_overrides(tmp_path, **extra):
 TRAIN_SCRIPT = REPO / "recipes" / "train.py"
 
 
-def train_command(processes: int = 1) -> list[str]:
-    """`recipes/train.py` in a fresh interpreter: plain Python, or `accelerate launch` on CPU processes."""
+def free_port() -> int:
+    """A free local TCP port for a multi-process run's rendezvous (concurrent runs must not share one)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def train_command(processes: int = 1, accelerate_config: str = "cpu") -> list[str]:
+    """`recipes/train.py` in a fresh interpreter: plain Python, or `accelerate launch` with one of
+    `recipes/accelerate/*.yaml` on `processes` CPU processes (the README's commands)."""
     if processes == 1:
         return [sys.executable, str(TRAIN_SCRIPT)]
-    launch = ["-m", "accelerate.commands.launch", "--num_processes", str(processes), "--cpu"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    config = REPO / "recipes" / "accelerate" / f"{accelerate_config}.yaml"
+    launch = ["-m", "accelerate.commands.launch", "--config_file", str(config)]
+    launch += ["--num_processes", str(processes), "--main_process_port", str(free_port())]
     return [sys.executable, *launch, str(TRAIN_SCRIPT)]
+
+
+def assert_world_size(output: str, processes: int) -> None:
+    """The run really had `processes` processes: its first log line says how the global batch splits."""
+    found = re.findall(r"global batch \d+ = (\d+) process(?:es)? x", output)
+    assert found, "no 'global batch N = P process(es) x ...' line in the run's output:\n" + output[-3000:]
+    assert [int(p) for p in found] == [processes] * len(found), found
 
 
 def train(tmp_path, callbacks=None, **overrides):

@@ -6,14 +6,21 @@ import logging
 import os
 import random
 import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import REPO, assert_bitwise_equal, final_weights, tiny_config, tiny_training_overrides, train
+from conftest import (
+    assert_bitwise_equal,
+    assert_world_size,
+    final_weights,
+    tiny_config,
+    tiny_training_overrides,
+    train,
+    train_command,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from pico_hf import PicoDecoderForCausalLM
@@ -209,14 +216,12 @@ def test_two_processes_share_the_evaluation(evaluated_run, tmp_path):
     """With two processes each scores half of the texts; the gathered values match the one-process run."""
     _, config, _ = evaluated_run
     overrides = tiny_training_overrides(tmp_path, **evaluation_overrides(tmp_path))
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(REPO / "recipes" / "train.py"), *overrides,
-    ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [*train_command(2), *overrides], env=env, capture_output=True, text=True, timeout=900
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert_world_size(result.stderr, 2)
     two = eval_results(tmp_path / "runs" / "tiny")
     one = eval_results(config.run_dir)
     assert two.keys() == one.keys() == set(STEPS)

@@ -6,7 +6,13 @@ import subprocess
 import datasets
 import pytest
 import torch
-from conftest import make_pretokenized, make_word_tokenizer, tiny_training_overrides, train_command
+from conftest import (
+    assert_world_size,
+    make_pretokenized,
+    make_word_tokenizer,
+    tiny_training_overrides,
+    train_command,
+)
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -209,6 +215,7 @@ def test_two_process_capture_equals_one_process_capture(tmp_path):
     for root, processes in ((tmp_path / "one", 1), (tmp_path / "two", 2)):
         result = launch(root, processes)
         assert result.returncode == 0, result.stderr[-3000:]
+        assert_world_size(result.stderr, processes)
     for step in (0, 2, 4):
         for split in ("train", "val"):
             one = load_states(tmp_path / "one" / "runs" / "tiny" / "checkpoints" / f"step_{step}" / LD, split)

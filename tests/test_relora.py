@@ -11,7 +11,15 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import REPO, assert_bitwise_equal, final_weights, tiny_config, tiny_training_overrides, train
+from conftest import (
+    REPO,
+    assert_bitwise_equal,
+    assert_world_size,
+    final_weights,
+    tiny_config,
+    tiny_training_overrides,
+    train,
+)
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -506,7 +514,7 @@ def test_two_processes_reproduce_the_single_process_run(tmp_path):
             [*launcher, str(TRAIN_SCRIPT), *overrides], capture_output=True, text=True, env=env, timeout=600
         )
         assert result.returncode == 0, result.stderr[-3000:]
-        assert f"= {processes} process{'es' if processes > 1 else ''} x" in result.stderr + result.stdout
+        assert_world_size(result.stderr + result.stdout, processes)
         return root / "runs" / "tiny"
 
     one, two = launch(tmp_path / "one", 1), launch(tmp_path / "two", 2)

@@ -11,6 +11,7 @@ import torch
 import yaml
 from conftest import (
     assert_bitwise_equal,
+    assert_world_size,
     final_weights,
     make_pretokenized,
     make_word_tokenizer,
@@ -246,7 +247,9 @@ def test_sigkill_and_restart_gives_the_same_final_weights(tmp_path, kill_when):
         if kill_when == "checkpoint_being_written" and (checkpoints / ".step_6.tmp").exists():
             break
         if kill_when == "between_checkpoints" and (checkpoints / "step_6").exists():
-            time.sleep(0.02)  # into step 7: a tiny run reaches its last checkpoint within a fraction of a second
+            time.sleep(
+                0.02
+            )  # into step 7: a tiny run reaches its last checkpoint within a fraction of a second
             break
         time.sleep(0.002)
     assert process.poll() is None, "the run finished before it could be killed"
@@ -266,9 +269,10 @@ def test_sigkill_and_restart_gives_the_same_final_weights(tmp_path, kill_when):
 @pytest.mark.slow
 def test_two_processes_reproduce_the_single_process_run(tmp_path):
     single, double = launch(tmp_path / "one"), launch(tmp_path / "two", processes=2)
-    for process in (single, double):
+    for process, processes in ((single, 1), (double, 2)):
         output = process.communicate(timeout=600)[0]
         assert process.returncode == 0, output
+        assert_world_size(output, processes)
 
     def losses(root):
         lines = (root / "runs" / "tiny" / "logs" / "metrics.jsonl").read_text().splitlines()
@@ -276,14 +280,14 @@ def test_two_processes_reproduce_the_single_process_run(tmp_path):
 
     assert len(losses(tmp_path / "one")) == 12
     torch.testing.assert_close(
-        torch.tensor(losses(tmp_path / "two")), torch.tensor(losses(tmp_path / "one")), rtol=1e-4, atol=1e-4
+        torch.tensor(losses(tmp_path / "two")), torch.tensor(losses(tmp_path / "one")), rtol=1e-5, atol=1e-5
     )
     one, two = (
         final_weights(tmp_path / "one" / "runs" / "tiny"),
         final_weights(tmp_path / "two" / "runs" / "tiny"),
     )
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=1e-3, atol=1e-4, msg=name)
+    for name in one:  # the same global batches; only the gradient reduction order differs
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=2e-5, msg=name)
 
 
 @pytest.mark.slow

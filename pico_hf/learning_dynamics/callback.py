@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from ..training.config import PicoTrainingConfig
@@ -118,12 +119,13 @@ class LearningDynamicsCallback(CheckpointContributor):
         directory = Path(checkpoint_dir) / self.dirname
         if self.eval_rows:
             activations, gradients = self._eval_states(model, trainer)
+            weights = weights_of(self.layers)  # on every process: gathering FSDP2 shards is a collective
             if args.should_save:
                 save_states(
                     directory,
                     "val",
                     activations,
-                    weights_of(self.layers),
+                    weights,
                     gradients,
                     self.eval_rows,
                     self.tokenizer,
@@ -158,13 +160,17 @@ class LearningDynamicsCallback(CheckpointContributor):
         input_ids = self._gather(torch.cat(self.pending_train_ids), trainer, micro_batch)
         self.pending_train_ids = []
         directory = Path(checkpoint_dir) / self.dirname
+        weights, gradients = (
+            weights_of(self.layers),
+            gradients_of(self.layers, effective),
+        )  # FSDP2: collectives
         if args.should_save:
             save_states(
                 directory,
                 "train",
                 activations,
-                weights_of(self.layers),
-                gradients_of(self.layers, effective),
+                weights,
+                gradients,
                 input_ids.tolist(),
                 self.tokenizer,
             )
@@ -197,6 +203,9 @@ class LearningDynamicsCallback(CheckpointContributor):
         pad_id = unwrapped.config.pad_token_id if unwrapped.config.pad_token_id is not None else 0
         device = trainer.args.device
 
+        # FSDP2 reduce-scatters each backward's gradients averaged over processes; DDP is not involved here (the
+        # unwrapped model), so its gradients are summed below instead.
+        sharded = any(isinstance(p, DTensor) for p in unwrapped.parameters())
         saved_grads = {name: p.grad for name, p in unwrapped.named_parameters()}
         was_training = unwrapped.training
         unwrapped.zero_grad(set_to_none=True)
@@ -229,9 +238,10 @@ class LearningDynamicsCallback(CheckpointContributor):
                         skip_logits=True,
                         num_items_in_batch=n_targets,
                     )
-                out.loss.backward()
+                (out.loss * processes if sharded else out.loss).backward()
             recorded = self.recorder.stop()
-            gradients = gradients_of(self.layers, self.effective_gradients.stop())
+            effective = self.effective_gradients.stop()
+            gradients = gradients_of(self.layers, effective)
         finally:
             self.recorder.armed = False
             self.effective_gradients.armed = False
@@ -239,10 +249,12 @@ class LearningDynamicsCallback(CheckpointContributor):
             for name, param in unwrapped.named_parameters():
                 param.grad = saved_grads[name]
         if processes > 1 and dist.is_initialized():
-            for tensor in gradients.values():
+            for name, tensor in gradients.items():
+                if sharded and name not in effective:  # FSDP2 has reduced these already
+                    continue
                 moved = tensor.to(device)
                 dist.all_reduce(moved)
-                tensor.copy_(moved.cpu())
+                tensor.copy_(moved.cpu() / (processes if sharded else 1))  # undo the loss scaling above
         activations = {
             name: self._gather(outputs, trainer, micro)[: len(rows)] for name, outputs in recorded.items()
         }

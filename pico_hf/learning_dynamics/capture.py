@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 DATA_TYPES = ("activations", "weights", "gradients")
 # Saved states: ours first, then the original pico-train's pickles.
@@ -115,6 +116,12 @@ def recording(recorder: ActivationRecorder):
         recorder.armed = False
 
 
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A parameter or gradient as one whole tensor. FSDP2 holds them as sharded DTensors: gathering them is a
+    collective, so every process must call this, not only the one that saves."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 def is_adapted(module: nn.Module) -> bool:
     """A PEFT LoRA layer (ReLoRA training): its `weight` is the frozen base, not what the forward applies."""
     return hasattr(module, "get_delta_weight") and hasattr(module, "base_layer")
@@ -122,7 +129,7 @@ def is_adapted(module: nn.Module) -> bool:
 
 def effective_weight(module: nn.Module) -> torch.Tensor:
     """The weight the forward applies: for a LoRA layer, base + scaling * B @ A of its unmerged adapters."""
-    weight = module.weight.detach()
+    weight = full_tensor(module.weight.detach())
     if is_adapted(module) and not module.merged:
         with torch.no_grad():
             for adapter in module.active_adapters:
@@ -180,8 +187,9 @@ class EffectiveGradientRecorder:
 def gradients_of(
     layers: dict[str, nn.Module], effective: dict[str, torch.Tensor] | None = None
 ) -> dict[str, torch.Tensor]:
-    """Each layer's accumulated weight gradient (DeepSpeed ZeRO's partitioned gradients are gathered); LoRA
-    layers' gradients with respect to their effective weight come from `effective` (EffectiveGradientRecorder)."""
+    """Each layer's accumulated weight gradient, whole (DeepSpeed ZeRO's partitioned and FSDP2's sharded
+    gradients are gathered: call it on every process); LoRA layers' gradients with respect to their effective
+    weight come from `effective` (EffectiveGradientRecorder)."""
     gradients = {}
     for name, module in layers.items():
         if effective is not None and name in effective:
@@ -190,7 +198,7 @@ def gradients_of(
         grad = _full_grad(module.weight)
         if grad is None:
             raise RuntimeError(f"Layer {name} has no gradient to capture; is it frozen?")
-        gradients[name] = grad.detach().float().cpu().clone()
+        gradients[name] = full_tensor(grad.detach()).float().cpu().clone()
     return gradients
 
 

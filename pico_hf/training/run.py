@@ -74,7 +74,11 @@ def training_arguments(config: PicoTrainingConfig, run: RunLayout) -> TrainingAr
     )
     check_training_arguments(config.training_arguments)
     values.update(config.training_arguments)
-    return TrainingArguments(**values)
+    args = TrainingArguments(**values)
+    # training.fabric.precision decides: an accelerate config's `mixed_precision` reaches TrainingArguments
+    # through ACCELERATE_MIXED_PRECISION and would otherwise autocast a `32-true` run (or a CPU run).
+    args.mixed_precision = mixed
+    return args
 
 
 def resolve_device(config: PicoTrainingConfig) -> str | None:

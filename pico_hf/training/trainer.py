@@ -26,12 +26,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import accelerate
 import torch
+from accelerate.utils import parse_flag_from_env
+from accelerate.utils.constants import FSDP_MODEL_NAME
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_callback import ExportableState
 
+from .config import ConfigError
 from .data import TrainingSequences, load_position, save_position
 
 if TYPE_CHECKING:
@@ -171,6 +177,25 @@ class PicoTrainer(Trainer):
         self._nonfinite_losses = 0
         self._last_log: tuple[float, int] | None = None
 
+    # --- distribution -------------------------------------------------------------------------------------
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        # accelerate (1.x) turns an FSDP or DeepSpeed launch on CPU processes into plain data parallel without
+        # a word: a run must do what its accelerate config says, or stop.
+        requested = {
+            "FSDP": (parse_flag_from_env("ACCELERATE_USE_FSDP"), self.is_fsdp_enabled),
+            "DeepSpeed": (parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"), self.is_deepspeed_enabled),
+        }
+        for name, (asked, enabled) in requested.items():
+            if asked and not enabled:
+                raise ConfigError(
+                    f"The accelerate config asks for {name}, but accelerate {accelerate.__version__} runs "
+                    f"{self.accelerator.num_processes} process(es) on {self.accelerator.device.type} as "
+                    f"'{self.accelerator.distributed_type.value}' ({name} needs GPUs). On CPU, launch with "
+                    "recipes/accelerate/cpu.yaml (data parallel) or torchrun."
+                )
+
     # --- data ---------------------------------------------------------------------------------------------
 
     def get_train_dataloader(self) -> DataLoader:
@@ -260,9 +285,15 @@ class PicoTrainer(Trainer):
         if self.args.should_save and (tmp_dir / TRAINING_ARGS_NAME).exists():
             (tmp_dir / TRAINING_ARGS_NAME).rename(state_dir / TRAINING_ARGS_NAME)
         if not self.args.save_only_model:
-            self._save_optimizer_and_scheduler(str(state_dir))
+            # Before the first step the optimizer has no state to save, and FSDP's optimizer state dict would
+            # make one by running a zero-gradient step, which shifts Adam's step count for the whole run.
+            # Resuming from a checkpoint without optimizer files starts the optimizer and scheduler afresh.
+            if not (self.is_fsdp_enabled and not self.optimizer.state):
+                self._save_optimizer_and_scheduler(str(state_dir))
             self._save_scaler(str(state_dir))
             self._save_rng_state(str(state_dir))
+            if self.args.should_save:  # FSDP's copy of the weights beside its optimizer: in model.safetensors
+                (state_dir / f"{FSDP_MODEL_NAME}.bin").unlink(missing_ok=True)
         if self.args.should_save:
             for callback in [*self.callback_handler.callbacks, self.control]:
                 if isinstance(callback, ExportableState):
@@ -279,6 +310,19 @@ class PicoTrainer(Trainer):
             self._pending = PendingCheckpoint(step, tmp_dir, final_dir, waiting)
         else:
             self._publish(tmp_dir, final_dir)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # FSDP2 swaps the model's class for a generated `FSDP<Name>` subclass. save_pretrained would record that
+        # class in `auto_map` (copying torch's FSDP sources beside the model) and miss the key renaming registered
+        # under the model's own class name: save as the plain class (the full state dict is already gathered).
+        model = self.accelerator.unwrap_model(self.model)
+        sharded_class = type(model)
+        if isinstance(model, FSDPModule):
+            model.__class__ = next(c for c in sharded_class.__mro__ if not issubclass(c, FSDPModule))
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            model.__class__ = sharded_class
 
     @property
     def contributors(self) -> list[CheckpointContributor]:
@@ -330,10 +374,12 @@ class PicoTrainer(Trainer):
     ) -> None:
         # The weights live beside the state folder, in the pico-lm format; load them through from_pretrained,
         # which knows that format, then copy into the live model.
+        # `set_model_state_dict` also fills FSDP2's sharded parameters from the full state dict.
         step_dir = Path(resume_from_checkpoint).parent
         target = self.accelerator.unwrap_model(model if model is not None else self.model)
-        loaded = type(target).from_pretrained(step_dir, dtype=next(target.parameters()).dtype)
-        target.load_state_dict(loaded.state_dict())
+        plain_class = next(c for c in type(target).__mro__ if not issubclass(c, FSDPModule))
+        loaded = plain_class.from_pretrained(step_dir, dtype=next(target.parameters()).dtype)
+        set_model_state_dict(target, loaded.state_dict(), options=StateDictOptions(full_state_dict=True))
         if self.maml is not None:
             self.maml.load(Path(resume_from_checkpoint))
 
