@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import (
+    StopAfter,
     assert_bitwise_equal,
     assert_world_size,
     final_weights,
@@ -21,7 +22,7 @@ from conftest import (
     train,
     train_command,
 )
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pico_hf import PicoDecoderForCausalLM
 from pico_hf.evaluation.callback import EvaluationCallback, build_evaluation_callbacks, isolated_evaluation
@@ -98,17 +99,6 @@ def test_values_equal_an_offline_computation_on_the_saved_checkpoints(evaluated_
         assert results[step]["paloma"] == pytest.approx(offline.mean_perplexity, rel=1e-6), step
     # Training moved the model: the values are not all the same.
     assert len({round(values["paloma"], 6) for values in results.values()}) == len(STEPS)
-
-
-class StopAfter(TrainerCallback):
-    """Ends a run abruptly after a given step, as a crash would (no final checkpoint)."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt
 
 
 def test_resume_with_evaluation_is_bitwise_identical_and_unperturbed(evaluated_run, tmp_path):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import yaml
 from conftest import (
     REPO,
+    StopAfter,
     assert_bitwise_equal,
     final_weights,
     make_pretokenized,
@@ -21,7 +22,7 @@ from conftest import (
 )
 from datasets import load_from_disk
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, TrainerCallback
+from transformers import AutoModelForCausalLM
 
 import pico_hf  # noqa: F401  (registers the Auto classes)
 from pico_hf.training.config import ConfigError, MAMLConfig, load_config
@@ -366,15 +367,6 @@ def test_checkpoint_is_a_plain_pico_decoder_and_the_head_is_training_state(maml_
     first = load_file(config.run_dir / "checkpoints" / "step_0" / "fabric_state" / HEAD_NAME)
     last = load_file(config.run_dir / "checkpoints" / "step_6" / "fabric_state" / HEAD_NAME)
     assert not torch.equal(first["0.weight"], last["0.weight"])
-
-
-class StopAfter(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt
 
 
 def test_resume_is_bitwise_identical_with_the_same_schedule(maml_run, tmp_path):

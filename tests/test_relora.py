@@ -13,6 +13,7 @@ import torch
 import yaml
 from conftest import (
     REPO,
+    StopAfter,
     assert_bitwise_equal,
     assert_world_size,
     final_weights,
@@ -355,15 +356,6 @@ def test_capture_does_not_change_training(relora_run, tmp_path):
     _, config, _, _ = relora_run
     train(tmp_path, **RELORA, **{"checkpointing.learning_dynamics.layer_suffixes": "[]"})
     assert_bitwise_equal(final_weights(tmp_path / "runs" / "tiny"), final_weights(config.run_dir))
-
-
-class StopAfter(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt
 
 
 def test_resume_mid_cycle_is_bitwise_identical(relora_run, tmp_path):

@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 from conftest import (
+    StopAfter,
     assert_bitwise_equal,
     assert_world_size,
     final_weights,
@@ -20,7 +21,7 @@ from conftest import (
     train_command,
 )
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import pico_hf  # noqa: F401  (registers the Auto classes)
 from pico_hf.training.config import ConfigError
@@ -112,17 +113,6 @@ def test_logs_have_pico_train_quantities(finished_run):
     # The rate each step trained with: linear warmup from 0 over 2 steps to 0.01, then linear decay to 0 at step 6.
     assert [round(line["learning_rate"], 6) for line in training] == [0.0, 0.005, 0.01, 0.0075, 0.005, 0.0025]
     assert training[-1]["loss"] < training[0]["loss"]
-
-
-class StopAfter(TrainerCallback):
-    """Ends a run abruptly after a given step, as a crash would (no final checkpoint)."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt
 
 
 def test_resume_is_bitwise_identical(finished_run, tmp_path):
