@@ -355,6 +355,19 @@ def test_a_perplexity_task_draws_one_progress_bar(checkpoint, tmp_path):
     assert states[-1].startswith("Running loglikelihood_rolling requests: 12 windows")  # 2 per document here
 
 
+def test_a_multiple_choice_task_draws_only_its_requests_bar(checkpoint, tmp_path):
+    result = run_cli(
+        "--model", str(checkpoint), "--tasks", "pico_arc_easy", "--limit", "4", "--device", "cpu",
+        "--output", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    bars = [
+        line for line in result.stderr.replace("\r", "\n").splitlines() if "it/s" in line or "?it" in line
+    ]
+    assert bars, result.stderr  # the requests' bar is drawn ...
+    assert all(line.startswith("Running loglikelihood requests") for line in bars), bars  # ... and only it
+
+
 def test_list_puts_pico_tasks_first_and_filters(full_manager):
     result = run_cli("--list", "arc_e")
     assert result.returncode == 0, result.stderr

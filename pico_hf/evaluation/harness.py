@@ -20,6 +20,8 @@ import fnmatch
 import json
 import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -375,6 +377,27 @@ def paloma_perplexity(
     }
 
 
+@contextmanager
+def _no_request_building_bars() -> Iterator[None]:
+    """lm-eval draws an unlabelled bar per task while it builds the task's requests (`Task.build_all_requests`
+    has no switch for it): 67 of them for `pico_blimp`. Quiet them for one evaluation; the requests' own bar
+    stays."""
+    from functools import partial
+
+    import lm_eval.api.task as task_module
+    from tqdm import tqdm
+
+    original = getattr(task_module, "tqdm", None)
+    if original is None:  # a later lm-eval without the module-level name: nothing to quiet
+        yield
+        return
+    task_module.tqdm = partial(tqdm, disable=True)
+    try:
+        yield
+    finally:
+        task_module.tqdm = original
+
+
 def _one_bar_hflm(hflm: type) -> type:
     """lm-eval's HFLM drawing one progress bar for rolling loglikelihoods (perplexity tasks): it draws one
     per batch of windows, dozens of "Running loglikelihood requests" bars for one task."""
@@ -382,6 +405,14 @@ def _one_bar_hflm(hflm: type) -> type:
 
     class OneBarHFLM(hflm):
         _windows_bar = None
+        _requests_bar: bool | None = None  # loglikelihood's own bar setting, while its tokenizing bar is off
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            self._requests_bar = not disable_tqdm
+            try:  # no "Tokenizing inputs" bar before the requests' one
+                return super().loglikelihood(requests, disable_tqdm=True)
+            finally:
+                self._requests_bar = None
 
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
             self._windows_bar = tqdm(
@@ -397,6 +428,8 @@ def _one_bar_hflm(hflm: type) -> type:
 
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
             if self._windows_bar is None:
+                if self._requests_bar is not None:
+                    disable_tqdm = not self._requests_bar
                 return super()._loglikelihood_tokens(
                     requests, disable_tqdm=disable_tqdm, override_bs=override_bs
                 )
@@ -439,15 +472,16 @@ def evaluate(
         lm = _one_bar_hflm(HFLM)(
             pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size
         )
-        results = simple_evaluate(
-            model=lm,
-            tasks=selection.runnable,
-            num_fewshot=num_fewshot,
-            limit=limit,
-            bootstrap_iters=bootstrap_iters,
-            task_manager=manager,
-            log_samples=False,
-        )
+        with _no_request_building_bars():
+            results = simple_evaluate(
+                model=lm,
+                tasks=selection.runnable,
+                num_fewshot=num_fewshot,
+                limit=limit,
+                bootstrap_iters=bootstrap_iters,
+                task_manager=manager,
+                log_samples=False,
+            )
         results["config"].update(
             model=name, model_class=type(model).__name__, batch_size=batch_size, device=str(lm.device)
         )
