@@ -245,7 +245,10 @@ def test_cli_and_python_give_identical_numbers(checkpoint, manager, tmp_path):
     model, tokenizer = load_model(str(checkpoint), device="cpu")
     report = evaluate(model, tokenizer, tasks, manager, limit=3, paloma="embedded")
     assert written["results"] == report.results["results"]
-    assert written["pico_hf"]["paloma"] == report.paloma
+    assert written["pico_hf"]["perplexity"] == report.paloma
+    assert report.scores()["embedded_heldout_perplexity"] == {"perplexity": report.paloma["mean_perplexity"]}
+    assert "paloma" not in report.scores() and report.paloma["metric"] == "embedded_heldout_perplexity"
+    assert "| embedded_heldout_perplexity (pico-lm/perplexity) |" in markdown
     assert written["config"]["model"] == str(checkpoint)
 
 

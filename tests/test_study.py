@@ -304,7 +304,9 @@ def test_report_numbers_are_the_runs_files(tiny_study):
 
     # Independent readers: the files as written by training and analysis.
     def eval_value(spec, step):
-        return json.loads((spec.run_dir / "eval_results" / f"step_{step}.json").read_text())["paloma"]
+        return json.loads((spec.run_dir / "eval_results" / f"step_{step}.json").read_text())[
+            "embedded_heldout_perplexity"
+        ]
 
     def analysis_value(spec, step, stem, key):
         return json.loads((spec.run_dir / "analysis" / f"step_{step}" / f"{stem}.json").read_text())[key]
@@ -318,7 +320,7 @@ def test_report_numbers_are_the_runs_files(tiny_study):
         ][-1]
 
     readers = {
-        "eval/paloma": eval_value,
+        "eval/embedded_heldout_perplexity": eval_value,
         "train/loss": loss_value,
         "cka_val/layers.1.swiglu.w_2.activations": lambda s, n: analysis_value(
             s, n, "cka_val", "layers.1.swiglu.w_2.activations"
@@ -328,7 +330,7 @@ def test_report_numbers_are_the_runs_files(tiny_study):
         ),
     }
     titles = {
-        "eval/paloma": "paloma (embedded)",
+        "eval/embedded_heldout_perplexity": "embedded_heldout_perplexity (embedded)",
         "train/loss": "training loss",
         "cka_val/layers.1.swiglu.w_2.activations": "cka_val: layers.1.swiglu.w_2.activations",
         "per_val/layers.0.swiglu.w_2.gradients": "per_val: layers.0.swiglu.w_2.gradients",
@@ -372,7 +374,7 @@ def test_report_numbers_are_the_runs_files(tiny_study):
     for heading in ("## Variants", "## Runs", "## Training loss", "## Evaluation", "## Learning dynamics"):
         assert heading in md
     plots = sorted(p.name for p in (study.study_dir / "plots").glob("*.png"))
-    assert plots == ["cka_val.png", "eval_paloma.png", "per_val.png", "train_loss.png"]
+    assert plots == ["cka_val.png", "eval_embedded_heldout_perplexity.png", "per_val.png", "train_loss.png"]
     page = html_path.read_text()
     assert page.count('src="data:image/png;base64,') == 4
     assert not re.search(r'(src|href)="(?!data:)', page)
@@ -520,7 +522,7 @@ def test_two_process_launch_trains_each_run_on_both_processes(tmp_path):
     assert output.count("[1/2] baseline_seed0: training") == 1  # the main process speaks for the study
     summary = json.loads((tmp_path / "out" / "tiny" / "summary.json").read_text())
     assert [r["status"] for r in summary["runs"]] == ["trained", "trained"]
-    assert "eps" in summary["quantities"]["eval/paloma"]["steps"]["4"]
+    assert "eps" in summary["quantities"]["eval/embedded_heldout_perplexity"]["steps"]["4"]
     assert (
         tmp_path / "out" / "tiny" / "runs" / "eps_seed0" / "analysis" / "step_4" / "per_val.json"
     ).is_file()

@@ -4,10 +4,14 @@
 `paloma` is the perplexity the published pico models report (`pico_hf.evaluation.perplexity`: mean over
 texts of each text's perplexity) on `evaluation.paloma.dataset_name` (a Hub id, a local path, or
 "embedded" for pico-hf's held-out split; a Hub dataset that cannot be reached falls back to the embedded
-split with a one-line warning).
+split with a one-line warning at start).
 
-Results go to `runs/<run>/<checkpointing.evaluation.eval_results_dir>/step_N.json` in pico-train's format,
-`{"paloma": 41.2}`, written atomically by the main process, and to the training logs as `eval/paloma`.
+Results go to `runs/<run>/<checkpointing.evaluation.eval_results_dir>/step_N.json`, written atomically by the
+main process, with the dataset actually measured: `{"paloma": 41.2, "dataset": "pico-lm/pretokenized-paloma-tinsy"}`
+(pico-train's field, plus `dataset`) for a Paloma-layout dataset, and `{"embedded_heldout_perplexity": 41.2,
+"dataset": "embedded"}` for the embedded split, so a stand-in never reads as Paloma. Values are logged the way
+transformers' own evaluation logs them, `eval_<name>` (trackers show `eval/<name>`), and `on_evaluate` fires
+with them, so `metric_for_best_model` (e.g. `eval_paloma`, with `greater_is_better: false`) and callbacks such as early stopping see them.
 
 The live model is evaluated (no reload from disk), in eval mode under no_grad; its train/eval mode, its
 gradients and the global RNG states (python, numpy, torch, CUDA) are left exactly as they were, so a run
@@ -34,7 +38,14 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from ..training.config import ConfigError, PicoTrainingConfig
 from ..training.trainer import CheckpointContributor, RunLayout
-from .perplexity import encode_texts, load_texts, mean_perplexity, resolve_dataset, text_perplexities
+from .perplexity import (
+    encode_texts,
+    load_texts,
+    mean_perplexity,
+    perplexity_metric_name,
+    resolve_dataset,
+    text_perplexities,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -112,12 +123,15 @@ class EvaluationCallback(CheckpointContributor):
             mine = merged
         return mean_perplexity([mine[i] for i in range(len(self.token_ids))])
 
-    def evaluate(self, model: torch.nn.Module, args: TrainingArguments) -> dict[str, float]:
-        results: dict[str, float] = {}
+    def evaluate(self, model: torch.nn.Module, args: TrainingArguments) -> dict[str, Any]:
+        """What `step_N.json` holds: each metric's value under the name that says what it measured, and the
+        perplexity's dataset."""
+        results: dict[str, Any] = {}
         with isolated_evaluation(model):
             for metric in self.metrics:
                 if metric == PALOMA:
-                    results[PALOMA] = self.paloma(model, args)
+                    results[perplexity_metric_name(self.dataset_name)] = self.paloma(model, args)
+                    results["dataset"] = self.dataset_name
         return results
 
     def on_checkpoint(
@@ -135,7 +149,19 @@ class EvaluationCallback(CheckpointContributor):
         if state.is_world_process_zero:
             write_results(self.results_dir / f"step_{state.global_step}.json", results)
         if trainer is not None:
-            trainer.log({f"eval/{name}": value for name, value in results.items()})
+            report(trainer, results)
+
+
+def report(trainer: Any, results: dict[str, Any]) -> None:
+    """Log the numbers as `eval_<name>` (what transformers' TensorBoard/W&B integrations file under `eval/`),
+    keep the best metric, and fire `on_evaluate`, as `Trainer.evaluate` does."""
+    metrics = {f"eval_{name}": value for name, value in results.items() if isinstance(value, (int, float))}
+    trainer.log(dict(metrics))  # log adds epoch and tokens seen to the dict it gets
+    if trainer.args.metric_for_best_model is not None:
+        trainer._determine_best_metric(metrics=metrics, trial=None)
+    trainer.control = trainer.callback_handler.on_evaluate(
+        trainer.args, trainer.state, trainer.control, metrics
+    )
 
 
 def check_evaluation_config(config: PicoTrainingConfig) -> list[str]:

@@ -30,7 +30,7 @@ import torch
 
 from ..hub import hub_reachable, offline_requested
 from ..tokenization import OLMO_TOKENIZER_ID, load_tokenizer
-from .perplexity import compute_perplexity, load_texts, resolve_dataset
+from .perplexity import compute_perplexity, load_texts, perplexity_metric_name, resolve_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -301,7 +301,7 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         out = dict(self.results or {})
-        out["pico_hf"] = {"model": self.model, "skipped": self.skipped, "paloma": self.paloma}
+        out["pico_hf"] = {"model": self.model, "skipped": self.skipped, "perplexity": self.paloma}
         return out
 
     def scores(self) -> dict[str, dict[str, float]]:
@@ -316,7 +316,7 @@ class Report:
                     label = metric if filter_name in ("", "none") else f"{metric},{filter_name}"
                     scores.setdefault(task, {})[label] = float(value)
         if self.paloma is not None:
-            scores["paloma"] = {"perplexity": self.paloma["mean_perplexity"]}
+            scores[self.paloma["metric"]] = {"perplexity": self.paloma["mean_perplexity"]}
         return scores
 
     def markdown(self) -> str:
@@ -331,7 +331,7 @@ class Report:
             p = self.paloma
             parts += [
                 "",
-                "| Paloma perplexity (pico-lm/perplexity) | Dataset | Texts | max_length | Value |",
+                f"| {p['metric']} (pico-lm/perplexity) | Dataset | Texts | max_length | Value |",
                 "|---|---|--:|--:|--:|",
                 f"| mean over texts | {p['dataset']} | {p['num_texts']} | {p['max_length']} | {p['mean_perplexity']:.4f} |",
             ]
@@ -360,7 +360,8 @@ def paloma_perplexity(
     limit: float | None = None,
 ) -> dict[str, Any]:
     """The published runs' `paloma` value (pico-lm/perplexity) on a dataset; Hub datasets fall back to the
-    embedded held-out split when the Hub is unreachable."""
+    embedded held-out split when the Hub is unreachable, recorded then as `embedded_heldout_perplexity`
+    (`metric`), never as `paloma`."""
     name = resolve_dataset(dataset)
     texts = load_texts(name, split)
     if limit is not None:
@@ -369,6 +370,7 @@ def paloma_perplexity(
     max_length = max_length or min(2048, model_max)
     result = compute_perplexity(model, tokenizer, texts, max_length=max_length, batch_size=batch_size)
     return {
+        "metric": perplexity_metric_name(name),
         "dataset": name,
         "split": split,
         "num_texts": len(texts),
