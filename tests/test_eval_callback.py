@@ -178,6 +178,35 @@ def test_unreachable_hub_dataset_falls_back_to_the_embedded_split(tmp_path, capl
     )
 
 
+def test_lm_eval_tasks_run_at_every_checkpoint_on_the_live_model(tmp_path):
+    from pico_hf.evaluation.harness import evaluate
+
+    _, config = train(
+        tmp_path,
+        **{
+            "evaluation.metrics": "[pico_arc_easy]",
+            "evaluation.lm_eval.limit": 3,
+            "evaluation.lm_eval.batch_size": 2,
+            "training.max_steps": 2,
+        },
+    )
+    results = eval_results(config.run_dir)
+    assert sorted(results) == [0, 2] and all(list(r) == ["pico_arc_easy"] for r in results.values())
+    logged = [
+        json.loads(line)
+        for line in (config.logs_dir / "metrics.jsonl").read_text().splitlines()
+        if "eval_pico_arc_easy/acc" in line
+    ]
+    assert [(e["step"], e["eval_pico_arc_easy/acc_norm"]) for e in logged] == [
+        (step, results[step]["pico_arc_easy"]["acc_norm"]) for step in (0, 2)
+    ]
+    # The same scores as lm-eval on the saved checkpoint, loaded afresh.
+    model = AutoModelForCausalLM.from_pretrained(config.run_dir / "checkpoints" / "step_2")
+    tokenizer = AutoTokenizer.from_pretrained(config.run_dir / "checkpoints" / "step_2")
+    offline = evaluate(model, tokenizer, ["pico_arc_easy"], limit=3, batch_size=2, bootstrap_iters=0)
+    assert results[2]["pico_arc_easy"] == pytest.approx(offline.scores()["pico_arc_easy"], abs=1e-9)
+
+
 def test_the_embedded_split_is_recorded_and_logged_under_its_own_name(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from transformers import TrainerCallback
@@ -226,8 +255,8 @@ def test_the_embedded_split_is_recorded_and_logged_under_its_own_name(tmp_path):
     ("overrides", "message"),
     [
         (
-            {"evaluation.metrics": "[paloma, hellaswag]"},
-            r"evaluation.metrics: unknown metric 'hellaswag'; supported: paloma",
+            {"evaluation.metrics": "[paloma, pico_arc_esay]"},
+            r"evaluation.metrics: Unknown task 'pico_arc_esay'. Did you mean 'pico_arc_easy'",
         ),
         (
             {"evaluation.paloma.max_length": 2048},

@@ -191,9 +191,18 @@ class PalomaEvaluationConfig:
 
 
 @dataclass
+class LmEvalEvaluationConfig:
+    # For the lm-eval tasks of `evaluation.metrics`: documents per task (a fraction when < 1; all when null).
+    limit: float | None = None
+    batch_size: int = 8
+
+
+@dataclass
 class EvaluationConfig:
+    # `paloma` and/or lm-eval task or group names (e.g. pico_blimp, pico_arc_easy).
     metrics: list[str] | None = field(default_factory=lambda: ["paloma"])
     paloma: PalomaEvaluationConfig = field(default_factory=PalomaEvaluationConfig)
+    lm_eval: LmEvalEvaluationConfig = field(default_factory=LmEvalEvaluationConfig)
 
 
 # --- monitoring -----------------------------------------------------------------------------------------
