@@ -27,8 +27,9 @@ from typing import Any
 
 import yaml
 
+from ..configuration import ConfigError, check_keys, parse_override
 from ..learning_dynamics.analyze import AnalysisConfig, parse_analysis_config
-from ..training.config import ConfigError, PicoTrainingConfig, load_config, parse_override
+from ..training.config import PicoTrainingConfig, load_config
 
 STUDY_KEYS = ("name", "base_config", "overrides", "variants", "baseline", "seeds", "evaluation", "analysis")
 QUICK_KEYS = ("overrides", "seeds", "analysis")
@@ -226,9 +227,7 @@ def load_study_config(
 def _parse(raw: Any, path: Path, seeds: int | None, quick: bool, output_dir: Path) -> StudyConfig:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"a study config must be a mapping, got {type(raw).__name__}")
-    unknown = [key for key in raw if key not in (*STUDY_KEYS, "quick")]
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown}; valid keys: {[*STUDY_KEYS, 'quick']}")
+    check_keys("", raw, [*STUDY_KEYS, "quick"], lead="unknown")
     name = str(raw.get("name") or path.stem)
     if not _NAME.match(name):
         raise ConfigError(f"name {name!r} must be letters, digits, '.', '_' or '-'")
@@ -242,9 +241,7 @@ def _parse(raw: Any, path: Path, seeds: int | None, quick: bool, output_dir: Pat
     quick_section = raw.get("quick") or {}
     if not isinstance(quick_section, Mapping):
         raise ConfigError(f"quick must be a mapping with keys {list(QUICK_KEYS)}, got {quick_section!r}")
-    bad = [key for key in quick_section if key not in QUICK_KEYS]
-    if bad:
-        raise ConfigError(f"unknown key(s) {bad} in quick; valid keys: {list(QUICK_KEYS)}")
+    check_keys("quick", quick_section, QUICK_KEYS, lead="unknown")
     if quick:
         common += _overrides(quick_section.get("overrides"), "quick.overrides")
     _check_owned(common, "overrides", RUN_OWNED)
