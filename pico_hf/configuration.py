@@ -16,6 +16,7 @@ import difflib
 import types
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -189,6 +190,17 @@ def _nullable(annotation: Any) -> bool:
     )
 
 
+def load_yaml(path: str | Path, what: str) -> Any:
+    """A config file's YAML; `what` names the file in errors ("Config file", "Analysis config")."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from error
+
+
 # --- dotted overrides ---------------------------------------------------------------------------------------
 
 
@@ -235,6 +247,7 @@ __all__ = [
     "coerce",
     "from_dict",
     "leaf_keys",
+    "load_yaml",
     "parse_override",
     "set_dotted",
     "suggest",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,9 +17,11 @@ from pico_hf.configuration import (
     coerce,
     from_dict,
     leaf_keys,
+    load_yaml,
     parse_override,
     unknown_keys_listed,
 )
+from pico_hf.learning_dynamics import analyze
 from pico_hf.training import config as training_config
 
 
@@ -145,7 +148,6 @@ def test_coerce_unions_try_each_type():
 
 def test_every_caller_uses_this_mechanism():
     """pico-train's, pico-analyze's and the study configs raise one error type and share override parsing."""
-    from pico_hf.learning_dynamics import analyze
     from pico_hf.study import config as study_config
 
     assert training_config.ConfigError is analyze.ConfigError is study_config.ConfigError is ConfigError
@@ -159,3 +161,36 @@ def test_every_caller_uses_this_mechanism():
     )
     assert monitoring.output_dir == "analysis_results" and monitoring.save_to_wandb is False
     assert monitoring.wandb == analyze.WandbSettings(entity=None, project="p")
+
+
+def test_config_files_missing_or_not_yaml_are_config_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {d_model: 8\n")
+    for load in (
+        lambda p: training_config.load_config(p),
+        analyze.load_analysis_config,
+    ):
+        with pytest.raises(ConfigError, match=re.escape(f"{bad} is not valid YAML")):
+            load(bad)
+    with pytest.raises(ConfigError, match=r"Analysis config .*nope\.yaml does not exist"):
+        load_yaml(tmp_path / "nope.yaml", "Analysis config")
+    (tmp_path / "ok.yaml").write_text("a: [1, 2]\n")
+    assert load_yaml(tmp_path / "ok.yaml", "Config file") == {"a": [1, 2]}
+
+
+def test_metric_and_component_keys_suggest_the_closest():
+    from pico_hf.learning_dynamics.components import ComponentSpec
+    from pico_hf.learning_dynamics.metrics import MetricSpec
+
+    component = {
+        "component_name": "weights",
+        "layer_suffix": "swiglu.w_2",
+        "layers": [0],
+        "data_type": "weights",
+    }
+    with pytest.raises(
+        ConfigError, match=r"unknown component key\(s\) \['layer_suffix'\].*'layer_suffixes'\?"
+    ):
+        ComponentSpec.from_dict(component)
+    with pytest.raises(ValueError, match=r"unknown key 'norm_typ' in spec of metric 'norm'.*'norm_type'\?"):
+        MetricSpec.from_dict({"metric_name": "norm", "norm_typ": "nuclear", "components": [component]})

@@ -55,7 +55,7 @@ from typing import Any
 import torch
 import yaml
 
-from ..configuration import ConfigError, check_keys, from_dict, unknown_keys_listed
+from ..configuration import ConfigError, check_keys, from_dict, load_yaml, unknown_keys_listed
 from .capture import DATA_TYPES, STATE_SUFFIXES, load_states
 from .components import ModelShape, component_data_types
 from .metrics import MetricSpec, compute_metrics, parse_metric_specs
@@ -204,13 +204,7 @@ def parse_analysis_config(config: Mapping[str, Any]) -> AnalysisConfig:
 
 
 def load_analysis_config(path: str | Path) -> AnalysisConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"Analysis config {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from error
+    raw = load_yaml(path, "Analysis config")
     try:
         return parse_analysis_config(raw or {})
     except ConfigError as error:

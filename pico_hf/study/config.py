@@ -25,9 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ..configuration import ConfigError, check_keys, parse_override
+from ..configuration import ConfigError, check_keys, load_yaml, parse_override
 from ..learning_dynamics.analyze import AnalysisConfig, parse_analysis_config
 from ..training.config import PicoTrainingConfig, load_config
 
@@ -185,10 +183,7 @@ def _load_analysis(value: Any, base: Path) -> dict[str, Any] | None:
     if value is None:
         return None
     if isinstance(value, str):
-        path = (base / value).resolve()
-        if not path.is_file():
-            raise ConfigError(f"analysis: config file {path} does not exist")
-        value = yaml.safe_load(path.read_text()) or {}
+        value = load_yaml((base / value).resolve(), "analysis: config file") or {}
     if not isinstance(value, Mapping):
         raise ConfigError(f"analysis must be a path to a pico-analyze config or a mapping, got {value!r}")
     value = dict(value)
@@ -212,12 +207,7 @@ def load_study_config(
     if seeds is not None and seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"Study config {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from error
+    raw = load_yaml(path, "Study config") or {}
     try:
         return _parse(raw, path, seeds, quick, Path(output_dir))
     except ConfigError as error:

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 # ConfigError and parse_override are imported from here across pico_hf (and by the recipes).
-from ..configuration import ConfigError, apply_overrides, from_dict, leaf_keys
+from ..configuration import ConfigError, apply_overrides, from_dict, leaf_keys, load_yaml
 from ..configuration import parse_override as parse_override
 from ..tokenization import OLMO_TOKENIZER_ID
 
@@ -329,10 +329,7 @@ def load_config(
     Returns the config and notes on keys that are accepted but mean something different here."""
     tree: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"Config file {path} does not exist")
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = load_yaml(path, "Config file") or {}
         if not isinstance(tree, dict):
             raise ConfigError(
                 f"Config file {path} must hold a mapping of sections, got {type(tree).__name__}"
