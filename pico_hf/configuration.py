@@ -61,8 +61,9 @@ def unknown_keys_listed(
 ) -> ConfigError:
     """pico-analyze's and the study's form: every unknown key of a section at once, with the valid ones."""
     where = f" in {section}" if section else ""
-    hints = [f"'{key}' -> '{close}'" for key in unknown if (close := suggest(str(key), valid))]
-    hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
+    for_key = (lambda key: f" for '{key}'") if len(unknown) > 1 else (lambda key: "")
+    hints = [f"'{close}'{for_key(key)}" for key in unknown if (close := suggest(str(key), valid))]
+    hint = f"; did you mean {', '.join(hints)}?" if hints else ""
     return ConfigError(f"{lead} key(s) {list(unknown)}{where}; valid keys: {list(valid)}{hint}")
 
 

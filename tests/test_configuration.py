@@ -105,8 +105,8 @@ def test_listed_unknown_keys_and_null_as_default():
     with pytest.raises(ConfigError) as error:
         from_dict(Root, {"train": {"optim": {"lrr": 1, "nesterof": True}}}, unknown=unknown_keys_listed)
     assert str(error.value) == (
-        "Unknown key(s) ['lrr', 'nesterof'] in train.optim; valid keys: ['lr', 'warmup', 'nesterov'] "
-        "(did you mean 'lrr' -> 'lr', 'nesterof' -> 'nesterov'?)"
+        "Unknown key(s) ['lrr', 'nesterof'] in train.optim; valid keys: ['lr', 'warmup', 'nesterov']; "
+        "did you mean 'lr' for 'lrr', 'nesterov' for 'nesterof'?"
     )
     config = from_dict(Root, {"tag": None, "train": {"name": None, "max_steps": None}}, none_is_default=True)
     assert config == Root()
@@ -119,7 +119,7 @@ def test_check_keys_lists_every_unknown_key():
     with pytest.raises(ConfigError) as error:
         check_keys("", {"colour": 1, "zz": 2}, ["color", "name"], lead="unknown")
     assert str(error.value) == (
-        "unknown key(s) ['colour', 'zz']; valid keys: ['color', 'name'] (did you mean 'colour' -> 'color'?)"
+        "unknown key(s) ['colour', 'zz']; valid keys: ['color', 'name']; did you mean 'color' for 'colour'?"
     )
 
 
