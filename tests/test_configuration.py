@@ -161,6 +161,7 @@ def test_every_caller_uses_this_mechanism():
     )
     assert monitoring.output_dir == "analysis_results" and monitoring.save_to_wandb is False
     assert monitoring.wandb == analyze.WandbSettings(entity=None, project="p")
+    assert analyze._parse_monitoring({"output_dir": ""}).output_dir == "analysis_results"
 
 
 def test_config_files_missing_or_not_yaml_are_config_errors(tmp_path):

@@ -154,6 +154,8 @@ def _parse_monitoring(value: Any) -> MonitoringSettings:
     pico_report = value.get("pico_report") or {}
     if isinstance(pico_report, Mapping):  # a plain mapping whose keys are still pico-analyze's
         check_keys("monitoring.pico_report", pico_report, ("lab_hash", "experiment_name"))
+    if value.get("output_dir") == "":  # as null: the default folder
+        value = {**value, "output_dir": None}
     # Null stands for the default, as in pico-analyze; unknown keys are listed in its form.
     return from_dict(
         MonitoringSettings, value, "monitoring.", unknown=unknown_keys_listed, none_is_default=True
