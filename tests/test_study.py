@@ -140,7 +140,7 @@ def load(tmp_path, **changes):
         ),
         ({"baseline": "nope"}, "baseline 'nope' is not one of the variants ['baseline', 'eps']"),
         ({"variants": {}}, "variants must be a non-empty mapping"),
-        ({"evaluation": {"metrics": ["hellaswag"]}}, "evaluation.metrics: unknown metric 'hellaswag'"),
+        ({"evaluation": {"metrics": ["pico_arc_esay"]}}, "evaluation.metrics: Unknown task 'pico_arc_esay'"),
         (
             {"analysis": {"metrics": [{"metric_name": "nope", "data_split": "val"}]}},
             "analysis: metrics[0] (nope)",
@@ -225,7 +225,7 @@ def test_readers_take_any_numeric_key_and_the_last_logged_loss(tmp_path):
     (results / ".step_20.json.tmp").write_text("{")
     series, datasets = read_eval_results(results)
     assert series == {"blimp/acc": {10: 0.61}, "paloma": {0: 12.5, 10: 9.0}}
-    assert datasets == {"paloma": "embedded", "blimp/acc": "embedded"}
+    assert datasets == {"paloma": "embedded"}  # an lm-eval task's scores are named by their task
     logs = tmp_path / "logs"
     logs.mkdir()
     lines = [
