@@ -281,9 +281,13 @@ def test_bad_evaluation_config_fails_before_training(tmp_path, overrides, messag
 
 @pytest.mark.slow
 def test_two_processes_share_the_evaluation(evaluated_run, tmp_path):
-    """With two processes each scores half of the texts; the gathered values match the one-process run."""
+    """With two processes each scores half of the texts; the gathered values match the one-process run. The
+    lm-eval tasks run on process 0 alone: their scores are those of the checkpoint evaluated by one process."""
+    from pico_hf.evaluation.harness import evaluate
+
     _, config, _ = evaluated_run
-    overrides = tiny_training_overrides(tmp_path, **evaluation_overrides(tmp_path))
+    lm_eval = {"evaluation.metrics": "[paloma, pico_arc_easy]", "evaluation.lm_eval.limit": 3}
+    overrides = tiny_training_overrides(tmp_path, **evaluation_overrides(tmp_path, **lm_eval))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [*train_command(2), *overrides], env=env, capture_output=True, text=True, timeout=900
@@ -297,3 +301,9 @@ def test_two_processes_share_the_evaluation(evaluated_run, tmp_path):
     assert two[0]["paloma"] == pytest.approx(one[0]["paloma"], rel=1e-6)
     for step in STEPS:  # two processes train with a different reduction order: close, not bitwise
         assert two[step]["paloma"] == pytest.approx(one[step]["paloma"], rel=1e-3), step
+    for step in (0, STEPS[-1]):
+        checkpoint = tmp_path / "runs" / "tiny" / "checkpoints" / f"step_{step}"
+        model = AutoModelForCausalLM.from_pretrained(checkpoint)
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        offline = evaluate(model, tokenizer, ["pico_arc_easy"], limit=3, bootstrap_iters=0)
+        assert two[step]["pico_arc_easy"] == pytest.approx(offline.scores()["pico_arc_easy"], abs=1e-9), step
