@@ -36,10 +36,11 @@ def installed(tmp_path_factory):
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
         capture_output=True, text=True, check=True,
     ).stdout.strip()  # fmt: skip
-    (root / "venv_site").write_text(venv_site)
     with open(os.path.join(venv_site, "dependencies.pth"), "w") as pth:
         pth.write("\n".join(site.getsitepackages()) + "\n")
+    # Built by this interpreter's setuptools (the `dev` extra), offline: no build isolation, no index.
     install = [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps"]
+    install += ["--no-index"]
     result = subprocess.run(
         [*install, "--no-build-isolation", "--no-cache-dir", str(source)], capture_output=True, text=True
     )
@@ -99,8 +100,6 @@ def test_run_script_and_lm_eval_find_the_installed_tasks(installed, checkpoint, 
     script = tmp_path / "elsewhere" / "run.py"
     script.parent.mkdir()
     shutil.copy(REPO / "eval" / "run.py", script)
-    listing = run(installed, str(script), "--list", "pico_", cwd=tmp_path)
-    assert "  pico_blimp_adjunct_island" in listing and "  pico_hellaswag" in listing
     out = tmp_path / "run_out"
     run(installed, str(script), "--model", str(checkpoint), "--tasks", TASKS, "--limit", "3",
         "--device", "cpu", "--bootstrap_iters", "0", "--output", str(out), cwd=tmp_path)  # fmt: skip
