@@ -85,7 +85,8 @@ class PicoDecoderRotaryEmbedding(nn.Module):
         freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
         # Pico rotates interleaved pairs (2i, 2i+1), so each frequency covers two adjacent dims.
         emb = freqs.repeat_interleave(2, dim=-1)  # (B, T, head_dim)
-        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        # Kept in float32 whatever the model dtype: pico-train rotates q/k in float32 (see below).
+        return emb.cos(), emb.sin()
 
 
 def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
@@ -97,9 +98,14 @@ def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
 def apply_rotary_pos_emb(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q and k (B, H, T, head_dim) by their positions, pico's interleaved-pair layout."""
-    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
-    return q * cos + rotate_pairs(q) * sin, k * cos + rotate_pairs(k) * sin
+    """Rotate q and k (B, H, T, head_dim) by their positions, pico's interleaved-pair layout.
+
+    The rotation runs in float32 and is cast back, as pico-train does: in bf16 this keeps logits
+    equal to the reference's bf16 forward (rotating in bf16 moved them by ~0.02)."""
+    cos, sin = cos.unsqueeze(unsqueeze_dim).float(), sin.unsqueeze(unsqueeze_dim).float()
+    q32, k32 = q.float(), k.float()
+    q_rot, k_rot = q32 * cos + rotate_pairs(q32) * sin, k32 * cos + rotate_pairs(k32) * sin
+    return q_rot.to(q.dtype), k_rot.to(k.dtype)
 
 
 class PicoDecoderSwiGLU(nn.Module):
