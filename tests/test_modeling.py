@@ -440,3 +440,30 @@ def test_package_registers_auto_classes():
     assert isinstance(AutoModelForCausalLM.from_config(tiny_config()), PicoDecoderForCausalLM)
     assert isinstance(AutoModel.from_config(tiny_config()), PicoDecoderModel)
     assert pico_hf.__version__
+
+
+def test_input_ids_check_reads_back_once_per_generate_off_the_host(monkeypatch):
+    """On an accelerator, checking ids is a host sync: decoding steps skip it, `generate` checks its prompt
+    once, and a training batch (no cache) is checked; on CPU every forward is checked with the same message."""
+    from pico_hf.models.pico_decoder import modeling_pico_decoder as modeling
+
+    calls = []
+    check = modeling.check_vocab_range
+    monkeypatch.setattr(
+        modeling, "check_vocab_range", lambda ids, size: (calls.append(ids.shape), check(ids, size))
+    )
+    model = PicoDecoderForCausalLM(tiny_config()).eval()
+    prompt = torch.tensor([[1, 2, 3]])
+    on_cpu = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    assert len(calls) == 1 + 6  # the prompt in generate, then every forward
+
+    calls.clear()
+    monkeypatch.setattr(modeling, "_on_host", lambda tensor: False)  # as for a CUDA tensor
+    assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False), on_cpu)
+    assert calls == [(1, 3)]  # the prompt only: no read-back per decoding step
+    with pytest.raises(ValueError, match=r"token id 128, outside the model's vocabulary \(vocab_size=128"):
+        model.generate(torch.tensor([[1, 128]]), max_new_tokens=2)
+    calls.clear()
+    model.train()
+    model(prompt, labels=prompt)  # a training batch: checked once
+    assert calls == [(1, 3)]
