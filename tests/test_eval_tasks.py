@@ -21,10 +21,10 @@ from pico_hf.evaluation.harness import (
     task_manager,
     task_manager_for,
 )
+from pico_hf.evaluation.tasks_dir import DATA_DIR, TASKS_DIR
 from pico_hf.tokenization import load_tokenizer
 
 RUN_SCRIPT = REPO / "eval" / "run.py"
-TASKS_DIR = REPO / "eval" / "tasks"
 PICO_TASKS = ["pico_arc_easy", "pico_hellaswag", "pico_paloma", "pico_paloma_tinsy"]
 BLIMP_TASKS = [f"pico_blimp_{path.stem}" for path in sorted((TASKS_DIR / "blimp").glob("[a-z]*.yaml"))]
 
@@ -407,7 +407,7 @@ def blimp_hub_copy(tmp_path_factory):
     configs = []
     for uid in BLIMP_PARITY:
         (hub / uid).mkdir(parents=True)
-        table = pq.read_table(REPO / "eval" / "data" / "blimp.parquet", filters=[("UID", "==", uid)])
+        table = pq.read_table(DATA_DIR / "blimp.parquet", filters=[("UID", "==", uid)])
         pq.write_table(table, hub / uid / "train-00000-of-00001.parquet")
         configs.append(f"- config_name: {uid}\n  data_files:\n  - split: train\n    path: {uid}/train-*")
     (hub / "README.md").write_text("---\nconfigs:\n" + "\n".join(configs) + "\n---\n")

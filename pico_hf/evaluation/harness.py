@@ -2,7 +2,7 @@
 
 `eval/run.py` is the command line over this module:
 
-    manager = task_manager()                         # lm-eval's tasks plus pico-hf's (eval/tasks)
+    manager = task_manager()                         # lm-eval's tasks plus pico-hf's (TASKS_DIR)
     model, tokenizer = load_model("runs/demo/checkpoints/step_150")
     report = evaluate(model, tokenizer, ["pico_paloma", "pico_arc_easy"], manager, limit=100)
     print(report.markdown())
@@ -10,7 +10,7 @@
 Tasks whose data lives on the Hugging Face Hub (lm-eval's `hellaswag`, `blimp`, `paloma_*`, pico's
 `pico_paloma_tinsy`, ...) run unchanged when the Hub is reachable; otherwise they are skipped with a
 one-line reason, never replaced by something else. pico-hf's offline tasks read data that ships with the
-repository.
+package (`pico_hf/evaluation/tasks` and `data`, installed by `pip install` too).
 """
 
 from __future__ import annotations
@@ -31,11 +31,10 @@ import torch
 from ..hub import hub_reachable, offline_requested
 from ..tokenization import OLMO_TOKENIZER_ID, load_tokenizer
 from .perplexity import compute_perplexity, load_texts, perplexity_metric_name, resolve_dataset
+from .tasks_dir import TASKS_DIR
 
 logger = logging.getLogger(__name__)
 
-# pico-hf's task configs live beside the package in a source checkout (eval/tasks).
-TASKS_DIR = Path(__file__).resolve().parents[2] / "eval" / "tasks"
 PICO_TASK_PREFIX = "pico_"
 PALOMA_TINSY = "pico-lm/pretokenized-paloma-tinsy"
 # `datasets` builders that read local files (a task using one with local data_files needs no Hub).
@@ -75,7 +74,7 @@ class _DropNotices(logging.Filter):
 
 def task_manager(include_path: str | Path | list[str | Path] | None = None, include_defaults: bool = True):
     """lm-eval's TaskManager over its own tasks (unless `include_defaults` is False) plus pico-hf's
-    (`eval/tasks` by default)."""
+    (`TASKS_DIR`, package data, by default)."""
     from lm_eval.tasks import TaskManager
 
     for name in ("lm_eval.api.task", "lm_eval.models.huggingface"):
@@ -83,7 +82,7 @@ def task_manager(include_path: str | Path | list[str | Path] | None = None, incl
         if not any(isinstance(f, _DropNotices) for f in lm_eval_logger.filters):
             lm_eval_logger.addFilter(_DropNotices())
     if include_path is None:
-        include_path = TASKS_DIR if TASKS_DIR.is_dir() else None
+        include_path = TASKS_DIR
     if isinstance(include_path, list):
         include_path = [str(p) for p in include_path]
     return TaskManager(include_path=include_path, include_defaults=include_defaults)

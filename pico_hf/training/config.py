@@ -259,6 +259,9 @@ class LearningDynamicsCheckpointingConfig:
     # Metrics computed at every checkpoint, in pico-analyze's format ({metric_name, data_split, components,
     # ...}); comparative ones (cka, pwcca) compare with `target_checkpoint`, by default the previous checkpoint.
     metrics: list[dict[str, Any]] = field(default_factory=list)
+    # "safetensors" (pico-hf), "pt" (pico-train's `{split}_{type}.pt`, readable by the original pico-analyze)
+    # or "both".
+    file_format: str = "safetensors"
 
 
 @dataclass
@@ -406,6 +409,13 @@ def validate(config: PicoTrainingConfig) -> None:
 
         check_maml_config(config.training.maml, config.model.vocab_size)
     learning_dynamics = config.checkpointing.learning_dynamics
+    from ..learning_dynamics.capture import FILE_FORMATS
+
+    if learning_dynamics.file_format not in FILE_FORMATS:
+        raise ConfigError(
+            f"checkpointing.learning_dynamics.file_format must be one of {list(FILE_FORMATS)}, "
+            f"got '{learning_dynamics.file_format}'"
+        )
     if learning_dynamics.metrics:
         from ..learning_dynamics.tracker import check_metrics_capturable
 
