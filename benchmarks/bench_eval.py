@@ -7,16 +7,26 @@ training time that evaluating every checkpoint costs at the demo config.
    `ratio_pico_over_llama` is the median of the per-round ratios; goal: >= 0.95. The checkpoint is
    `--model`, or by default the demo config's model (pico-decoder-tiny shapes, the demo's context, random
    weights, OLMo tokenizer).
-2. `in_training_evaluation`: a short run of recipes/configs/demo.yaml (learning dynamics off, to isolate
+2. `blimp`: BLiMP documents per second of pico-hf's `pico_blimp_*` tasks (the shipped pairs) vs lm-eval's own
+   `blimp_*` tasks on the same model, the same sub-datasets and the same pairs, interleaved as in 1.
+   lm-eval's tasks read the Hub dataset `nyu-mll/blimp`; offline, they read a local copy in the Hub
+   dataset's layout written from pico_hf/evaluation/data/blimp.parquet (as tests/test_eval_tasks.py does).
+   `ratio_pico_over_lm_eval`: median of the per-round ratios of evaluation time (tasks already loaded);
+   `load_s`: median seconds to load each side's tasks. Goal: >= 1.0.
+3. `in_training_evaluation`: a short run of recipes/configs/demo.yaml (learning dynamics off, to isolate
    evaluation) with evaluation on, checkpointing every 2 steps so training steps and evaluations alternate
    closely. The share is projected onto the demo's schedule (150 steps, 4 checkpoints): evaluations x
    seconds per evaluation over steps x seconds per step, for the demo's evaluation settings and, with
    `--max_samples N` (0: every text), for `evaluation.paloma.max_samples=N`. Goal: <= 10%.
+   `--metrics paloma,pico_blimp --lm_eval_limit 100` prices those settings instead
+   (`evaluation.metrics`, `evaluation.lm_eval.limit` documents per sub-task). Goal: <= 15%.
 
 Prints one JSON object.
 
     python benchmarks/bench_eval.py [--model DIR] [--tasks pico_paloma,pico_arc_easy,pico_hellaswag]
         [--limit 20] [--repeats 3] [--train_steps 8] [--save_every 2] [--max_samples N] [--device cpu]
+        [--blimp_uids all|UID,UID] [--blimp_limit 50] [--metrics paloma] [--lm_eval_limit N]
+        [--skip_lm_eval] [--skip_blimp] [--skip_training]
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ from pico_hf import PicoDecoderConfig, PicoDecoderForCausalLM
 from pico_hf.convert import main as convert
 from pico_hf.evaluation.callback import EvaluationCallback, build_evaluation_callbacks
 from pico_hf.evaluation.harness import load_model, task_manager
+from pico_hf.evaluation.tasks_dir import DATA_DIR, TASKS_DIR
 from pico_hf.tokenization import load_tokenizer
 from pico_hf.training.config import load_config
 from pico_hf.training.run import build_job
@@ -123,6 +134,89 @@ def lm_eval_throughput(
     }
 
 
+def blimp_hub_copy(root: Path, uids: list[str]) -> Path:
+    """`nyu-mll/blimp`'s layout (one parquet config per sub-dataset, split `train`) holding the shipped pairs of
+    `uids`, and lm-eval's own blimp task config pointed at it; returns the task directory."""
+    import lm_eval
+    import pyarrow.parquet as pq
+
+    hub = root / "nyu-mll-blimp"
+    configs = []
+    for uid in uids:
+        (hub / uid).mkdir(parents=True)
+        table = pq.read_table(DATA_DIR / "blimp.parquet", filters=[("UID", "==", uid)])
+        pq.write_table(table, hub / uid / "train-00000-of-00001.parquet")
+        configs.append(f"- config_name: {uid}\n  data_files:\n  - split: train\n    path: {uid}/train-*")
+    (hub / "README.md").write_text("---\nconfigs:\n" + "\n".join(configs) + "\n---\n")
+    template = Path(lm_eval.__file__).parent / "tasks" / "blimp" / "_template_yaml"
+    tasks = root / "tasks"
+    tasks.mkdir()
+    for uid in uids:
+        (tasks / f"{uid}.yaml").write_text(
+            f"include: {template}\ntask: blimp_{uid}\ndataset_path: {hub}\ndataset_name: {uid}\n"
+        )
+    return tasks
+
+
+def blimp_throughput(
+    model_dir: str, uids: list[str], limit: int, repeats: int, batch_size: int, device: str
+) -> dict[str, Any]:
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    model, tokenizer = load_model(model_dir, device=device)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size)
+    names = {"pico": [f"pico_blimp_{uid}" for uid in uids], "lm_eval": [f"blimp_{uid}" for uid in uids]}
+    with tempfile.TemporaryDirectory() as tmp:
+        manager = task_manager([TASKS_DIR, blimp_hub_copy(Path(tmp), uids)], include_defaults=False)
+        load_s: dict[str, list[float]] = {name: [] for name in names}
+        seconds: dict[str, list[float]] = {name: [] for name in names}
+        scores: dict[str, dict[str, Any]] = {}
+        documents = 0
+
+        def run(side: str) -> float:
+            nonlocal documents
+            start = time.perf_counter()
+            loaded = list(manager.load(names[side])["tasks"].values())
+            load_s[side].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            results = simple_evaluate(
+                model=lm,
+                tasks=loaded,
+                limit=limit,
+                bootstrap_iters=0,
+                task_manager=manager,
+                log_samples=False,
+            )
+            elapsed = time.perf_counter() - start
+            documents = sum(counts["effective"] for counts in results["n-samples"].values())
+            scores[side] = {
+                task.removeprefix("pico_").removeprefix("blimp_"): values["acc,none"]
+                for task, values in results["results"].items()
+            }
+            return elapsed
+
+        for side in names:  # warm-up (and the `datasets` cache of the Hub copy)
+            run(side)
+        for round_index in range(repeats):
+            for side in names if round_index % 2 == 0 else reversed(list(names)):
+                seconds[side].append(run(side))
+    docs_per_s = {side: documents / statistics.median(times) for side, times in seconds.items()}
+    round_ratios = [ref / ours for ours, ref in zip(seconds["pico"], seconds["lm_eval"], strict=True)]
+    return {
+        "model": model_dir,
+        "sub_datasets": len(uids),
+        "documents": documents,
+        "batch_size": batch_size,
+        "docs_per_s": {side: round(value, 2) for side, value in docs_per_s.items()},
+        "load_s": {side: round(statistics.median(times), 3) for side, times in load_s.items()},
+        "ratio_pico_over_lm_eval": round(statistics.median(round_ratios), 3),
+        "round_ratios": [round(r, 3) for r in round_ratios],
+        "same_scores": scores["pico"] == scores["lm_eval"],
+        "goal": "ratio_pico_over_lm_eval >= 1.0",
+    }
+
+
 class StepTimer(TrainerCallback):
     """Seconds of every optimizer step (forward, backward and update; checkpoints excluded)."""
 
@@ -137,13 +231,21 @@ class StepTimer(TrainerCallback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
-def in_training_cost(train_steps: int, save_every: int, max_samples: int | None) -> dict[str, Any]:
+def in_training_cost(
+    train_steps: int,
+    save_every: int,
+    max_samples: int | None,
+    metrics: list[str] | None = None,
+    lm_eval_limit: float | None = None,
+) -> dict[str, Any]:
     """Evaluation time per checkpoint against training time per step, in one demo run.
 
     The run checkpoints every `save_every` steps, so training steps and evaluations alternate closely and
     machine noise hits both alike. At every checkpoint the demo's own evaluation runs, and, when `max_samples`
     is given, a second one with `evaluation.paloma.max_samples` set to it (0: every text; written elsewhere),
-    so one run prices both settings."""
+    so one run prices both settings. `metrics` and `lm_eval_limit` replace the demo's `evaluation.metrics`
+    (`[paloma]`) and set `evaluation.lm_eval.limit`."""
+    metrics = metrics or ["paloma"]
     demo, _ = load_config(DEMO_CONFIG)
     schedule_steps = demo.training.max_steps
     every = demo.checkpointing.save_every_n_steps
@@ -152,7 +254,9 @@ def in_training_cost(train_steps: int, save_every: int, max_samples: int | None)
         f"training.max_steps={train_steps}",
         f"checkpointing.save_every_n_steps={save_every}",
         "checkpointing.learning_dynamics.layer_suffixes=[]",
-        "evaluation.metrics=[paloma]",
+        "checkpointing.learning_dynamics.metrics=[]",
+        f"evaluation.metrics=[{','.join(metrics)}]",
+        *([f"evaluation.lm_eval.limit={lm_eval_limit}"] if lm_eval_limit is not None else []),
     ]
     with tempfile.TemporaryDirectory() as tmp:
         config, _ = load_config(DEMO_CONFIG, [f"checkpointing.runs_dir={tmp}", *overrides])
@@ -185,6 +289,8 @@ def in_training_cost(train_steps: int, save_every: int, max_samples: int | None)
     paloma = config.evaluation.paloma
     return {
         "config": str(DEMO_CONFIG.relative_to(REPO)),
+        "metrics": metrics,
+        "lm_eval_limit": lm_eval_limit,
         "dataset": callbacks[0].dataset_name,
         "max_length": paloma.max_length,
         "batch_size": paloma.batch_size,
@@ -194,7 +300,7 @@ def in_training_cost(train_steps: int, save_every: int, max_samples: int | None)
         "demo_schedule": {"steps": schedule_steps, "evaluations": evaluations},
         "demo": {"max_samples": paloma.max_samples, **cost(callbacks[0])},
         **({f"max_samples_{max_samples or 'all'}": cost(callbacks[1])} if max_samples is not None else {}),
-        "goal": "share_of_training_time <= 0.10",
+        "goal": f"share_of_training_time <= {0.10 if metrics == ['paloma'] else 0.15}",
     }
 
 
@@ -218,24 +324,48 @@ def main() -> None:
         default=None,
         help="also price evaluation.paloma.max_samples=N (0: every text)",
     )
-    parser.add_argument("--skip_lm_eval", action="store_true", help="only measure in-training evaluation")
-    parser.add_argument("--skip_training", action="store_true", help="only measure lm-eval throughput")
+    parser.add_argument(
+        "--blimp_uids", default="all", help="BLiMP sub-datasets of the blimp comparison, comma-separated"
+    )
+    parser.add_argument(
+        "--blimp_limit", type=int, default=50, help="pairs per sub-dataset (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--metrics", default="paloma", help="evaluation.metrics of the demo run, comma-separated"
+    )
+    parser.add_argument(
+        "--lm_eval_limit", type=float, default=None, help="evaluation.lm_eval.limit of the demo run"
+    )
+    parser.add_argument(
+        "--skip_lm_eval", action="store_true", help="skip the pico vs Llama lm-eval comparison"
+    )
+    parser.add_argument("--skip_blimp", action="store_true", help="skip the pico_blimp vs blimp comparison")
+    parser.add_argument("--skip_training", action="store_true", help="skip in-training evaluation")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
 
     results: dict[str, Any] = {"device": args.device, "threads": torch.get_num_threads()}
-    if not args.skip_lm_eval:
-        with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
+        if not (args.skip_lm_eval and args.skip_blimp):
             model_dir = args.model or str(make_checkpoint(Path(tmp) / "pico-decoder-demo"))
+        if not args.skip_lm_eval:
             tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
             results["lm_eval"] = lm_eval_throughput(
                 model_dir, tasks, args.limit, args.repeats, args.batch_size, args.device
             )
+        if not args.skip_blimp:
+            uids = [path.stem for path in sorted((TASKS_DIR / "blimp").glob("[a-z]*.yaml"))]
+            if args.blimp_uids != "all":
+                uids = [u.strip() for u in args.blimp_uids.split(",") if u.strip()]
+            results["blimp"] = blimp_throughput(
+                model_dir, uids, args.blimp_limit, args.repeats, args.batch_size, args.device
+            )
     if not args.skip_training:
+        metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
         results["in_training_evaluation"] = in_training_cost(
-            args.train_steps, args.save_every, args.max_samples
+            args.train_steps, args.save_every, args.max_samples, metrics, args.lm_eval_limit
         )
     print(json.dumps(results, indent=2))
 
