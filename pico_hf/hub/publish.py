@@ -29,7 +29,12 @@ with `HubPushError`, which says how to finish the upload:
 
 That command (also for runs trained without `save_to_hf`) pushes every local checkpoint in step order with the
 same commits, skipping commits whose titles the branch already has, so it completes a partial upload. A
-resumed run does the same for the checkpoints that precede it.
+resumed run does the same for the checkpoints that precede it. With `--analysis <folder>` (what
+`recipes/analyze.py` wrote for the run), the last checkpoint's card is re-rendered with the analysis plots and
+one more commit goes on the branch and on `main`:
+
+    Saving Analysis (<analysis_name>) -- Step N        analysis/<analysis_name>/ (values, plots, report)
+                                                       and README.md, the card of step N showing the plots
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from ..training.config import ConfigError
 from ..training.trainer import CheckpointContributor
 from . import hub_reachable, offline_requested
+from .cards import CARD_FILE, Analysis, read_analysis, write_checkpoint_card
 
 logger = logging.getLogger("pico_hf.training.hub")  # under the training logger: same console and log file
 
@@ -266,6 +272,20 @@ def final_model_commit(
     return PlannedCommit(step, f"Saving Final Model -- Step {step} (run branch '{branch}')", files)
 
 
+def analysis_commit(
+    run_dir: Path, step: int, analysis: Analysis, folders: RunFolders = RunFolders()
+) -> PlannedCommit:
+    """The commit that publishes an analysis of the run (`analysis/<name>/`) with the card of checkpoint
+    `step`, which shows its plots (rendered with the analysis beforehand: `write_checkpoint_card`)."""
+    card = Path(run_dir) / folders.checkpoints / f"step_{step}" / CARD_FILE
+    files = [
+        (local, analysis.in_repo(local)) for local, _ in _files_under(analysis.folder, analysis.repo_dir)
+    ]
+    return PlannedCommit(
+        step, f"Saving Analysis ({analysis.name}) -- Step {step}", (*files, (card, CARD_FILE))
+    )
+
+
 # --- pushing ----------------------------------------------------------------------------------------------
 
 
@@ -472,11 +492,13 @@ class HubPublisher:
     def push_final(self, run_dir: Path, step: int, folders: RunFolders) -> str | None:
         """Put checkpoint `step` (model, tokenizer, card) on `main`, as pico-train's published repos hold
         their final model there; returns the commit id, or None when `main` already has it."""
-        commit = final_model_commit(run_dir, step, self.branch, folders)
-        head = self._head_commit(MAIN)
-        if head is not None and head.title == commit.title:
+        return self.push_once(final_model_commit(run_dir, step, self.branch, folders), MAIN)
+
+    def push_once(self, commit: PlannedCommit, branch: str) -> str | None:
+        """Push `commit` to `branch` unless the branch's history has its title; returns the commit id or None."""
+        if commit.title in {c.title for c in self.api.list_repo_commits(self.repo_id, revision=branch)}:
             return None
-        return self.push(commit, branch=MAIN)
+        return self.push(commit, branch=branch)
 
     def _drain(self) -> None:
         while True:
@@ -634,11 +656,14 @@ def publish_run(
     dry_run: bool = False,
     out: Any = None,
     main: bool = True,
+    analysis: Path | None = None,
 ) -> list[PlannedCommit]:
     """Push a local run's checkpoints in step order with pico-train's commits; return the commits pushed.
 
     Commits whose titles the branch already has are skipped, so this also completes an interrupted upload.
-    Then (unless `main` is false) the last checkpoint pushed, with its card, goes on `main`.
+    Then (unless `main` is false) the last checkpoint pushed, with its card, goes on `main`. With `analysis`
+    (an analysis folder of the run, with plots), the last checkpoint's card shows its plots, and the analysis
+    with that card is committed to the branch (and `main`) after the checkpoints.
     `repo_id`, `branch` and `collection_slug` default to the run's training_config.yaml (branch: run name)."""
     out = out if out is not None else sys.stdout
     run_dir = Path(run_dir)
@@ -662,18 +687,30 @@ def publish_run(
         if missing:
             raise ConfigError(f"No checkpoint for step(s) {missing} in {run_dir}; available: {available}")
         available = [s for s in available if s in set(steps)]
+    found = read_analysis(analysis) if analysis is not None else None
+    if found is not None and not (run_dir / CONFIG_FILE).is_file():
+        raise ConfigError(
+            f"{run_dir / CONFIG_FILE} does not exist: the card that shows the analysis needs it"
+        )
     if not dry_run:
         _write_missing_cards(run_dir, available, repo_id, branch, folders)
+        if found is not None:
+            write_checkpoint_card(run_dir, available[-1], repo_id, branch, found)
     plan = [commit for step in available for commit in plan_checkpoint_commits(run_dir, step, folders)]
     final = final_model_commit(run_dir, available[-1], branch, folders) if main else None
+    extra = analysis_commit(run_dir, available[-1], found, folders) if found is not None else None
 
     if dry_run:
         print(f"Would push {len(plan)} commits from {run_dir} to {repo_id} (branch '{branch}'):", file=out)
         for commit in plan:
             size = sum(local.stat().st_size for local, _ in commit.files)
             print(f"  {commit.title}  ({_count(commit.files)}, {_human(size)})", file=out)
+        if extra is not None:
+            print(f"then: {extra.title}  ({_count(extra.files)})", file=out)
         if final is not None:
             print(f"and on '{MAIN}': {final.title}  ({_count(final.files)})", file=out)
+            if extra is not None:
+                print(f"and on '{MAIN}': {extra.title}", file=out)
         return plan
 
     check_hub_ready(
@@ -699,16 +736,20 @@ def publish_run(
         print(f"  push  {commit.title}  ({_count(commit.files)}) -> {oid[:8]}", file=out)
         pushed.append(commit)
     print(f"Done: {len(pushed)} pushed, {len(plan) - len(pushed)} already there.", file=out)
+    # The analysis follows the checkpoints on the branch; on main, it follows the final model.
+    last = [(extra, branch)] if extra is not None else []
     if final is not None:
+        last += [(final, MAIN)] + ([(extra, MAIN)] if extra is not None else [])
+    for commit, where in last:
         try:
-            oid = publisher.push_final(run_dir, final.step, folders)
+            oid = publisher.push_once(commit, where)
         except Exception as error:
             raise HubPushError(
-                f"Putting step {final.step} on '{MAIN}' of {publisher.repo_id} failed: {describe_error(error)}. "
+                f"Pushing '{commit.title}' to '{where}' of {publisher.repo_id} failed: {describe_error(error)}. "
                 "Run the same command again to finish."
             ) from error
         state = f"pushed -> {oid[:8]}" if oid else "already there"
-        print(f"On '{MAIN}': {final.title}  ({state})", file=out)
+        print(f"On '{where}': {commit.title}  ({state})", file=out)
     return pushed
 
 
@@ -716,8 +757,6 @@ def _write_missing_cards(
     run_dir: Path, steps: Sequence[int], repo_id: str, branch: str, folders: RunFolders
 ) -> None:
     """Checkpoints saved without a card (older runs) get one before they are pushed."""
-    from .cards import CARD_FILE, write_checkpoint_card
-
     if not (run_dir / CONFIG_FILE).is_file():
         return  # e.g. a bare pico-train export: nothing to render the card from
     for step in steps:
@@ -762,6 +801,12 @@ def main(argv: list[str] | None = None) -> int:
         help="leave 'main' alone (by default "
         "the last checkpoint pushed and its card go on 'main', as the final model)",
     )
+    parser.add_argument(
+        "--analysis",
+        type=Path,
+        help="an analysis of the run (the folder recipes/analyze.py wrote, with plots/): pushed after the "
+        "checkpoints, and the last checkpoint's card shows its plots",
+    )
     args = parser.parse_args(argv)
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
@@ -776,6 +821,7 @@ def main(argv: list[str] | None = None) -> int:
             args.steps,
             args.dry_run,
             main=args.main,
+            analysis=args.analysis,
         )
     except (ConfigError, HubPushError) as error:
         print(f"error: {error}", file=sys.stderr)
