@@ -19,7 +19,10 @@ commit title and reads the repo at that commit.
 
 The token is HF_TOKEN's or the `hf auth login` one. Pushes never hold up training: a checkpoint is queued once
 the trainer has published it complete under `checkpoints/step_N/` (`on_checkpoint_published`), and one
-background worker pushes the queue in order. A failed push is retried (pico-train's policy: twice more, after
+background worker pushes the queue in order. Its large files (weights, optimizer state) are uploaded earlier,
+as soon as they are written and while the checkpoint is still being evaluated (`HubEarlyUpload`,
+huggingface_hub's `preupload_lfs_files`): the commits then only name them, so the last checkpoint of a run
+reaches the Hub soon after it is complete. A failed push is retried (pico-train's policy: twice more, after
 1 s and 2 s); if it still fails, an error naming the step and commit is logged, training goes on (the
 checkpoint is safe on disk), and later pushes wait behind it so the branch history stays in order; the queue
 is retried at each new checkpoint and once more at the end. Whatever is still unpushed then makes the run end
@@ -40,6 +43,7 @@ one more commit goes on the branch and on `main`:
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import re
 import sys
@@ -500,6 +504,34 @@ class HubPublisher:
             return None
         return self.push(commit, branch=branch)
 
+    def upload_early(self, files: Sequence[tuple[io.BufferedReader, str]]) -> None:
+        """Upload the LFS files among `files` (open files, path in the repo) now, in the background worker's
+        queue, without committing: the commit that adds them later finds them on the Hub and uploads nothing.
+        Best effort: a failure leaves the upload to the commit, with its retries. The files are closed."""
+
+        def upload() -> None:
+            try:
+                operations = [
+                    CommitOperationAdd(path_in_repo=in_repo, path_or_fileobj=f) for f, in_repo in files
+                ]
+                self.api.preupload_lfs_files(self.repo_id, additions=operations, revision=self.branch)
+            except Exception as error:
+                logger.debug(
+                    "Early upload to %s failed, left to the commit: %s", self.where, describe_error(error)
+                )
+            finally:
+                for handle, _ in files:
+                    handle.close()
+
+        with self._lock:
+            blocked = self._blocked is not None
+        if blocked:  # the Hub is failing: don't add uploads that would delay the retries
+            for handle, _ in files:
+                handle.close()
+            return
+        self._futures = [f for f in self._futures if not f.done()]
+        self._futures.append(self.api.run_as_future(upload))
+
     def _drain(self) -> None:
         while True:
             with self._lock:
@@ -537,6 +569,7 @@ class HubPublishCallback(CheckpointContributor):
 
     def __init__(self, publisher: HubPublisher, run_dir: Path, folders: RunFolders) -> None:
         self.publisher, self.run_dir, self.folders = publisher, Path(run_dir), folders
+        self.early_upload = HubEarlyUpload(publisher, folders)
         self._prepared = False
         self._ended = False
         self.push_error: HubPushError | None = None
@@ -605,6 +638,37 @@ class HubPublishCallback(CheckpointContributor):
                 ) from error
             if oid is not None:
                 logger.info("Pushed the final model (step_%d) and its card to 'main' (%s)", final, oid[:8])
+
+
+class HubEarlyUpload(CheckpointContributor):
+    """Starts the upload of a checkpoint's weights and training state as soon as they are written, while the
+    contributors after it (learning dynamics, evaluation) still work on the checkpoint; it must come before
+    them among the callbacks. The files are opened here, so renaming the checkpoint into place later does not
+    disturb the upload."""
+
+    def __init__(self, publisher: HubPublisher, folders: RunFolders) -> None:
+        self.publisher, self.folders = publisher, folders
+
+    def on_checkpoint(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        checkpoint_dir: Path | None = None,
+        **kwargs: Any,
+    ):
+        if not state.is_world_process_zero or checkpoint_dir is None or self.publisher._head is None:
+            return  # not prepared yet (the branch must exist)
+        step_dir = Path(checkpoint_dir)
+        found = [(p, p.name) for p in sorted(step_dir.iterdir()) if p.is_file() and _visible(p)]
+        found += _files_under(step_dir / self.folders.fabric_state, self.folders.fabric_state)
+        self.publisher.upload_early([(local.open("rb"), in_repo) for local, in_repo in found])
+
+
+def hub_early_uploads(callbacks: Sequence[TrainerCallback]) -> list[HubEarlyUpload]:
+    """The early-upload contributor of the Hub publisher among `callbacks` (none when pushing is off), to be
+    placed before the contributors that make checkpoints slow to complete."""
+    return [c.early_upload for c in callbacks if isinstance(c, HubPublishCallback)]
 
 
 def build_hub_callbacks(config: Any, run: Any) -> list[TrainerCallback]:
