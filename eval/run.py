@@ -4,7 +4,8 @@
     python eval/run.py --model pico-lm/pico-decoder-tiny --tasks pico_paloma_tinsy,hellaswag,arc_easy
     python eval/run.py --model DIR --tasks pico_arc_easy,pico_hellaswag --limit 100 --output results/demo
 
-Runs lm-eval's `simple_evaluate` with pico-hf's tasks (eval/tasks) next to lm-eval's own, prints a table and
+Runs lm-eval's `simple_evaluate` with pico-hf's tasks (package data of pico_hf: `python -m
+pico_hf.evaluation.tasks_dir` prints their folder) next to lm-eval's own, prints a table and
 writes `results.json` (lm-eval's results plus a `pico_hf` section) and `results.md` to `--output`.
 pico-hf tasks: `pico_paloma` (Paloma-style rolling perplexity on the embedded held-out split),
 `pico_paloma_tinsy` (the same on the Hub's pico-lm/pretokenized-paloma-tinsy), `pico_hellaswag` and
@@ -22,7 +23,8 @@ import re
 import sys
 from pathlib import Path
 
-TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+from pico_hf.evaluation.tasks_dir import TASKS_DIR  # light: no torch before the arguments are checked
+
 PALOMA_TINSY = (
     "pico-lm/pretokenized-paloma-tinsy"  # harness.PALOMA_TINSY: named here, --help imports no torch
 )

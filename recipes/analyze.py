@@ -5,7 +5,8 @@
         --repo_id pico-lm/pico-decoder-tiny --branch pico-decoder-tiny-1
 
 Writes `<output_dir>/<analysis_name>/step_<N>/<metric>_<split>.json`, `analysis.log`, a PNG per metric under
-`plots/` and `report.md` / `report.html`; an existing analysis of the same name is replaced only with
+`plots/` and `report.md` / `report.html` (with a local run's evaluation results, `eval_results/step_N.json`,
+plotted against step beside the metrics); an existing analysis of the same name is replaced only with
 `--overwrite`. A local run may come from pico-hf or from the original pico-train
 (`.pt` files). Exit status: 0 when something was analysed (missing steps are warnings), 1 when nothing could
 be (or the run cannot be read), 2 for a bad config.
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         load_analysis_config,
         run_analysis,
     )
-    from pico_hf.learning_dynamics.report import plot_results, write_report
+    from pico_hf.learning_dynamics.report import plot_results, read_evaluations, write_report
     from pico_hf.training.config import ConfigError
 
     console = Console(stderr=True)
@@ -108,7 +109,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.no_report:
         plots = plot_results(result)
-        md, html = write_report(result, plots)
+        evaluations = {}
+        if isinstance(source, LocalRun):  # the run's eval_results/ beside the analysis
+            results_dir = (source.training_config().get("checkpointing") or {}).get("evaluation") or {}
+            evaluations = read_evaluations(
+                source.run_path, results_dir.get("eval_results_dir") or "eval_results"
+            )
+        md, html = write_report(result, plots, evaluations)
         console.print(f"Report: {md.name} and {html.name}, plots in plots/", soft_wrap=True)
     print(result.output_dir)  # the one line on stdout: where everything is
     return 0

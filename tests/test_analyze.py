@@ -497,6 +497,38 @@ def test_report_and_plots(trained_run, tmp_path):
     assert html.count("data:image/png;base64,") == len(STEMS)  # self-contained
 
 
+def test_report_plots_the_runs_evaluation_results_against_step(trained_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, symlinks=True)
+    results = run / "eval_results"
+    results.mkdir()
+    for step, perplexity, acc in [(0, 900.0, 0.2), (2, 450.0, 0.25), (4, 300.5, 0.5)]:
+        values = {
+            "embedded_heldout_perplexity": perplexity,
+            "dataset": "embedded",
+            "pico_arc_easy": {"acc": acc},
+        }
+        (results / f"step_{step}.json").write_text(json.dumps(values))
+    code, out = analyse(tmp_path, "--run_path", run, steps=[0, 2, 4], report=True)
+    assert code == 0
+    assert_png(out / "plots" / "eval_embedded_heldout_perplexity.png")
+    assert_png(out / "plots" / "eval_pico_arc_easy_acc.png")
+    md = (out / "report.md").read_text()
+    section = md[md.index("## Evaluation") :]
+    assert "### embedded_heldout_perplexity (embedded)" in section
+    assert "![embedded_heldout_perplexity (embedded)](plots/eval_embedded_heldout_perplexity.png)" in section
+    assert "| 0 | 900 |\n| 2 | 450 |\n| 4 | 300.5 |" in section
+    assert "### pico_arc_easy/acc\n" in section and "| 4 | 0.5 |" in section
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == len(STEMS) + 2
+    # A run without eval_results/ has no Evaluation section.
+    (tmp_path / "plain").mkdir()
+    code, out = analyse(tmp_path / "plain", "--run_path", trained_run, steps=[0], report=True)
+    assert code == 0 and "## Evaluation" not in (out / "report.md").read_text()
+
+
 def test_plot_of_many_layers_and_heads(tmp_path):
     """A pico-decoder-sized OV result: 12 layers x (12 heads + the full circuit), 11 steps."""
     series = {

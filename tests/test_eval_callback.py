@@ -76,13 +76,14 @@ def test_every_checkpoint_gets_eval_results_in_pico_train_format(evaluated_run):
     results_dir = config.run_dir / "eval_results"
     assert sorted(p.name for p in results_dir.iterdir()) == [f"step_{s}.json" for s in sorted(STEPS, key=str)]
     for step, values in eval_results(config.run_dir).items():
-        assert list(values) == ["paloma"] and isinstance(values["paloma"], float), step
+        assert list(values) == ["paloma", "dataset"] and isinstance(values["paloma"], float), step
+        assert values["dataset"] == str(eval_texts(config.run_dir.parents[1])), step
     logged = [
         json.loads(line)
         for line in (config.logs_dir / "metrics.jsonl").read_text().splitlines()
-        if "eval/paloma" in line
+        if "eval_paloma" in line
     ]
-    assert [(entry["step"], entry["eval/paloma"]) for entry in logged] == [
+    assert [(entry["step"], entry["eval_paloma"]) for entry in logged] == [
         (step, eval_results(config.run_dir)[step]["paloma"]) for step in STEPS
     ]
 
@@ -110,7 +111,11 @@ def test_resume_with_evaluation_is_bitwise_identical_and_unperturbed(evaluated_r
     summary, resumed = train(tmp_path, **overrides)
     assert summary["resumed_from"].endswith("step_2")
     assert_bitwise_equal(final_weights(resumed.run_dir), final_weights(config.run_dir))
-    assert eval_results(resumed.run_dir) == eval_results(config.run_dir)
+
+    def values(run_dir):  # the datasets are each run's own copy of the same texts
+        return {step: result["paloma"] for step, result in eval_results(run_dir).items()}
+
+    assert values(resumed.run_dir) == values(config.run_dir)
 
     # Evaluating at every checkpoint leaves training exactly as it is without evaluation.
     _, plain = train(tmp_path / "plain")
@@ -169,16 +174,89 @@ def test_unreachable_hub_dataset_falls_back_to_the_embedded_split(tmp_path, capl
     (record,) = [r for r in caplog.records if "pretokenized-paloma-tinsy" in r.getMessage()]
     assert record.getMessage() == (
         "Evaluation dataset 'pico-lm/pretokenized-paloma-tinsy' is on the Hugging Face Hub, which is unreachable: "
-        "using the embedded held-out split instead"
+        "using the embedded held-out split instead, recorded as 'embedded_heldout_perplexity', not as Paloma"
     )
+
+
+def test_lm_eval_tasks_run_at_every_checkpoint_on_the_live_model(tmp_path):
+    from pico_hf.evaluation.harness import evaluate
+
+    _, config = train(
+        tmp_path,
+        **{
+            "evaluation.metrics": "[pico_arc_easy]",
+            "evaluation.lm_eval.limit": 3,
+            "evaluation.lm_eval.batch_size": 2,
+            "training.max_steps": 2,
+        },
+    )
+    results = eval_results(config.run_dir)
+    assert sorted(results) == [0, 2] and all(list(r) == ["pico_arc_easy"] for r in results.values())
+    logged = [
+        json.loads(line)
+        for line in (config.logs_dir / "metrics.jsonl").read_text().splitlines()
+        if "eval_pico_arc_easy/acc" in line
+    ]
+    assert [(e["step"], e["eval_pico_arc_easy/acc_norm"]) for e in logged] == [
+        (step, results[step]["pico_arc_easy"]["acc_norm"]) for step in (0, 2)
+    ]
+    # The same scores as lm-eval on the saved checkpoint, loaded afresh.
+    model = AutoModelForCausalLM.from_pretrained(config.run_dir / "checkpoints" / "step_2")
+    tokenizer = AutoTokenizer.from_pretrained(config.run_dir / "checkpoints" / "step_2")
+    offline = evaluate(model, tokenizer, ["pico_arc_easy"], limit=3, batch_size=2, bootstrap_iters=0)
+    assert results[2]["pico_arc_easy"] == pytest.approx(offline.scores()["pico_arc_easy"], abs=1e-9)
+
+
+def test_the_embedded_split_is_recorded_and_logged_under_its_own_name(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import TrainerCallback
+
+    class Evaluations(TrainerCallback):
+        seen = []
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            self.seen.append((state.global_step, dict(metrics), state.best_metric))
+
+    _, config = train(
+        tmp_path,
+        callbacks=[Evaluations()],
+        **{
+            "evaluation.metrics": "[paloma]",
+            "evaluation.paloma.dataset_name": "embedded",
+            "evaluation.paloma.max_length": 16,
+            "evaluation.paloma.max_samples": 3,
+            "training_arguments.report_to": "[tensorboard]",
+            "training_arguments.metric_for_best_model": "eval_embedded_heldout_perplexity",
+            "training_arguments.greater_is_better": "false",
+        },
+    )
+    results = eval_results(config.run_dir)
+    assert sorted(results) == STEPS
+    for values in results.values():
+        assert list(values) == ["embedded_heldout_perplexity", "dataset"] and values["dataset"] == "embedded"
+    # on_evaluate sees the `eval_` metrics, as after Trainer.evaluate, with the best value so far kept.
+    values = [results[step]["embedded_heldout_perplexity"] for step in STEPS]
+    assert Evaluations.seen == [
+        (step, {"eval_embedded_heldout_perplexity": value}, min(values[: i + 1]))
+        for i, (step, value) in enumerate(zip(STEPS, values, strict=True))
+    ]
+    (events,) = list(config.logs_dir.rglob("events.out.tfevents.*"))
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    assert "eval/embedded_heldout_perplexity" in accumulator.Tags()["scalars"]
+    assert not [tag for tag in accumulator.Tags()["scalars"] if tag.startswith("train/eval")]
+    scalars = accumulator.Scalars("eval/embedded_heldout_perplexity")
+    assert [(s.step, s.value) for s in scalars] == [
+        (step, pytest.approx(results[step]["embedded_heldout_perplexity"], rel=1e-6)) for step in STEPS
+    ]
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
         (
-            {"evaluation.metrics": "[paloma, hellaswag]"},
-            r"evaluation.metrics: unknown metric 'hellaswag'; supported: paloma",
+            {"evaluation.metrics": "[paloma, pico_arc_esay]"},
+            r"evaluation.metrics: Unknown task 'pico_arc_esay'. Did you mean 'pico_arc_easy'",
         ),
         (
             {"evaluation.paloma.max_length": 2048},
@@ -203,9 +281,13 @@ def test_bad_evaluation_config_fails_before_training(tmp_path, overrides, messag
 
 @pytest.mark.slow
 def test_two_processes_share_the_evaluation(evaluated_run, tmp_path):
-    """With two processes each scores half of the texts; the gathered values match the one-process run."""
+    """With two processes each scores half of the texts; the gathered values match the one-process run. The
+    lm-eval tasks run on process 0 alone: their scores are those of the checkpoint evaluated by one process."""
+    from pico_hf.evaluation.harness import evaluate
+
     _, config, _ = evaluated_run
-    overrides = tiny_training_overrides(tmp_path, **evaluation_overrides(tmp_path))
+    lm_eval = {"evaluation.metrics": "[paloma, pico_arc_easy]", "evaluation.lm_eval.limit": 3}
+    overrides = tiny_training_overrides(tmp_path, **evaluation_overrides(tmp_path, **lm_eval))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [*train_command(2), *overrides], env=env, capture_output=True, text=True, timeout=900
@@ -219,3 +301,9 @@ def test_two_processes_share_the_evaluation(evaluated_run, tmp_path):
     assert two[0]["paloma"] == pytest.approx(one[0]["paloma"], rel=1e-6)
     for step in STEPS:  # two processes train with a different reduction order: close, not bitwise
         assert two[step]["paloma"] == pytest.approx(one[step]["paloma"], rel=1e-3), step
+    for step in (0, STEPS[-1]):
+        checkpoint = tmp_path / "runs" / "tiny" / "checkpoints" / f"step_{step}"
+        model = AutoModelForCausalLM.from_pretrained(checkpoint)
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        offline = evaluate(model, tokenizer, ["pico_arc_easy"], limit=3, bootstrap_iters=0)
+        assert two[step]["pico_arc_easy"] == pytest.approx(offline.scores()["pico_arc_easy"], abs=1e-9), step

@@ -21,10 +21,10 @@ from pico_hf.evaluation.harness import (
     task_manager,
     task_manager_for,
 )
+from pico_hf.evaluation.tasks_dir import DATA_DIR, TASKS_DIR
 from pico_hf.tokenization import load_tokenizer
 
 RUN_SCRIPT = REPO / "eval" / "run.py"
-TASKS_DIR = REPO / "eval" / "tasks"
 PICO_TASKS = ["pico_arc_easy", "pico_hellaswag", "pico_paloma", "pico_paloma_tinsy"]
 BLIMP_TASKS = [f"pico_blimp_{path.stem}" for path in sorted((TASKS_DIR / "blimp").glob("[a-z]*.yaml"))]
 
@@ -245,7 +245,10 @@ def test_cli_and_python_give_identical_numbers(checkpoint, manager, tmp_path):
     model, tokenizer = load_model(str(checkpoint), device="cpu")
     report = evaluate(model, tokenizer, tasks, manager, limit=3, paloma="embedded")
     assert written["results"] == report.results["results"]
-    assert written["pico_hf"]["paloma"] == report.paloma
+    assert written["pico_hf"]["perplexity"] == report.paloma
+    assert report.scores()["embedded_heldout_perplexity"] == {"perplexity": report.paloma["mean_perplexity"]}
+    assert "paloma" not in report.scores() and report.paloma["metric"] == "embedded_heldout_perplexity"
+    assert "| embedded_heldout_perplexity (pico-lm/perplexity) |" in markdown
     assert written["config"]["model"] == str(checkpoint)
 
 
@@ -404,7 +407,7 @@ def blimp_hub_copy(tmp_path_factory):
     configs = []
     for uid in BLIMP_PARITY:
         (hub / uid).mkdir(parents=True)
-        table = pq.read_table(REPO / "eval" / "data" / "blimp.parquet", filters=[("UID", "==", uid)])
+        table = pq.read_table(DATA_DIR / "blimp.parquet", filters=[("UID", "==", uid)])
         pq.write_table(table, hub / uid / "train-00000-of-00001.parquet")
         configs.append(f"- config_name: {uid}\n  data_files:\n  - split: train\n    path: {uid}/train-*")
     (hub / "README.md").write_text("---\nconfigs:\n" + "\n".join(configs) + "\n---\n")

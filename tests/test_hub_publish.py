@@ -657,3 +657,80 @@ def test_weights_upload_while_the_checkpoint_is_still_being_completed(fake_hub, 
         files = fake_hub.commit_by_title(REPO_ID, BRANCH, f"Saving HF Model -- Step {step}").files
         weights = config.run_dir / "checkpoints" / f"step_{step}" / "model.safetensors"
         assert files["model.safetensors"] == weights.read_bytes()
+
+
+def test_pico_train_pt_learning_dynamics_are_pushed_and_analysed_from_the_hub(tmp_path):
+    """With `file_format: pt` the pushed run holds pico-train's `{split}_{type}.pt` files, in pico-train's
+    commits, loadable with `weights_only=True` and analysed from the Hub."""
+    from pico_hf.learning_dynamics.analyze import HubRun, LocalRun, parse_analysis_config, run_analysis
+
+    with running_fake_hub(tmp_path / "hf-cache") as hub:
+        from conftest import make_pretokenized
+
+        val = make_pretokenized(tmp_path / "val" / "val.parquet", n_rows=6, row_length=17, seed=1)
+        overrides = hub_overrides(
+            tmp_path,
+            **{
+                "checkpointing.learning_dynamics.file_format": "pt",
+                "checkpointing.learning_dynamics.eval_data": str(val),
+            },
+        )
+        overrides.remove("checkpointing.learning_dynamics.layer_suffixes=[]")  # the real capture
+        config, notes = load_config(None, overrides)
+        run_training(config, notes)
+        for step in (0, 2, 4, 6):
+            local = local_files(
+                config.run_dir / "checkpoints" / f"step_{step}" / "learning_dynamics", "learning_dynamics/"
+            )
+            for split in ("train", "val") if step < 6 else ("val",):
+                title = f"Saving Learning Dynamics Data ({split}) -- Step {step}"
+                pushed = hub.commit_by_title(REPO_ID, BRANCH, title).files
+                names = {
+                    f"learning_dynamics/{split}_{kind}.pt" for kind in ("activations", "weights", "gradients")
+                }
+                assert names <= local.keys() and {n: pushed[n] for n in names} == {n: local[n] for n in names}
+                assert not any(
+                    n.endswith(".safetensors") for n in pushed if n.startswith("learning_dynamics/")
+                )
+        train_2 = next(
+            c.commit_id
+            for c in HfApi().list_repo_commits(REPO_ID, revision=BRANCH)
+            if c.title == "Saving Learning Dynamics Data (train) -- Step 2"
+        )
+        snapshot = snapshot_download(REPO_ID, revision=train_2, cache_dir=tmp_path / "cache")
+        weights = torch.load(
+            f"{snapshot}/learning_dynamics/train_weights.pt", map_location="cpu", weights_only=True
+        )
+        assert "layers.1.swiglu.w_2" in weights
+        specs = [
+            {
+                "metric_name": "norm",
+                "norm_type": "frobenius",
+                "data_split": "val",
+                "components": [
+                    {
+                        "component_name": "simple",
+                        "data_type": "weights",
+                        "layer_suffixes": "swiglu.w_2",
+                        "layers": [0, 1],
+                    }
+                ],
+            }
+        ]
+        results = [
+            run_analysis(
+                parse_analysis_config(
+                    {
+                        "analysis_name": name,
+                        "metrics": specs,
+                        "monitoring": {"output_dir": str(tmp_path / name)},
+                    }
+                ),
+                source,
+            ).results
+            for name, source in (
+                ("hub", HubRun(REPO_ID, BRANCH, cache_dir=tmp_path / "cache")),
+                ("local", LocalRun(config.run_dir)),
+            )
+        ]
+        assert results[0] == results[1] and sorted(next(iter(results[0].values()))) == [0, 2, 4, 6]

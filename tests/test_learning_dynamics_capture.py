@@ -238,3 +238,73 @@ def test_two_process_capture_equals_one_process_capture(tmp_path):
     ]
     assert [list(row) for row in data[0]] == [list(row) for row in data[1]]
     assert len(data[0]) > 0
+
+
+def test_pt_file_format_writes_pico_train_files_that_analysis_reads(run, tmp_path):
+    """`file_format: pt` writes pico-train's `{split}_{type}.pt` (plain tensor dicts for `torch.load(...,
+    weights_only=True)`, the original pico-analyze's input) holding the same states; the analysis reads them."""
+    from pico_hf.learning_dynamics.analyze import LocalRun, parse_analysis_config, run_analysis
+
+    pt_run = train(tmp_path, **{"checkpointing.learning_dynamics.file_format": "pt"})
+    for step in (0, 2, 4, 6):
+        folder = checkpoint(pt_run, step) / LD
+        names = {p.name for p in folder.iterdir()}
+        assert not any(name.endswith(".safetensors") for name in names), names
+        splits = ("val",) if step == 6 else ("train", "val")
+        for split in splits:
+            expected = load_states(checkpoint(run, step) / LD, split)
+            for kind in ("activations", "weights", "gradients"):
+                loaded = torch.load(folder / f"{split}_{kind}.pt", map_location="cpu", weights_only=True)
+                assert type(loaded) is dict and set(loaded) == set(expected[kind])
+                for name, tensor in loaded.items():
+                    assert type(tensor) is torch.Tensor and torch.equal(tensor, expected[kind][name])
+                    # saved alone, not as a view into a larger buffer
+                    assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    specs = [
+        {
+            "metric_name": "norm",
+            "norm_type": "frobenius",
+            "data_split": "train",
+            "components": [
+                {
+                    "component_name": "simple",
+                    "data_type": "weights",
+                    "layer_suffixes": "swiglu.w_2",
+                    "layers": [0, 1],
+                }
+            ],
+        }
+    ]
+    results = [
+        run_analysis(
+            parse_analysis_config(
+                {"analysis_name": name, "metrics": specs, "monitoring": {"output_dir": str(tmp_path / name)}}
+            ),
+            LocalRun(source.run_dir),
+        ).results
+        for name, source in (("pt", pt_run), ("safetensors", run))
+    ]
+    assert results[0] == results[1] and sorted(next(iter(results[0].values()))) == [0, 2, 4]
+
+
+def test_both_file_formats_and_bad_value(tmp_path):
+    acts = {"layers.0.attention.v_proj": torch.randn(6, 4)[::2]}  # a strided view
+    save_states(tmp_path / LD, "train", acts, acts, None, file_format="both")
+    assert {p.name for p in (tmp_path / LD).iterdir()} == {
+        f"train_{kind}.{suffix}" for kind in ("activations", "weights") for suffix in ("safetensors", "pt")
+    }
+    from_pt = torch.load(tmp_path / LD / "train_weights.pt", weights_only=True)
+    assert torch.equal(from_pt["layers.0.attention.v_proj"], acts["layers.0.attention.v_proj"])
+    assert torch.equal(
+        load_file(tmp_path / LD / "train_weights.safetensors")["layers.0.attention.v_proj"],
+        from_pt["layers.0.attention.v_proj"],
+    )
+    with pytest.raises(ValueError, match="file_format must be one of"):
+        save_states(tmp_path / "x", "train", acts, acts, None, file_format="npz")
+    from pico_hf.training.config import ConfigError
+
+    with pytest.raises(
+        ConfigError,
+        match=r"checkpointing.learning_dynamics.file_format must be one of \['safetensors', 'pt', 'both'\], got 'npz'",
+    ):
+        load_config(None, ld_overrides(tmp_path, **{"checkpointing.learning_dynamics.file_format": "npz"}))

@@ -265,13 +265,72 @@ def test_hidden_states_and_tuple_outputs(reference_model):
     torch.testing.assert_close(as_tuple[0], out.logits)
 
 
-def test_half_precision_dtypes():
-    model = AutoModelForCausalLM.from_pretrained(REFERENCE_CHECKPOINT, dtype=torch.bfloat16)
+def _pico_train_forward(
+    weights: dict, config: dict, input_ids: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """pico-train's forward pass, written out from its source: weights in `dtype`, RMSNorm in float32,
+    RoPE as a complex multiply in float32 (`queries.float()` ... `.type_as(queries)`), sdpa with an
+    additive causal mask, float32 logits."""
+    w = {k.removeprefix("pico_decoder."): v.to(dtype) for k, v in weights.items()}
+    n_heads, n_kv, d_model = config["attention_n_heads"], config["attention_n_kv_heads"], config["d_model"]
+    head_dim, eps = d_model // n_heads, config["norm_eps"]
+    batch, seq_len = input_ids.shape
+    freqs = 1.0 / (
+        config["position_emb_theta"] ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim)
+    )
+    freqs_cis = torch.polar(
+        torch.ones(seq_len, head_dim // 2), torch.outer(torch.arange(seq_len).float(), freqs)
+    )
+
+    def rms_norm(x, weight):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+
+    def rope(x):
+        x_ = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        return torch.view_as_real(x_ * freqs_cis[None, :, None, :]).flatten(3).type_as(x)
+
+    mask = torch.triu(torch.full((seq_len, seq_len), float("-inf")), diagonal=1).to(dtype)
+    h = F.embedding(input_ids, w["embedding_proj.weight"])
+    for i in range(config["n_layers"]):
+        p = f"layers.{i}."
+        x = rms_norm(h, w[p + "attention_norm.weight"])
+        q = F.linear(x, w[p + "attention.q_proj.weight"]).view(batch, seq_len, n_heads, head_dim)
+        k = F.linear(x, w[p + "attention.k_proj.weight"]).view(batch, seq_len, n_kv, head_dim)
+        v = F.linear(x, w[p + "attention.v_proj.weight"]).view(batch, seq_len, n_kv, head_dim)
+        q, k = rope(q), rope(k)
+        k, v = (t.repeat_interleave(n_heads // n_kv, dim=2) for t in (k, v))
+        q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        h = h + F.linear(attn.transpose(1, 2).reshape(batch, seq_len, -1), w[p + "attention.o_proj.weight"])
+        x = rms_norm(h, w[p + "swiglu_norm.weight"])
+        swiglu = F.silu(F.linear(x, w[p + "swiglu.w_0.weight"])) * F.linear(x, w[p + "swiglu.w_1.weight"])
+        h = h + F.linear(swiglu, w[p + "swiglu.w_2.weight"])
+    return F.linear(rms_norm(h, w["output_norm.weight"]), w["de_embedding_proj.weight"]).float()
+
+
+def test_reference_forward_reproduces_fixture():
+    """The written-out pico-train forward is itself checked against the fixture in float32."""
+    weights = load_file(REFERENCE_CHECKPOINT / "model.safetensors")
+    config = json.loads((REFERENCE_CHECKPOINT / "config.json").read_text())
+    logits = _pico_train_forward(weights, config, EXPECTED["input_ids"], torch.float32)
+    torch.testing.assert_close(logits, EXPECTED["logits"], atol=1e-5, rtol=0)
+
+
+def test_half_precision_matches_reference_bf16():
+    """In bf16, q/k are rotated in float32 as pico-train does, so with sdpa (the default kernel, as in
+    pico-train) the logits equal its bf16 forward bit for bit (rotating in bf16 moved them by 0.024)."""
+    model = AutoModelForCausalLM.from_pretrained(
+        REFERENCE_CHECKPOINT, dtype=torch.bfloat16, attn_implementation="sdpa"
+    )
     assert model.pico_decoder.layers[0].attention.q_proj.weight.dtype == torch.bfloat16
     with torch.no_grad():
         logits = model(EXPECTED["input_ids"]).logits
     assert logits.dtype == torch.float32  # as pico-train returns them
-    torch.testing.assert_close(logits, EXPECTED["logits"], atol=0.1, rtol=0.05)
+    weights = load_file(REFERENCE_CHECKPOINT / "model.safetensors")
+    config = json.loads((REFERENCE_CHECKPOINT / "config.json").read_text())
+    reference_bf16 = _pico_train_forward(weights, config, EXPECTED["input_ids"], torch.bfloat16)
+    torch.testing.assert_close(logits, reference_bf16, atol=0, rtol=0)
 
 
 # --- training-side behaviour ---------------------------------------------------------------------------
@@ -381,3 +440,44 @@ def test_package_registers_auto_classes():
     assert isinstance(AutoModelForCausalLM.from_config(tiny_config()), PicoDecoderForCausalLM)
     assert isinstance(AutoModel.from_config(tiny_config()), PicoDecoderModel)
     assert pico_hf.__version__
+
+
+def test_input_ids_check_reads_back_once_per_generate_off_the_host(monkeypatch):
+    """On an accelerator, checking ids is a host sync: decoding steps skip it, `generate` checks its prompt
+    once, and a training batch (no cache) is checked; on CPU every forward is checked with the same message."""
+    from pico_hf.models.pico_decoder import modeling_pico_decoder as modeling
+
+    calls = []
+    check = modeling.check_vocab_range
+    monkeypatch.setattr(
+        modeling, "check_vocab_range", lambda ids, size: (calls.append(ids.shape), check(ids, size))
+    )
+    model = PicoDecoderForCausalLM(tiny_config()).eval()
+    prompt = torch.tensor([[1, 2, 3]])
+    on_cpu = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    assert len(calls) == 1 + 6  # the prompt in generate, then every forward
+
+    calls.clear()
+    monkeypatch.setattr(modeling, "_on_host", lambda tensor: False)  # as for a CUDA tensor
+    assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False), on_cpu)
+    assert calls == [(1, 3)]  # the prompt only: no read-back per decoding step
+    with pytest.raises(ValueError, match=r"token id 128, outside the model's vocabulary \(vocab_size=128"):
+        model.generate(torch.tensor([[1, 128]]), max_new_tokens=2)
+    calls.clear()
+    model.train()
+    model(prompt, labels=prompt)  # a training batch: checked once
+    assert calls == [(1, 3)]
+
+
+def test_declared_transformers_range_is_the_tested_one():
+    """The model imports names transformers 5.0 lacks: the declared range starts at the tested minor version."""
+    import importlib.metadata
+    import re
+
+    from conftest import REPO
+    from packaging.requirements import Requirement
+
+    (line,) = re.findall(r'^\s*"(transformers[^"]*)"', (REPO / "pyproject.toml").read_text(), re.M)
+    spec = Requirement(line).specifier
+    installed = importlib.metadata.version("transformers")
+    assert installed in spec and "5.0.0" not in spec and "6.0.0" not in spec

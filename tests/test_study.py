@@ -140,7 +140,7 @@ def load(tmp_path, **changes):
         ),
         ({"baseline": "nope"}, "baseline 'nope' is not one of the variants ['baseline', 'eps']"),
         ({"variants": {}}, "variants must be a non-empty mapping"),
-        ({"evaluation": {"metrics": ["hellaswag"]}}, "evaluation.metrics: unknown metric 'hellaswag'"),
+        ({"evaluation": {"metrics": ["pico_arc_esay"]}}, "evaluation.metrics: Unknown task 'pico_arc_esay'"),
         (
             {"analysis": {"metrics": [{"metric_name": "nope", "data_split": "val"}]}},
             "analysis: metrics[0] (nope)",
@@ -225,7 +225,7 @@ def test_readers_take_any_numeric_key_and_the_last_logged_loss(tmp_path):
     (results / ".step_20.json.tmp").write_text("{")
     series, datasets = read_eval_results(results)
     assert series == {"blimp/acc": {10: 0.61}, "paloma": {0: 12.5, 10: 9.0}}
-    assert datasets == {"paloma": "embedded", "blimp/acc": "embedded"}
+    assert datasets == {"paloma": "embedded"}  # an lm-eval task's scores are named by their task
     logs = tmp_path / "logs"
     logs.mkdir()
     lines = [
@@ -304,7 +304,9 @@ def test_report_numbers_are_the_runs_files(tiny_study):
 
     # Independent readers: the files as written by training and analysis.
     def eval_value(spec, step):
-        return json.loads((spec.run_dir / "eval_results" / f"step_{step}.json").read_text())["paloma"]
+        return json.loads((spec.run_dir / "eval_results" / f"step_{step}.json").read_text())[
+            "embedded_heldout_perplexity"
+        ]
 
     def analysis_value(spec, step, stem, key):
         return json.loads((spec.run_dir / "analysis" / f"step_{step}" / f"{stem}.json").read_text())[key]
@@ -318,7 +320,7 @@ def test_report_numbers_are_the_runs_files(tiny_study):
         ][-1]
 
     readers = {
-        "eval/paloma": eval_value,
+        "eval/embedded_heldout_perplexity": eval_value,
         "train/loss": loss_value,
         "cka_val/layers.1.swiglu.w_2.activations": lambda s, n: analysis_value(
             s, n, "cka_val", "layers.1.swiglu.w_2.activations"
@@ -328,7 +330,7 @@ def test_report_numbers_are_the_runs_files(tiny_study):
         ),
     }
     titles = {
-        "eval/paloma": "paloma (embedded)",
+        "eval/embedded_heldout_perplexity": "embedded_heldout_perplexity (embedded)",
         "train/loss": "training loss",
         "cka_val/layers.1.swiglu.w_2.activations": "cka_val: layers.1.swiglu.w_2.activations",
         "per_val/layers.0.swiglu.w_2.gradients": "per_val: layers.0.swiglu.w_2.gradients",
@@ -372,7 +374,7 @@ def test_report_numbers_are_the_runs_files(tiny_study):
     for heading in ("## Variants", "## Runs", "## Training loss", "## Evaluation", "## Learning dynamics"):
         assert heading in md
     plots = sorted(p.name for p in (study.study_dir / "plots").glob("*.png"))
-    assert plots == ["cka_val.png", "eval_paloma.png", "per_val.png", "train_loss.png"]
+    assert plots == ["cka_val.png", "eval_embedded_heldout_perplexity.png", "per_val.png", "train_loss.png"]
     page = html_path.read_text()
     assert page.count('src="data:image/png;base64,') == 4
     assert not re.search(r'(src|href)="(?!data:)', page)
@@ -454,20 +456,24 @@ def test_a_run_folder_from_another_config_is_an_error(tiny_study, tmp_path):
 
 
 @pytest.mark.slow
-def test_norm_eps_quick_study_end_to_end(tmp_path):
-    config = REPO / "recipes" / "configs" / "studies" / "norm-eps.yaml"
+@pytest.mark.parametrize(
+    ("study", "variant"),
+    [("norm-eps", "eps-1"), ("relora-vs-baseline", "relora"), ("maml-vs-baseline", "maml")],
+)
+def test_shipped_quick_studies_end_to_end(tmp_path, study, variant):
+    config = REPO / "recipes" / "configs" / "studies" / f"{study}.yaml"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, str(STUDY_SCRIPT), "--config", str(config), "--quick", "--output_dir", "out"]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    study_dir = tmp_path / "out" / "norm-eps-quick"
+    study_dir = tmp_path / "out" / f"{study}-quick"
     md = (study_dir / "report.md").read_text()
     summary = json.loads((study_dir / "summary.json").read_text())
     assert [(r["variant"], r["seed"]) for r in summary["runs"]] == [
         ("baseline", 0),
         ("baseline", 1),
-        ("eps-1", 0),
-        ("eps-1", 1),
+        (variant, 0),
+        (variant, 1),
     ]
     kinds = {q["kind"] for q in summary["quantities"].values()}
     assert kinds == {"training", "evaluation", "learning dynamics"}
@@ -479,9 +485,9 @@ def test_norm_eps_quick_study_end_to_end(tmp_path):
     checked = 0
     for name, quantity in summary["quantities"].items():
         for step, row in quantity["steps"].items():
-            for variant, cell in row.items():
+            for shown, cell in row.items():
                 for seed, value in cell["values"].items():
-                    run_dir = tmp_path / "out" / "norm-eps-quick" / "runs" / f"{variant}_seed{seed}"
+                    run_dir = study_dir / "runs" / f"{shown}_seed{seed}"
                     if name == "train/loss":
                         lines = [
                             json.loads(x)
@@ -497,14 +503,15 @@ def test_norm_eps_quick_study_end_to_end(tmp_path):
                         expected = json.loads(
                             (run_dir / "analysis" / f"step_{step}" / f"{stem}.json").read_text()
                         )[key]
-                    assert value == expected, (name, step, variant, seed)
+                    assert value == expected, (name, step, shown, seed)
                     checked += 1
                 mean = sum(cell["values"].values()) / len(cell["values"])
                 assert cell["mean"] == pytest.approx(mean)
-                assert f"| {step} | {variant} | 2 | {mean:.5g} |" in md
+                assert f"| {step} | {shown} | 2 | {mean:.5g} |" in md
     assert checked > 100
     page = (study_dir / "report.html").read_text()
-    assert page.count('src="data:image/png;base64,') == len(list((study_dir / "plots").glob("*.png"))) == 7
+    plots = len(list((study_dir / "plots").glob("*.png")))
+    assert page.count('src="data:image/png;base64,') == plots >= 7  # loss, evaluation, five dynamics metrics
 
 
 @pytest.mark.slow
@@ -520,7 +527,22 @@ def test_two_process_launch_trains_each_run_on_both_processes(tmp_path):
     assert output.count("[1/2] baseline_seed0: training") == 1  # the main process speaks for the study
     summary = json.loads((tmp_path / "out" / "tiny" / "summary.json").read_text())
     assert [r["status"] for r in summary["runs"]] == ["trained", "trained"]
-    assert "eps" in summary["quantities"]["eval/paloma"]["steps"]["4"]
+    assert "eps" in summary["quantities"]["eval/embedded_heldout_perplexity"]["steps"]["4"]
     assert (
         tmp_path / "out" / "tiny" / "runs" / "eps_seed0" / "analysis" / "step_4" / "per_val.json"
     ).is_file()
+
+
+@pytest.mark.parametrize(
+    "study", sorted(p.stem for p in (REPO / "recipes" / "configs" / "studies").glob("*.yaml"))
+)
+def test_shipped_study_configs_build_every_run(study, tmp_path):
+    path = REPO / "recipes" / "configs" / "studies" / f"{study}.yaml"
+    forms = [False] if study.endswith("-tiny") else [False, True]  # the GPU-sized studies have no quick form
+    for quick in forms:
+        config = load_study_config(path, quick=quick, output_dir=tmp_path)
+        variants = {run.variant for run in config.runs}
+        assert len(variants) == 2 and len(config.runs) == 4, config.runs
+        for run in config.runs:
+            mode = run.config.training.relora.enabled or run.config.training.maml.enabled
+            assert mode == (run.variant != "baseline") or study == "norm-eps"

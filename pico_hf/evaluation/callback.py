@@ -4,10 +4,24 @@
 `paloma` is the perplexity the published pico models report (`pico_hf.evaluation.perplexity`: mean over
 texts of each text's perplexity) on `evaluation.paloma.dataset_name` (a Hub id, a local path, or
 "embedded" for pico-hf's held-out split; a Hub dataset that cannot be reached falls back to the embedded
-split with a one-line warning).
+split with a one-line warning at start).
 
-Results go to `runs/<run>/<checkpointing.evaluation.eval_results_dir>/step_N.json` in pico-train's format,
-`{"paloma": 41.2}`, written atomically by the main process, and to the training logs as `eval/paloma`.
+Results go to `runs/<run>/<checkpointing.evaluation.eval_results_dir>/step_N.json`, written atomically by the
+main process, with the dataset actually measured: `{"paloma": 41.2, "dataset": "pico-lm/pretokenized-paloma-tinsy"}`
+(pico-train's field, plus `dataset`) for a Paloma-layout dataset, and `{"embedded_heldout_perplexity": 41.2,
+"dataset": "embedded"}` for the embedded split, so a stand-in never reads as Paloma. Values are logged the way
+transformers' own evaluation logs them, `eval_<name>` (trackers show `eval/<name>`), and `on_evaluate` fires
+with them, so `metric_for_best_model` (e.g. `eval_paloma`, with `greater_is_better: false`) and callbacks such as early stopping see them.
+
+Any other name in `evaluation.metrics` is an lm-eval task, group or tag (e.g. `[paloma, pico_blimp,
+pico_arc_easy]`), run through `pico_hf.evaluation.harness.evaluate` on the live model (lm-eval's HFLM wraps the
+model object itself: no reload, no copy of the weights), with `evaluation.lm_eval.limit` documents per task and
+`evaluation.lm_eval.batch_size`. Its scores go to `step_N.json` as `{"pico_arc_easy": {"acc": 0.25, ...}}` and
+are logged as `eval_pico_arc_easy/acc`. Unknown names are config errors before the first step; tasks that need
+an unreachable Hub are skipped with a one-line warning at start. With several processes, process 0 runs the
+lm-eval tasks while the others wait for its scores (broadcast to all, so every process logs the same values and
+they equal a 1-process run); this needs a replicated model (DDP), not a sharded one (FSDP, DeepSpeed), whose
+forward needs every process.
 
 The live model is evaluated (no reload from disk), in eval mode under no_grad; its train/eval mode, its
 gradients and the global RNG states (python, numpy, torch, CUDA) are left exactly as they were, so a run
@@ -34,12 +48,18 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from ..training.config import ConfigError, PicoTrainingConfig
 from ..training.trainer import CheckpointContributor, RunLayout
-from .perplexity import encode_texts, load_texts, mean_perplexity, resolve_dataset, text_perplexities
+from .perplexity import (
+    encode_texts,
+    load_texts,
+    mean_perplexity,
+    perplexity_metric_name,
+    resolve_dataset,
+    text_perplexities,
+)
 
 logger = logging.getLogger(__name__)
 
 PALOMA = "paloma"
-SUPPORTED_METRICS = (PALOMA,)
 
 
 @contextlib.contextmanager
@@ -84,6 +104,10 @@ class EvaluationCallback(CheckpointContributor):
         batch_size: int,
         pad_token_id: int = 0,
         dataset_name: str = "",
+        tasks: list[str] | None = None,
+        tokenizer: Any = None,
+        lm_eval_limit: float | None = None,
+        lm_eval_batch_size: int = 8,
     ) -> None:
         self.metrics = metrics
         self.token_ids = token_ids  # the evaluation texts, tokenized and truncated once
@@ -91,6 +115,10 @@ class EvaluationCallback(CheckpointContributor):
         self.batch_size = batch_size
         self.pad_token_id = pad_token_id
         self.dataset_name = dataset_name
+        self.tasks = list(tasks or [])  # lm-eval tasks that can run (checked, Hub-less ones set aside)
+        self.tokenizer = tokenizer
+        self.lm_eval_limit = lm_eval_limit
+        self.lm_eval_batch_size = lm_eval_batch_size
         # (step, seconds) of every evaluation this process ran: what evaluation costs the run.
         self.timings: list[tuple[int, float]] = []
 
@@ -112,13 +140,38 @@ class EvaluationCallback(CheckpointContributor):
             mine = merged
         return mean_perplexity([mine[i] for i in range(len(self.token_ids))])
 
-    def evaluate(self, model: torch.nn.Module, args: TrainingArguments) -> dict[str, float]:
-        results: dict[str, float] = {}
+    def evaluate(self, model: torch.nn.Module, args: TrainingArguments) -> dict[str, Any]:
+        """What `step_N.json` holds: each metric's value under the name that says what it measured, and the
+        perplexity's dataset."""
+        results: dict[str, Any] = {}
         with isolated_evaluation(model):
-            for metric in self.metrics:
-                if metric == PALOMA:
-                    results[PALOMA] = self.paloma(model, args)
+            if PALOMA in self.metrics:
+                results[perplexity_metric_name(self.dataset_name)] = self.paloma(model, args)
+                results["dataset"] = self.dataset_name
+            if self.tasks:
+                results.update(self.lm_eval(model, args))
         return results
+
+    def lm_eval(self, model: torch.nn.Module, args: TrainingArguments) -> dict[str, dict[str, float]]:
+        """{task: {metric: value}}, computed by process 0 and broadcast to the others."""
+        from .harness import evaluate
+
+        scores = [None]
+        if args.process_index == 0:
+            report = evaluate(
+                model,
+                self.tokenizer,
+                self.tasks,
+                limit=self.lm_eval_limit,
+                batch_size=self.lm_eval_batch_size,
+                bootstrap_iters=0,  # no stderr: it would cost more than the evaluation
+            )
+            scores = [report.scores()]
+        if args.world_size > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(scores, from_process=0)  # also the barrier the other processes wait at
+        return scores[0]
 
     def on_checkpoint(
         self,
@@ -129,26 +182,66 @@ class EvaluationCallback(CheckpointContributor):
         trainer: Any = None,
         **kwargs: Any,
     ):
+        sharded = trainer is not None and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled)
+        if self.tasks and args.world_size > 1 and sharded:
+            raise ConfigError(
+                "evaluation.metrics: lm-eval tasks run on process 0 alone and need a replicated model (DDP); "
+                f"with a sharded one evaluate the saved checkpoints with eval/run.py (tasks: {self.tasks})"
+            )
         start = time.perf_counter()
         results = self.evaluate(model, args)
         self.timings.append((state.global_step, time.perf_counter() - start))
         if state.is_world_process_zero:
             write_results(self.results_dir / f"step_{state.global_step}.json", results)
         if trainer is not None:
-            trainer.log({f"eval/{name}": value for name, value in results.items()})
+            report(trainer, results)
+
+
+def report(trainer: Any, results: dict[str, Any]) -> None:
+    """Log the numbers as `eval_<name>` (what transformers' TensorBoard/W&B integrations file under `eval/`),
+    keep the best metric, and fire `on_evaluate`, as `Trainer.evaluate` does."""
+    metrics: dict[str, float] = {}
+    for name, value in results.items():
+        if isinstance(value, dict):  # an lm-eval task's scores
+            metrics.update({f"eval_{name}/{metric}": score for metric, score in value.items()})
+        elif isinstance(value, (int, float)):
+            metrics[f"eval_{name}"] = value
+    trainer.log(dict(metrics))  # log adds epoch and tokens seen to the dict it gets
+    if trainer.args.metric_for_best_model is not None:
+        trainer._determine_best_metric(metrics=metrics, trial=None)
+    trainer.control = trainer.callback_handler.on_evaluate(
+        trainer.args, trainer.state, trainer.control, metrics
+    )
+
+
+def check_lm_eval_tasks(config: PicoTrainingConfig, warn: bool = True) -> list[str]:
+    """The lm-eval tasks of `evaluation.metrics` that can run; unknown names are config errors."""
+    names = [m for m in config.evaluation.metrics or [] if m != PALOMA]
+    if not names:
+        return []
+    from .harness import EvaluationError, resolve_tasks, task_manager_for
+
+    lm_eval = config.evaluation.lm_eval
+    if lm_eval.batch_size < 1:
+        raise ConfigError(f"evaluation.lm_eval.batch_size must be positive, got {lm_eval.batch_size}")
+    if lm_eval.limit is not None and lm_eval.limit <= 0:
+        raise ConfigError(f"evaluation.lm_eval.limit must be positive or null, got {lm_eval.limit}")
+    try:
+        selection = resolve_tasks(names, task_manager_for(names))
+    except EvaluationError as error:
+        raise ConfigError(f"evaluation.metrics: {error} ('{PALOMA}' is the published perplexity)") from error
+    for task, reason in selection.skipped.items():
+        if warn:
+            logger.warning("Evaluation skips %s at every checkpoint: %s", task, reason)
+    return selection.runnable
 
 
 def check_evaluation_config(config: PicoTrainingConfig) -> list[str]:
     """The metrics to run (empty: evaluation is off), after checking the `evaluation` section."""
     metrics = list(config.evaluation.metrics or [])
-    for metric in metrics:
-        if metric not in SUPPORTED_METRICS:
-            raise ConfigError(
-                f"evaluation.metrics: unknown metric '{metric}'; supported: {', '.join(SUPPORTED_METRICS)} "
-                "(lm-eval tasks run on saved checkpoints with eval/run.py)"
-            )
-    if not metrics:
-        return []
+    check_lm_eval_tasks(config, warn=False)
+    if PALOMA not in metrics:
+        return metrics
     paloma = config.evaluation.paloma
     if paloma.max_length > config.model.max_seq_len:
         raise ConfigError(
@@ -174,14 +267,18 @@ def build_evaluation_callbacks(config: PicoTrainingConfig, run: RunLayout) -> li
 
     from ..tokenization import load_tokenizer
 
+    is_main = PartialState().is_main_process
+    tasks = check_lm_eval_tasks(config, warn=is_main)
+    tokenizer = load_tokenizer(config.data.tokenizer.name)
     paloma = config.evaluation.paloma
-    name = resolve_dataset(paloma.dataset_name, warn=PartialState().is_main_process)
-    try:
-        texts = load_texts(name, paloma.dataset_split, paloma.max_samples)
-        tokenizer = load_tokenizer(config.data.tokenizer.name)
-        token_ids = encode_texts(tokenizer, texts, paloma.max_length)
-    except ValueError as error:  # includes ConfigError from the data loader
-        raise ConfigError(f"evaluation.paloma (dataset '{name}'): {error}") from error
+    name, token_ids = "", []
+    if PALOMA in metrics:
+        name = resolve_dataset(paloma.dataset_name, warn=is_main)
+        try:
+            texts = load_texts(name, paloma.dataset_split, paloma.max_samples)
+            token_ids = encode_texts(tokenizer, texts, paloma.max_length)
+        except ValueError as error:  # includes ConfigError from the data loader
+            raise ConfigError(f"evaluation.paloma (dataset '{name}'): {error}") from error
     return [
         EvaluationCallback(
             metrics,
@@ -190,6 +287,10 @@ def build_evaluation_callbacks(config: PicoTrainingConfig, run: RunLayout) -> li
             paloma.batch_size,
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
             name,
+            tasks=tasks,
+            tokenizer=tokenizer,
+            lm_eval_limit=config.evaluation.lm_eval.limit,
+            lm_eval_batch_size=config.evaluation.lm_eval.batch_size,
         )
     ]
 
@@ -198,6 +299,7 @@ __all__ = [
     "EvaluationCallback",
     "build_evaluation_callbacks",
     "check_evaluation_config",
+    "check_lm_eval_tasks",
     "isolated_evaluation",
     "write_results",
 ]

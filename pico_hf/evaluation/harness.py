@@ -2,7 +2,7 @@
 
 `eval/run.py` is the command line over this module:
 
-    manager = task_manager()                         # lm-eval's tasks plus pico-hf's (eval/tasks)
+    manager = task_manager()                         # lm-eval's tasks plus pico-hf's (TASKS_DIR)
     model, tokenizer = load_model("runs/demo/checkpoints/step_150")
     report = evaluate(model, tokenizer, ["pico_paloma", "pico_arc_easy"], manager, limit=100)
     print(report.markdown())
@@ -10,7 +10,7 @@
 Tasks whose data lives on the Hugging Face Hub (lm-eval's `hellaswag`, `blimp`, `paloma_*`, pico's
 `pico_paloma_tinsy`, ...) run unchanged when the Hub is reachable; otherwise they are skipped with a
 one-line reason, never replaced by something else. pico-hf's offline tasks read data that ships with the
-repository.
+package (`pico_hf/evaluation/tasks` and `data`, installed by `pip install` too).
 """
 
 from __future__ import annotations
@@ -30,12 +30,11 @@ import torch
 
 from ..hub import hub_reachable, offline_requested
 from ..tokenization import OLMO_TOKENIZER_ID, load_tokenizer
-from .perplexity import compute_perplexity, load_texts, resolve_dataset
+from .perplexity import compute_perplexity, load_texts, perplexity_metric_name, resolve_dataset
+from .tasks_dir import TASKS_DIR
 
 logger = logging.getLogger(__name__)
 
-# pico-hf's task configs live beside the package in a source checkout (eval/tasks).
-TASKS_DIR = Path(__file__).resolve().parents[2] / "eval" / "tasks"
 PICO_TASK_PREFIX = "pico_"
 PALOMA_TINSY = "pico-lm/pretokenized-paloma-tinsy"
 # `datasets` builders that read local files (a task using one with local data_files needs no Hub).
@@ -75,7 +74,7 @@ class _DropNotices(logging.Filter):
 
 def task_manager(include_path: str | Path | list[str | Path] | None = None, include_defaults: bool = True):
     """lm-eval's TaskManager over its own tasks (unless `include_defaults` is False) plus pico-hf's
-    (`eval/tasks` by default)."""
+    (`TASKS_DIR`, package data, by default)."""
     from lm_eval.tasks import TaskManager
 
     for name in ("lm_eval.api.task", "lm_eval.models.huggingface"):
@@ -83,7 +82,7 @@ def task_manager(include_path: str | Path | list[str | Path] | None = None, incl
         if not any(isinstance(f, _DropNotices) for f in lm_eval_logger.filters):
             lm_eval_logger.addFilter(_DropNotices())
     if include_path is None:
-        include_path = TASKS_DIR if TASKS_DIR.is_dir() else None
+        include_path = TASKS_DIR
     if isinstance(include_path, list):
         include_path = [str(p) for p in include_path]
     return TaskManager(include_path=include_path, include_defaults=include_defaults)
@@ -301,7 +300,7 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         out = dict(self.results or {})
-        out["pico_hf"] = {"model": self.model, "skipped": self.skipped, "paloma": self.paloma}
+        out["pico_hf"] = {"model": self.model, "skipped": self.skipped, "perplexity": self.paloma}
         return out
 
     def scores(self) -> dict[str, dict[str, float]]:
@@ -316,7 +315,7 @@ class Report:
                     label = metric if filter_name in ("", "none") else f"{metric},{filter_name}"
                     scores.setdefault(task, {})[label] = float(value)
         if self.paloma is not None:
-            scores["paloma"] = {"perplexity": self.paloma["mean_perplexity"]}
+            scores[self.paloma["metric"]] = {"perplexity": self.paloma["mean_perplexity"]}
         return scores
 
     def markdown(self) -> str:
@@ -331,7 +330,7 @@ class Report:
             p = self.paloma
             parts += [
                 "",
-                "| Paloma perplexity (pico-lm/perplexity) | Dataset | Texts | max_length | Value |",
+                f"| {p['metric']} (pico-lm/perplexity) | Dataset | Texts | max_length | Value |",
                 "|---|---|--:|--:|--:|",
                 f"| mean over texts | {p['dataset']} | {p['num_texts']} | {p['max_length']} | {p['mean_perplexity']:.4f} |",
             ]
@@ -360,7 +359,8 @@ def paloma_perplexity(
     limit: float | None = None,
 ) -> dict[str, Any]:
     """The published runs' `paloma` value (pico-lm/perplexity) on a dataset; Hub datasets fall back to the
-    embedded held-out split when the Hub is unreachable."""
+    embedded held-out split when the Hub is unreachable, recorded then as `embedded_heldout_perplexity`
+    (`metric`), never as `paloma`."""
     name = resolve_dataset(dataset)
     texts = load_texts(name, split)
     if limit is not None:
@@ -369,6 +369,7 @@ def paloma_perplexity(
     max_length = max_length or min(2048, model_max)
     result = compute_perplexity(model, tokenizer, texts, max_length=max_length, batch_size=batch_size)
     return {
+        "metric": perplexity_metric_name(name),
         "dataset": name,
         "split": split,
         "num_texts": len(texts),

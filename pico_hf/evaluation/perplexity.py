@@ -35,6 +35,9 @@ from ..hub import hub_reachable
 logger = logging.getLogger(__name__)
 
 EMBEDDED = "embedded"
+# The name a perplexity is recorded and logged under: `paloma` (pico-train's field) for a Paloma-layout dataset
+# the run named, and its own name for pico-hf's embedded held-out split, so a stand-in never reads as Paloma.
+EMBEDDED_METRIC = "embedded_heldout_perplexity"
 TEXT_COLUMN = "text"
 # Float32 logits held by one forward pass: 2**28 elements = 1 GiB.
 MAX_LOGITS_ELEMENTS = 2**28
@@ -203,14 +206,20 @@ def is_hub_dataset(name: str) -> bool:
     return not name.startswith((".", "/", "~")) and name.count("/") == 1 and not glob.has_magic(name)
 
 
+def perplexity_metric_name(dataset: str) -> str:
+    """`embedded_heldout_perplexity` for the embedded split, else `paloma` (the dataset is recorded beside it)."""
+    return EMBEDDED_METRIC if dataset == EMBEDDED else "paloma"
+
+
 def resolve_dataset(name: str, warn: bool = True) -> str:
     """`name`, or "embedded" (with a one-line warning) when it is a Hub dataset and the Hub is unreachable."""
     if is_hub_dataset(name) and not hub_reachable():
         if warn:
             logger.warning(
                 "Evaluation dataset '%s' is on the Hugging Face Hub, which is unreachable: using the embedded "
-                "held-out split instead",
+                "held-out split instead, recorded as '%s', not as Paloma",
                 name,
+                EMBEDDED_METRIC,
             )
         return EMBEDDED
     return name
@@ -240,12 +249,14 @@ def load_texts(name: str, split: str = "val", max_samples: int | None = None) ->
 
 __all__ = [
     "EMBEDDED",
+    "EMBEDDED_METRIC",
     "PerplexityResult",
     "batch_perplexities",
     "compute_perplexity",
     "encode_texts",
     "load_texts",
     "mean_perplexity",
+    "perplexity_metric_name",
     "plan_batches",
     "resolve_dataset",
     "text_perplexities",

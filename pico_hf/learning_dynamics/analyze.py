@@ -55,7 +55,7 @@ from typing import Any
 import torch
 import yaml
 
-from ..training.config import ConfigError
+from ..configuration import ConfigError, check_keys, from_dict, load_yaml, unknown_keys_listed
 from .capture import DATA_TYPES, STATE_SUFFIXES, load_states
 from .components import ModelShape, component_data_types
 from .metrics import MetricSpec, compute_metrics, parse_metric_specs
@@ -122,19 +122,12 @@ class AnalysisConfig:
         return list(dict.fromkeys(str(spec.data_split) for spec in self.metrics))
 
 
-def _check_keys(section: str, given: Mapping[str, Any], valid: Sequence[str]) -> None:
-    unknown = [key for key in given if key not in valid]
-    if unknown:
-        where = f" in {section}" if section else ""
-        raise ConfigError(f"Unknown key(s) {unknown}{where}; valid keys: {list(valid)}")
-
-
 def parse_steps(value: Any) -> tuple[int, ...] | None:
     """A list of steps, or `{start, end, step}` with `end` included (pico-analyze's StepRangeConfig)."""
     if value is None:
         return None
     if isinstance(value, Mapping):
-        _check_keys("steps", value, ("start", "end", "step"))
+        check_keys("steps", value, ("start", "end", "step"))
         missing = [key for key in ("start", "end", "step") if value.get(key) is None]
         if missing:
             raise ConfigError(f"steps range lacks {missing}: give start, end and step (end is included)")
@@ -158,22 +151,14 @@ def _parse_monitoring(value: Any) -> MonitoringSettings:
         return MonitoringSettings()
     if not isinstance(value, Mapping):
         raise ConfigError(f"monitoring must be a mapping, got {value!r}")
-    _check_keys("monitoring", value, [f for f in MonitoringSettings.__dataclass_fields__])
-    wandb = value.get("wandb") or {}
-    if not isinstance(wandb, Mapping):
-        raise ConfigError(f"monitoring.wandb must be a mapping, got {wandb!r}")
-    _check_keys("monitoring.wandb", wandb, ("entity", "project"))
     pico_report = value.get("pico_report") or {}
-    if not isinstance(pico_report, Mapping):
-        raise ConfigError(f"monitoring.pico_report must be a mapping, got {pico_report!r}")
-    _check_keys("monitoring.pico_report", pico_report, ("lab_hash", "experiment_name"))
-    output_dir = value.get("output_dir") or MonitoringSettings.output_dir
-    return MonitoringSettings(
-        output_dir=str(output_dir),
-        save_to_wandb=bool(value.get("save_to_wandb", False)),
-        wandb=WandbSettings(**wandb),
-        save_to_picolabs=bool(value.get("save_to_picolabs", False)),
-        pico_report=dict(pico_report),
+    if isinstance(pico_report, Mapping):  # a plain mapping whose keys are still pico-analyze's
+        check_keys("monitoring.pico_report", pico_report, ("lab_hash", "experiment_name"))
+    if value.get("output_dir") == "":  # as null: the default folder
+        value = {**value, "output_dir": None}
+    # Null stands for the default, as in pico-analyze; unknown keys are listed in its form.
+    return from_dict(
+        MonitoringSettings, value, "monitoring.", unknown=unknown_keys_listed, none_is_default=True
     )
 
 
@@ -181,7 +166,7 @@ def parse_analysis_config(config: Mapping[str, Any]) -> AnalysisConfig:
     """Check and parse a pico-analyze config mapping; errors name the offending key or metric."""
     if not isinstance(config, Mapping):
         raise ConfigError(f"an analysis config must be a mapping, got {type(config).__name__}")
-    _check_keys("", config, AnalysisConfig.KEYS)
+    check_keys("", config, AnalysisConfig.KEYS)
     metrics = config.get("metrics") or []
     if not isinstance(metrics, list) or not metrics:
         raise ConfigError("metrics must be a non-empty list of metric specs")
@@ -221,13 +206,7 @@ def parse_analysis_config(config: Mapping[str, Any]) -> AnalysisConfig:
 
 
 def load_analysis_config(path: str | Path) -> AnalysisConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"Analysis config {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from error
+    raw = load_yaml(path, "Analysis config")
     try:
         return parse_analysis_config(raw or {})
     except ConfigError as error:

@@ -81,6 +81,7 @@ class LearningDynamicsCallback(CheckpointContributor):
         self.dirname = config.checkpointing.learning_dynamics_dir
         self.global_batch = config.data.dataloader.batch_size
         self.metric_specs = ld.metrics
+        self.file_format = ld.file_format
         self.run = run
         self.layers: dict[str, torch.nn.Module] = {}
         self.recorder: ActivationRecorder | None = None
@@ -129,6 +130,7 @@ class LearningDynamicsCallback(CheckpointContributor):
                     gradients,
                     self.eval_rows,
                     self.tokenizer,
+                    self.file_format,
                 )
         if state.global_step >= state.max_steps:  # no next step: finish now, with `val` only
             self._finish(args, state, directory, trainer)
@@ -173,6 +175,7 @@ class LearningDynamicsCallback(CheckpointContributor):
                 gradients,
                 input_ids.tolist(),
                 self.tokenizer,
+                self.file_format,
             )
         self._finish(args, state, directory, trainer)
 

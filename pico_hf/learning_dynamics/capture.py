@@ -9,6 +9,10 @@ modules whose name contains one of the configured layer suffixes. Per split, a c
     {split}_gradients.safetensors     [out_features, in_features]: gradient of the mean next-token loss
     {split}_data/                     the samples' `input_ids` and decoded `text` (datasets.save_to_disk)
 
+With `file_format="pt"` (or `"both"`) the three state files are (also) written as pico-train's
+`{split}_{type}.pt`: plain dicts of tensors, loadable with `torch.load(..., weights_only=True)`, which the
+original pico-analyze reads.
+
 `load_states` reads these, and the `.pt` files written by the original pico-train (`torch.load` with
 `weights_only=True`, Lightning/DeepSpeed wrapper prefixes stripped).
 """
@@ -29,6 +33,8 @@ from torch.distributed.tensor import DTensor
 DATA_TYPES = ("activations", "weights", "gradients")
 # Saved states: ours first, then the original pico-train's pickles.
 STATE_SUFFIXES = (".safetensors", ".pt")
+# `checkpointing.learning_dynamics.file_format` -> the suffixes written.
+FILE_FORMATS = {"safetensors": (".safetensors",), "pt": (".pt",), "both": (".safetensors", ".pt")}
 # Wrappers the original pico-train saved keys under (Lightning Fabric, DeepSpeed, DDP).
 _WRAPPER_PREFIX = re.compile(r"^(?:_forward_module\.)?(?:module\.)?(?:_orig_mod\.)?")
 
@@ -233,15 +239,23 @@ def save_states(
     gradients: dict[str, torch.Tensor] | None,
     input_ids: Sequence[Sequence[int]] | None = None,
     tokenizer: Any = None,
+    file_format: str = "safetensors",
 ) -> None:
     """Write one split's states (and its samples) in the layout described in the module docstring."""
+    if file_format not in FILE_FORMATS:
+        raise ValueError(f"file_format must be one of {list(FILE_FORMATS)}, got '{file_format}'")
     directory.mkdir(parents=True, exist_ok=True)
     for data_type, tensors in (("activations", activations), ("weights", weights), ("gradients", gradients)):
-        if tensors:
-            save_file(
-                {k: v.contiguous() for k, v in tensors.items()},
-                directory / f"{split}_{data_type}.safetensors",
-            )
+        if not tensors:
+            continue
+        # clone: a view would pickle its whole storage into the .pt file
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+        for suffix in FILE_FORMATS[file_format]:
+            path = directory / f"{split}_{data_type}{suffix}"
+            if suffix == ".safetensors":
+                save_file(tensors, path)
+            else:
+                torch.save(tensors, path)
     if input_ids is not None:
         import datasets
 

@@ -26,6 +26,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..configuration import check_keys
+
 DATA_TYPES: tuple[str, ...] = ("activations", "weights", "gradients")
 
 # Learning-dynamics states: {data_type: {layer_name: tensor}}.
@@ -94,9 +96,7 @@ class ComponentSpec:
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> ComponentSpec:
-        unknown = sorted(set(config) - set(cls.KEYS))
-        if unknown:
-            raise ValueError(f"unknown component key(s) {unknown}; valid keys: {list(cls.KEYS)}")
+        check_keys("", config, cls.KEYS, lead="unknown component")
         missing = [key for key in cls.KEYS if config.get(key) is None]
         if missing:
             raise ValueError(f"component spec {dict(config)} lacks {missing}")

@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from ..configuration import suggest
 from .components import (
     DATA_TYPES,
     CheckpointStates,
@@ -403,7 +404,9 @@ class MetricSpec:
                 options[key] = value
             elif not (key in all_options and value is None):
                 valid = [*cls.KEYS, *metric_cls.options]
-                raise ValueError(f"unknown key {key!r} in spec of metric {name!r}; valid keys: {valid}")
+                close = suggest(key, valid)
+                hint = f"; did you mean {close!r}?" if close else ""
+                raise ValueError(f"unknown key {key!r} in spec of metric {name!r}; valid keys: {valid}{hint}")
         components = config.get("components")
         if not components:
             raise ValueError(f"metric {name!r} spec has no components")

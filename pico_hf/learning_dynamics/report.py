@@ -4,7 +4,8 @@ One PNG per result (`plots/<result_name>_<split>.png`): value against step, a li
 are coloured by layer and styled by component (line style), per-head OV lines are drawn thin and faint
 behind the layer's full OV line, so a 12-layer, 12-head analysis stays readable. `report.md` and a
 self-contained `report.html` (plots embedded) summarise the config, what was skipped, and the last step's
-values.
+values. A local run's evaluation results (`eval_results/step_N.json`: Paloma, lm-eval scores) are plotted
+against step beside them, one PNG each (`plots/eval_<name>.png`), in an Evaluation section.
 """
 
 from __future__ import annotations
@@ -147,6 +148,35 @@ def plot_results(result: AnalysisResult) -> dict[str, Path]:
     }
 
 
+def read_evaluations(run_dir: Path, results_dir: str = "eval_results") -> dict[str, dict[int, float]]:
+    """{name: {step: value}} from a run's `eval_results/step_N.json` (nested scores as `task/metric`), a
+    perplexity labelled with its dataset when the files name one (e.g. `paloma (pico-lm/pretokenized-paloma-tinsy)`)."""
+    from ..study.report import read_eval_results
+
+    series, datasets = read_eval_results(Path(run_dir) / results_dir)
+    # `dataset` names the perplexity's texts; an lm-eval task's scores (`task/metric`) name their task.
+    return {
+        (f"{name} ({datasets[name]})" if name in datasets and "/" not in name else name): s
+        for name, s in series.items()
+    }
+
+
+def _eval_stem(name: str) -> str:
+    return "eval_" + re.sub(r"[^A-Za-z0-9._-]+", "_", name.split(" (")[0]).strip("_")
+
+
+def plot_evaluations(evaluations: Mapping[str, Mapping[int, float]], output_dir: Path) -> dict[str, Path]:
+    """A PNG per evaluation value under `<output_dir>/plots/`, keyed by its name."""
+    return {
+        name: plot_result(
+            _eval_stem(name),
+            {step: {name: value} for step, value in series.items()},
+            output_dir / PLOTS_DIR / f"{_eval_stem(name)}.png",
+        )
+        for name, series in evaluations.items()
+    }
+
+
 # --- the report -------------------------------------------------------------------------------------------
 
 
@@ -220,9 +250,16 @@ def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def write_report(result: AnalysisResult, plots: Mapping[str, Path] | None = None) -> tuple[Path, Path]:
-    """Write `report.md` and `report.html` into the analysis folder (plots made if not given)."""
+def write_report(
+    result: AnalysisResult,
+    plots: Mapping[str, Path] | None = None,
+    evaluations: Mapping[str, Mapping[int, float]] | None = None,
+) -> tuple[Path, Path]:
+    """Write `report.md` and `report.html` into the analysis folder (plots made if not given); `evaluations`
+    ({name: {step: value}}, see `read_evaluations`) adds an Evaluation section."""
     plots = dict(plots) if plots is not None else plot_results(result)
+    evaluations = dict(evaluations or {})
+    eval_plots = plot_evaluations(evaluations, result.output_dir) if evaluations else {}
     out = result.output_dir
     name = out.name
     steps = result.steps
@@ -264,6 +301,19 @@ def write_report(result: AnalysisResult, plots: Mapping[str, Path] | None = None
             f"<h3>{html.escape(stem)}</h3>{image}<p>Values at step {last}:</p>"
             + _html_table(["component", "value"], rows)
         )
+    if evaluations:
+        md += ["## Evaluation", ""]
+        html_sections.append("<h2>Evaluation</h2>")
+    for name, series in evaluations.items():
+        rows = [[str(step), _format(value)] for step, value in sorted(series.items())]
+        path = eval_plots[name]
+        md += [f"### {name}", "", f"![{name}]({path.relative_to(out).as_posix()})", ""]
+        md += [_md_table(["step", "value"], rows), ""]
+        encoded = base64.b64encode(path.read_bytes()).decode()
+        html_sections.append(
+            f'<h3>{html.escape(name)}</h3><img alt="{html.escape(name)}" src="data:image/png;base64,{encoded}">'
+            + _html_table(["step", "value"], rows)
+        )
     md_path = out / REPORT_MD
     md_path.write_text("\n".join(md) + "\n")
 
@@ -294,4 +344,12 @@ img {{ max-width: 100%; }}
     return md_path, html_path
 
 
-__all__ = ["last_step_rows", "parse_key", "plot_result", "plot_results", "write_report"]
+__all__ = [
+    "last_step_rows",
+    "parse_key",
+    "plot_evaluations",
+    "plot_result",
+    "plot_results",
+    "read_evaluations",
+    "write_report",
+]

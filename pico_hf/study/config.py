@@ -25,10 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from ..configuration import ConfigError, check_keys, load_yaml, parse_override
 from ..learning_dynamics.analyze import AnalysisConfig, parse_analysis_config
-from ..training.config import ConfigError, PicoTrainingConfig, load_config, parse_override
+from ..training.config import PicoTrainingConfig, load_config
 
 STUDY_KEYS = ("name", "base_config", "overrides", "variants", "baseline", "seeds", "evaluation", "analysis")
 QUICK_KEYS = ("overrides", "seeds", "analysis")
@@ -184,10 +183,7 @@ def _load_analysis(value: Any, base: Path) -> dict[str, Any] | None:
     if value is None:
         return None
     if isinstance(value, str):
-        path = (base / value).resolve()
-        if not path.is_file():
-            raise ConfigError(f"analysis: config file {path} does not exist")
-        value = yaml.safe_load(path.read_text()) or {}
+        value = load_yaml((base / value).resolve(), "analysis: config file") or {}
     if not isinstance(value, Mapping):
         raise ConfigError(f"analysis must be a path to a pico-analyze config or a mapping, got {value!r}")
     value = dict(value)
@@ -211,12 +207,7 @@ def load_study_config(
     if seeds is not None and seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"Study config {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from error
+    raw = load_yaml(path, "Study config") or {}
     try:
         return _parse(raw, path, seeds, quick, Path(output_dir))
     except ConfigError as error:
@@ -226,9 +217,7 @@ def load_study_config(
 def _parse(raw: Any, path: Path, seeds: int | None, quick: bool, output_dir: Path) -> StudyConfig:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"a study config must be a mapping, got {type(raw).__name__}")
-    unknown = [key for key in raw if key not in (*STUDY_KEYS, "quick")]
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown}; valid keys: {[*STUDY_KEYS, 'quick']}")
+    check_keys("", raw, [*STUDY_KEYS, "quick"], lead="unknown")
     name = str(raw.get("name") or path.stem)
     if not _NAME.match(name):
         raise ConfigError(f"name {name!r} must be letters, digits, '.', '_' or '-'")
@@ -242,9 +231,7 @@ def _parse(raw: Any, path: Path, seeds: int | None, quick: bool, output_dir: Pat
     quick_section = raw.get("quick") or {}
     if not isinstance(quick_section, Mapping):
         raise ConfigError(f"quick must be a mapping with keys {list(QUICK_KEYS)}, got {quick_section!r}")
-    bad = [key for key in quick_section if key not in QUICK_KEYS]
-    if bad:
-        raise ConfigError(f"unknown key(s) {bad} in quick; valid keys: {list(QUICK_KEYS)}")
+    check_keys("quick", quick_section, QUICK_KEYS, lead="unknown")
     if quick:
         common += _overrides(quick_section.get("overrides"), "quick.overrides")
     _check_owned(common, "overrides", RUN_OWNED)

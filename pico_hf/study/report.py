@@ -4,7 +4,7 @@ Each run contributes
 - `logs/metrics.jsonl`: the training loss at every logged step (a resumed run logs some steps twice: the
   last line wins, it is the one the final weights come from) and tokens/s;
 - `eval_results/step_N.json`: every numeric value (nested objects flattened as `a/b`), with the dataset
-  named when the file has a `dataset` field;
+  named when the file has a `dataset` field (top-level values: it names the perplexity's texts);
 - `analysis/step_N/<metric>_<split>.json`: each learning-dynamics result, per component (layer group);
 - `study_timing.json`: the wall time of the study's training attempts.
 
@@ -100,7 +100,7 @@ def read_eval_results(results_dir: Path) -> tuple[dict[str, Series], dict[str, s
         values, dataset = _flatten_numbers(json.loads(path.read_text()))
         for name, value in values.items():
             series.setdefault(name, {})[int(match[1])] = value
-            if dataset:
+            if dataset and "/" not in name:  # `dataset` names the perplexity's texts, not a task's scores
                 datasets[name] = dataset
     return {name: dict(sorted(by_step.items())) for name, by_step in sorted(series.items())}, datasets
 

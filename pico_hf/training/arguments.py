@@ -8,12 +8,11 @@ config error naming the pico key to use. Every other field works as transformers
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from typing import Any
 
 from transformers import TrainingArguments
 
-from .config import ConfigError
+from ..configuration import ConfigError, suggest
 
 # TrainingArguments field -> what to use instead.
 OWNED_BY_PICO = {
@@ -61,8 +60,8 @@ def check_training_arguments(values: dict[str, Any]) -> None:
     for key in values:
         path = f"training_arguments.{key}"
         if key not in valid:
-            close = difflib.get_close_matches(key, sorted(valid), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
+            close = suggest(key, sorted(valid))
+            hint = f"; did you mean '{close}'?" if close else ""
             raise ConfigError(f"Unknown config key '{path}': not a TrainingArguments field{hint}")
         if key in OWNED_BY_PICO:
             raise ConfigError(f"'{path}' is set by the pico config: use {OWNED_BY_PICO[key]} instead")

@@ -10,9 +10,7 @@ the extra `training_arguments` block. Unknown keys are errors that name the clos
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
-import types
 import typing
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -21,6 +19,9 @@ from typing import Any
 
 import yaml
 
+# ConfigError and parse_override are imported from here across pico_hf (and by the recipes).
+from ..configuration import ConfigError, apply_overrides, from_dict, leaf_keys, load_yaml
+from ..configuration import parse_override as parse_override
 from ..tokenization import OLMO_TOKENIZER_ID
 
 DEFAULT_LAYER_SUFFIXES = ["attention.v_proj", "attention.o_proj", "swiglu.w_2"]
@@ -28,10 +29,6 @@ DEFAULT_LAYER_SUFFIXES = ["attention.v_proj", "attention.o_proj", "swiglu.w_2"]
 BATCH_SIZE = 1024
 MAX_SEQ_LEN = 2048
 VOCAB_SIZE = 50304
-
-
-class ConfigError(ValueError):
-    """A configuration problem, reported before any training work starts."""
 
 
 # --- data -----------------------------------------------------------------------------------------------
@@ -191,9 +188,18 @@ class PalomaEvaluationConfig:
 
 
 @dataclass
+class LmEvalEvaluationConfig:
+    # For the lm-eval tasks of `evaluation.metrics`: documents per task (a fraction when < 1; all when null).
+    limit: float | None = None
+    batch_size: int = 8
+
+
+@dataclass
 class EvaluationConfig:
+    # `paloma` and/or lm-eval task or group names (e.g. pico_blimp, pico_arc_easy).
     metrics: list[str] | None = field(default_factory=lambda: ["paloma"])
     paloma: PalomaEvaluationConfig = field(default_factory=PalomaEvaluationConfig)
+    lm_eval: LmEvalEvaluationConfig = field(default_factory=LmEvalEvaluationConfig)
 
 
 # --- monitoring -----------------------------------------------------------------------------------------
@@ -253,6 +259,9 @@ class LearningDynamicsCheckpointingConfig:
     # Metrics computed at every checkpoint, in pico-analyze's format ({metric_name, data_split, components,
     # ...}); comparative ones (cka, pwcca) compare with `target_checkpoint`, by default the previous checkpoint.
     metrics: list[dict[str, Any]] = field(default_factory=list)
+    # "safetensors" (pico-hf), "pt" (pico-train's `{split}_{type}.pt`, readable by the original pico-analyze)
+    # or "both".
+    file_format: str = "safetensors"
 
 
 @dataclass
@@ -324,124 +333,6 @@ FABRIC_NOTES = {
 }
 
 
-def _field_names(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
-
-
-def _all_keys(cls: type, prefix: str = "") -> list[str]:
-    keys = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        path = f"{prefix}{f.name}"
-        keys.append(path)
-        if dataclasses.is_dataclass(hints[f.name]):
-            keys.extend(_all_keys(hints[f.name], path + "."))
-    return keys
-
-
-def _unknown_key(path: str, siblings: list[str]) -> ConfigError:
-    """Name the closest valid key: a sibling with a similar name, else any key with a similar dotted path."""
-    section, _, leaf = path.rpartition(".")
-    close = [f"{section}.{m}" if section else m for m in difflib.get_close_matches(leaf, siblings, n=1)]
-    close = close or difflib.get_close_matches(path, _all_keys(PicoTrainingConfig), n=1, cutoff=0.6)
-    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys here: {', '.join(siblings)}"
-    return ConfigError(f"Unknown config key '{path}'{hint}")
-
-
-def _coerce(value: Any, annotation: Any, path: str) -> Any:
-    """Check (and gently convert, e.g. YAML's string "3e-4" to a float) a value against its field type."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, path)
-            except ConfigError as error:
-                errors.append(error)
-        raise errors[0]
-    if origin is list:
-        if not isinstance(value, list):
-            value = [value] if isinstance(value, str) else value
-        if not isinstance(value, list):
-            raise ConfigError(f"'{path}' must be a list, got {value!r}")
-        (item_type,) = typing.get_args(annotation)
-        return [_coerce(v, item_type, f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or annotation is Any:
-        if origin is dict and not isinstance(value, dict):
-            raise ConfigError(f"'{path}' must be a mapping, got {value!r}")
-        return value
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"'{path}' must be true or false, got {value!r}")
-    if annotation is int:
-        if not isinstance(value, bool):
-            try:
-                number = float(value)
-            except (TypeError, ValueError):
-                number = float("nan")
-            if number.is_integer():
-                return int(number)
-        raise ConfigError(f"'{path}' must be an integer, got {value!r}")
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"'{path}' must be a number, got {value!r}")
-    if annotation is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"'{path}' must be a string, got {value!r}")
-    raise ConfigError(f"'{path}' has an unsupported type {annotation}")
-
-
-def _build(cls: type, values: dict[str, Any], prefix: str, notes: list[str]) -> Any:
-    if not isinstance(values, dict):
-        raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    names = _field_names(cls)
-    kwargs = {}
-    for key, value in values.items():
-        path = f"{prefix}{key}"
-        if key not in names:
-            raise _unknown_key(path, names)
-        if path in FABRIC_NOTES:
-            notes.append(f"{path}: {FABRIC_NOTES[path]}.")
-        annotation = hints[key]
-        if dataclasses.is_dataclass(annotation):
-            kwargs[key] = _build(annotation, value or {}, path + ".", notes)
-        else:
-            kwargs[key] = _coerce(value, annotation, path)
-    return cls(**kwargs)
-
-
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"Override '{dotted}' goes through '{key}', which is not a section")
-    node[keys[-1]] = value
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """`training.max_steps=50` -> ("training.max_steps", 50); values are parsed as YAML."""
-    if "=" not in text:
-        raise ConfigError(f"Override '{text}' must look like section.key=value")
-    key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
-
-
 def load_config(
     path: str | Path | None = None, overrides: list[str] | None = None, check: bool = True
 ) -> tuple[PicoTrainingConfig, list[str]]:
@@ -450,19 +341,19 @@ def load_config(
     Returns the config and notes on keys that are accepted but mean something different here."""
     tree: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"Config file {path} does not exist")
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = load_yaml(path, "Config file") or {}
         if not isinstance(tree, dict):
             raise ConfigError(
                 f"Config file {path} must hold a mapping of sections, got {type(tree).__name__}"
             )
-    for override in overrides or []:
-        key, value = parse_override(override)
-        _set_dotted(tree, key, value)
+    apply_overrides(tree, overrides)
     notes: list[str] = []
-    config = _build(PicoTrainingConfig, tree, "", notes)
+
+    def note(key: str) -> None:
+        if key in FABRIC_NOTES:
+            notes.append(f"{key}: {FABRIC_NOTES[key]}.")
+
+    config = from_dict(PicoTrainingConfig, tree, visit=note)
     if check:  # value checks (`--help` lists values without them: the metric checks import torch)
         validate(config)
     if config.checkpointing.run_name is None:
@@ -518,6 +409,13 @@ def validate(config: PicoTrainingConfig) -> None:
 
         check_maml_config(config.training.maml, config.model.vocab_size)
     learning_dynamics = config.checkpointing.learning_dynamics
+    from ..learning_dynamics.capture import FILE_FORMATS
+
+    if learning_dynamics.file_format not in FILE_FORMATS:
+        raise ConfigError(
+            f"checkpointing.learning_dynamics.file_format must be one of {list(FILE_FORMATS)}, "
+            f"got '{learning_dynamics.file_format}'"
+        )
     if learning_dynamics.metrics:
         from ..learning_dynamics.tracker import check_metrics_capturable
 
@@ -576,16 +474,7 @@ def describe_config(path: Path | None, overrides: list[str]) -> str:
     except ConfigError as error:
         return f"Sections and keys (pico-train's defaults; {error}):\n" + describe_sections()
     tree = (yaml.safe_load(Path(path).read_text()) or {}) if path is not None else {}
-    sources: dict[str, str] = {}
-
-    def flatten(node: dict[str, Any], prefix: str) -> None:
-        for key, value in node.items():
-            if isinstance(value, dict):
-                flatten(value, f"{prefix}{key}.")
-            else:
-                sources[f"{prefix}{key}"] = Path(path).name
-
-    flatten(tree, "")
+    sources = {key: Path(path).name for key in leaf_keys(tree)} if path is not None else {}
     for override in overrides:
         sources[override.split("=", 1)[0].strip()] = "command line"
     origin = os.path.relpath(path) if path is not None else "no file"

@@ -65,6 +65,23 @@ class PicoDecoderRMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
 
 
+def _on_host(tensor: torch.Tensor) -> bool:
+    return tensor.device.type == "cpu"
+
+
+def check_vocab_range(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """ValueError naming the first offending id when `input_ids` leave 0..vocab_size-1 (one host read)."""
+    if input_ids.numel() == 0:
+        return
+    low, high = torch.stack(torch.aminmax(input_ids)).tolist()
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"input_ids contains token id {bad}, outside the model's vocabulary "
+            f"(vocab_size={vocab_size}, valid ids 0..{vocab_size - 1})."
+        )
+
+
 class PicoDecoderRotaryEmbedding(nn.Module):
     """cos/sin tables for RoPE, computed per forward from `position_ids` (no table shared across models)."""
 
@@ -85,7 +102,8 @@ class PicoDecoderRotaryEmbedding(nn.Module):
         freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
         # Pico rotates interleaved pairs (2i, 2i+1), so each frequency covers two adjacent dims.
         emb = freqs.repeat_interleave(2, dim=-1)  # (B, T, head_dim)
-        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        # Kept in float32 whatever the model dtype: pico-train rotates q/k in float32 (see below).
+        return emb.cos(), emb.sin()
 
 
 def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
@@ -97,9 +115,14 @@ def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
 def apply_rotary_pos_emb(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q and k (B, H, T, head_dim) by their positions, pico's interleaved-pair layout."""
-    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
-    return q * cos + rotate_pairs(q) * sin, k * cos + rotate_pairs(k) * sin
+    """Rotate q and k (B, H, T, head_dim) by their positions, pico's interleaved-pair layout.
+
+    The rotation runs in float32 and is cast back, as pico-train does: in bf16 this keeps logits
+    equal to the reference's bf16 forward (rotating in bf16 moved them by ~0.02)."""
+    cos, sin = cos.unsqueeze(unsqueeze_dim).float(), sin.unsqueeze(unsqueeze_dim).float()
+    q32, k32 = q.float(), k.float()
+    q_rot, k_rot = q32 * cos + rotate_pairs(q32) * sin, k32 * cos + rotate_pairs(k32) * sin
+    return q_rot.to(q.dtype), k_rot.to(k.dtype)
 
 
 class PicoDecoderSwiGLU(nn.Module):
@@ -295,17 +318,15 @@ class PicoDecoderModel(PicoDecoderPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embedding_proj = value
 
-    def _check_input_ids(self, input_ids: torch.LongTensor) -> None:
-        """Clear errors for ids outside the vocabulary, instead of an IndexError (or a device assert)."""
-        if is_torchdynamo_compiling() or input_ids.numel() == 0:
+    def _check_input_ids(self, input_ids: torch.LongTensor, cache: Cache | None = None) -> None:
+        """Clear errors for ids outside the vocabulary, instead of an IndexError (or a device assert).
+
+        Reading the range back is a host sync on an accelerator, so there only cache-less forwards (a
+        training batch, a plain forward) are checked; `generate` checks its prompt once, and the tokens it
+        feeds back come from the vocabulary."""
+        if is_torchdynamo_compiling() or (cache is not None and not _on_host(input_ids)):
             return
-        low, high = input_ids.min().item(), input_ids.max().item()
-        if low < 0 or high >= self.config.vocab_size:
-            bad = low if low < 0 else high
-            raise ValueError(
-                f"input_ids contains token id {bad}, outside the model's vocabulary "
-                f"(vocab_size={self.config.vocab_size}, valid ids 0..{self.config.vocab_size - 1})."
-            )
+        check_vocab_range(input_ids, self.config.vocab_size)
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @merge_with_config_defaults
@@ -323,7 +344,7 @@ class PicoDecoderModel(PicoDecoderPreTrainedModel):
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
-            self._check_input_ids(input_ids)
+            self._check_input_ids(input_ids, cache)
             inputs_embeds = self.embedding_proj(input_ids)  # (B, T, d_model)
 
         seq_len = inputs_embeds.shape[1]
@@ -436,6 +457,13 @@ class PicoDecoderForCausalLM(PicoDecoderPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         self.de_embedding_proj = new_embeddings
+
+    def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
+        """GenerationMixin's `generate`, with the prompt's ids checked once (decoding steps skip the check)."""
+        ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if isinstance(ids, torch.Tensor) and not ids.is_floating_point() and not is_torchdynamo_compiling():
+            check_vocab_range(ids, self.config.vocab_size)
+        return super().generate(inputs, *args, **kwargs)
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple

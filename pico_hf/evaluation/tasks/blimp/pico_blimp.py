@@ -1,4 +1,4 @@
-"""Loader for pico-hf's BLiMP tasks: one sub-dataset of the offline copy in `eval/data/blimp.parquet`."""
+"""Loader for pico-hf's BLiMP tasks: one sub-dataset of the offline copy in `pico_hf/evaluation/data/blimp.parquet`."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Data loaders and document processing for pico-hf's lm-eval tasks.
 
-The offline tasks read copies that ship with the repository (`eval/data/`, built by `eval/build_data.py`)
+The offline tasks read copies that ship with the repository (`pico_hf/evaluation/data/`, built by `eval/build_data.py`)
 and the embedded held-out corpus of the `pico_hf` package, so they run without the Hugging Face Hub.
 Prompts and preprocessing are lm-eval's own: HellaSwag documents go through the installed
 `lm_eval/tasks/hellaswag/utils.py`, so `pico_hellaswag` and lm-eval's `hellaswag` score the same requests.
