@@ -624,6 +624,41 @@ def test_reachability_probe_goes_through_the_configured_proxy(monkeypatch):
             close_session()
 
 
+class WaitsForTheWeightsOnTheHub(CheckpointContributor):
+    """A slow contributor (like evaluation): waits, while the checkpoint is still open, until its weights are
+    on the Hub, and records for each step whether they got there before the checkpoint was complete."""
+
+    def __init__(self, hub):
+        self.hub, self.early = hub, {}
+
+    def on_checkpoint(self, args, state, control, checkpoint_dir, **kwargs):
+        import hashlib
+
+        oid = hashlib.sha256((checkpoint_dir / "model.safetensors").read_bytes()).hexdigest()
+        deadline = time.monotonic() + 30
+        while oid not in self.hub.lfs_objects and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.early[state.global_step] = (
+            oid in self.hub.lfs_objects and checkpoint_dir.name != f"step_{state.global_step}"
+        )
+
+
+def test_weights_upload_while_the_checkpoint_is_still_being_completed(fake_hub, tmp_path):  # noqa: F811
+    waiting = WaitsForTheWeightsOnTheHub(fake_hub)
+    config, notes = load_config(None, hub_overrides(tmp_path))
+    run_training(config, notes, extra_callbacks=[waiting])
+    # Every checkpoint's weights (and optimizer state) are on the Hub before the checkpoint is complete, and
+    # the commits do not upload them again.
+    assert waiting.early == {0: True, 2: True, 4: True, 6: True}
+    assert hub_titles_without_initial(fake_hub)[-1] == "Saving Fabric Checkpoint -- Step 6"
+    puts = [path for method, path, status in fake_hub.requests if method == "PUT" and status == 200]
+    assert len(puts) == len(set(puts))
+    for step in (2, 4, 6):
+        files = fake_hub.commit_by_title(REPO_ID, BRANCH, f"Saving HF Model -- Step {step}").files
+        weights = config.run_dir / "checkpoints" / f"step_{step}" / "model.safetensors"
+        assert files["model.safetensors"] == weights.read_bytes()
+
+
 def test_pico_train_pt_learning_dynamics_are_pushed_and_analysed_from_the_hub(tmp_path):
     """With `file_format: pt` the pushed run holds pico-train's `{split}_{type}.pt` files, in pico-train's
     commits, loadable with `weights_only=True` and analysed from the Hub."""

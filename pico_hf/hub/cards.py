@@ -8,6 +8,7 @@ shown that was not measured.
 
     python -m pico_hf.hub.cards suite            # model_cards/pico-decoder-{tiny,small,medium,large}/README.md
     python -m pico_hf.hub.cards run runs/<run>   # README.md of every checkpoint of a local run
+    python -m pico_hf.hub.cards run runs/<run> --analysis analysis_results/<name>   # the last one shows its plots
 
 During training, `ModelCardCallback` writes `README.md` into each checkpoint as soon as it is complete, so it
 is part of the `Saving HF Model -- Step N` commit when the run is pushed.
@@ -19,9 +20,11 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,7 @@ SUITE = ("tiny", "small", "medium", "large")
 SUITE_ORG = "pico-lm"
 CARD_FILE = "README.md"
 TAGS = ["pico", "pico-decoder", "learning-dynamics", "causal-lm"]
+ANALYSIS_REPO_DIR = "analysis"  # an analysis goes in the repo under analysis/<analysis_name>/
 DESCRIPTION_KEYS = ("dataset", "dataset_split")  # fields of eval_results/step_N.json that are not metrics
 SUITE_SUMMARY = (
     "pico-decoder-{size} is one of the four decoders of the [Pico](https://github.com/pico-lm) suite, trained "
@@ -172,6 +176,7 @@ def suite_card(config_path: Path) -> ModelCard:
             "N`."
         ),
         ld_files=[],
+        analysis=None,
         analyze_repo=f"{SUITE_ORG}/{name}",
         analyze_branch=f"{name}-1",
     )
@@ -187,6 +192,59 @@ def write_suite_cards(configs_dir: Path, out_dir: Path) -> list[Path]:
         path.write_text(str(card))
         written.append(path)
     return written
+
+
+# --- an analysis of the run (recipes/analyze.py's output folder) -------------------------------------------
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """An analysis folder written by `recipes/analyze.py` (`<output_dir>/<analysis_name>/`) with its plots."""
+
+    folder: Path
+    name: str
+    steps: tuple[int, ...]
+    plots: tuple[Path, ...]  # plots/<metric>_<split>.png
+
+    @property
+    def repo_dir(self) -> str:
+        return f"{ANALYSIS_REPO_DIR}/{self.name}"
+
+    def in_repo(self, path: Path) -> str:
+        return f"{self.repo_dir}/{path.relative_to(self.folder).as_posix()}"
+
+
+def read_analysis(folder: Path) -> Analysis:
+    """The analysis in `folder`; an error names the folder when it is not one or has no plots."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(
+            f"{folder} is not an analysis folder (recipes/analyze.py writes <output_dir>/<analysis_name>/)"
+        )
+    plots = tuple(sorted((folder / "plots").glob("*.png")))
+    if not plots:
+        raise ConfigError(
+            f"{folder} holds no plots (plots/*.png): run recipes/analyze.py on the run without --no_report"
+        )
+    steps = sorted(
+        int(match[1])
+        for entry in folder.iterdir()
+        if entry.is_dir() and (match := re.fullmatch(r"step_(\d+)", entry.name))
+    )
+    return Analysis(folder, folder.name, tuple(steps), plots)
+
+
+def _analysis_facts(analysis: Analysis | None) -> dict[str, Any] | None:
+    if analysis is None:
+        return None
+    return {
+        "name": analysis.name,
+        "steps": ", ".join(map(str, analysis.steps)) or "none",
+        "report": f"{analysis.repo_dir}/report.md"
+        if (analysis.folder / "report.md").is_file()
+        else f"{analysis.repo_dir}/",
+        "plots": [(path.stem, analysis.in_repo(path)) for path in analysis.plots],
+    }
 
 
 # --- the card of a run's checkpoint -----------------------------------------------------------------------
@@ -220,9 +278,14 @@ def _progress(step_dir: Path, tree: dict[str, Any], state_dirname: str, step: in
 
 
 def checkpoint_card(
-    run_dir: Path, step: int, repo_id: str | None = None, branch: str | None = None
+    run_dir: Path,
+    step: int,
+    repo_id: str | None = None,
+    branch: str | None = None,
+    analysis: Analysis | None = None,
 ) -> ModelCard:
-    """The card of checkpoint `step_N` of a run, from what the run has on disk."""
+    """The card of checkpoint `step_N` of a run, from what the run has on disk; with `analysis`, the card
+    also shows its plots, linked where the analysis goes in the repo (`analysis/<name>/plots/`)."""
     run_dir = Path(run_dir)
     tree = _saved_tree(run_dir)
     checkpointing = tree["checkpointing"]
@@ -269,19 +332,24 @@ def checkpoint_card(
             else "No learning-dynamics data was captured at this checkpoint."
         ),
         ld_files=ld_files,
+        analysis=_analysis_facts(analysis),
         analyze_repo=repo_id or "<repo_id>",
         analyze_branch=branch,
     )
 
 
 def write_checkpoint_card(
-    run_dir: Path, step: int, repo_id: str | None = None, branch: str | None = None
+    run_dir: Path,
+    step: int,
+    repo_id: str | None = None,
+    branch: str | None = None,
+    analysis: Analysis | None = None,
 ) -> Path:
     """Write `step_N/README.md` whole or not at all (a temporary file, then a rename)."""
     run_dir = Path(run_dir)
     checkpoints = _saved_tree(run_dir)["checkpointing"]["checkpoints_dir"]
     path = run_dir / checkpoints / f"step_{step}" / CARD_FILE
-    text = str(checkpoint_card(run_dir, step, repo_id, branch))
+    text = str(checkpoint_card(run_dir, step, repo_id, branch, analysis))
     fd, tmp = tempfile.mkstemp(prefix=".README.", dir=path.parent)
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
@@ -328,6 +396,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("run_dir", type=Path)
     run.add_argument("--repo_id", "--repo-id", dest="repo_id")
     run.add_argument("--branch")
+    run.add_argument(
+        "--analysis",
+        type=Path,
+        help="an analysis of the run (recipes/analyze.py's folder): the last card shows its plots",
+    )
     args = parser.parse_args(argv)
     try:
         if args.command == "suite":
@@ -338,7 +411,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             steps = checkpoint_steps(args.run_dir, RunFolders.from_run_dir(args.run_dir))
             if not steps:
                 raise ConfigError(f"{args.run_dir} holds no complete checkpoint")
-            paths = [write_checkpoint_card(args.run_dir, s, args.repo_id, args.branch) for s in steps]
+            analysis = read_analysis(args.analysis) if args.analysis is not None else None
+            paths = [
+                write_checkpoint_card(
+                    args.run_dir, s, args.repo_id, args.branch, analysis if s == steps[-1] else None
+                )
+                for s in steps
+            ]
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -352,9 +431,11 @@ if __name__ == "__main__":
 
 
 __all__ = [
+    "Analysis",
     "ModelCardCallback",
     "architecture",
     "checkpoint_card",
+    "read_analysis",
     "read_evaluation",
     "suite_card",
     "write_checkpoint_card",

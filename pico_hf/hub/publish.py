@@ -19,7 +19,10 @@ commit title and reads the repo at that commit.
 
 The token is HF_TOKEN's or the `hf auth login` one. Pushes never hold up training: a checkpoint is queued once
 the trainer has published it complete under `checkpoints/step_N/` (`on_checkpoint_published`), and one
-background worker pushes the queue in order. A failed push is retried (pico-train's policy: twice more, after
+background worker pushes the queue in order. Its large files (weights, optimizer state) are uploaded earlier,
+as soon as they are written and while the checkpoint is still being evaluated (`HubEarlyUpload`,
+huggingface_hub's `preupload_lfs_files`): the commits then only name them, so the last checkpoint of a run
+reaches the Hub soon after it is complete. A failed push is retried (pico-train's policy: twice more, after
 1 s and 2 s); if it still fails, an error naming the step and commit is logged, training goes on (the
 checkpoint is safe on disk), and later pushes wait behind it so the branch history stays in order; the queue
 is retried at each new checkpoint and once more at the end. Whatever is still unpushed then makes the run end
@@ -29,12 +32,18 @@ with `HubPushError`, which says how to finish the upload:
 
 That command (also for runs trained without `save_to_hf`) pushes every local checkpoint in step order with the
 same commits, skipping commits whose titles the branch already has, so it completes a partial upload. A
-resumed run does the same for the checkpoints that precede it.
+resumed run does the same for the checkpoints that precede it. With `--analysis <folder>` (what
+`recipes/analyze.py` wrote for the run), the last checkpoint's card is re-rendered with the analysis plots and
+one more commit goes on the branch and on `main`:
+
+    Saving Analysis (<analysis_name>) -- Step N        analysis/<analysis_name>/ (values, plots, report)
+                                                       and README.md, the card of step N showing the plots
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import re
 import sys
@@ -56,6 +65,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from ..training.config import ConfigError
 from ..training.trainer import CheckpointContributor
 from . import hub_reachable, offline_requested
+from .cards import CARD_FILE, Analysis, read_analysis, write_checkpoint_card
 
 logger = logging.getLogger("pico_hf.training.hub")  # under the training logger: same console and log file
 
@@ -266,6 +276,20 @@ def final_model_commit(
     return PlannedCommit(step, f"Saving Final Model -- Step {step} (run branch '{branch}')", files)
 
 
+def analysis_commit(
+    run_dir: Path, step: int, analysis: Analysis, folders: RunFolders = RunFolders()
+) -> PlannedCommit:
+    """The commit that publishes an analysis of the run (`analysis/<name>/`) with the card of checkpoint
+    `step`, which shows its plots (rendered with the analysis beforehand: `write_checkpoint_card`)."""
+    card = Path(run_dir) / folders.checkpoints / f"step_{step}" / CARD_FILE
+    files = [
+        (local, analysis.in_repo(local)) for local, _ in _files_under(analysis.folder, analysis.repo_dir)
+    ]
+    return PlannedCommit(
+        step, f"Saving Analysis ({analysis.name}) -- Step {step}", (*files, (card, CARD_FILE))
+    )
+
+
 # --- pushing ----------------------------------------------------------------------------------------------
 
 
@@ -472,11 +496,41 @@ class HubPublisher:
     def push_final(self, run_dir: Path, step: int, folders: RunFolders) -> str | None:
         """Put checkpoint `step` (model, tokenizer, card) on `main`, as pico-train's published repos hold
         their final model there; returns the commit id, or None when `main` already has it."""
-        commit = final_model_commit(run_dir, step, self.branch, folders)
-        head = self._head_commit(MAIN)
-        if head is not None and head.title == commit.title:
+        return self.push_once(final_model_commit(run_dir, step, self.branch, folders), MAIN)
+
+    def push_once(self, commit: PlannedCommit, branch: str) -> str | None:
+        """Push `commit` to `branch` unless the branch's history has its title; returns the commit id or None."""
+        if commit.title in {c.title for c in self.api.list_repo_commits(self.repo_id, revision=branch)}:
             return None
-        return self.push(commit, branch=MAIN)
+        return self.push(commit, branch=branch)
+
+    def upload_early(self, files: Sequence[tuple[io.BufferedReader, str]]) -> None:
+        """Upload the LFS files among `files` (open files, path in the repo) now, in the background worker's
+        queue, without committing: the commit that adds them later finds them on the Hub and uploads nothing.
+        Best effort: a failure leaves the upload to the commit, with its retries. The files are closed."""
+
+        def upload() -> None:
+            try:
+                operations = [
+                    CommitOperationAdd(path_in_repo=in_repo, path_or_fileobj=f) for f, in_repo in files
+                ]
+                self.api.preupload_lfs_files(self.repo_id, additions=operations, revision=self.branch)
+            except Exception as error:
+                logger.debug(
+                    "Early upload to %s failed, left to the commit: %s", self.where, describe_error(error)
+                )
+            finally:
+                for handle, _ in files:
+                    handle.close()
+
+        with self._lock:
+            blocked = self._blocked is not None
+        if blocked:  # the Hub is failing: don't add uploads that would delay the retries
+            for handle, _ in files:
+                handle.close()
+            return
+        self._futures = [f for f in self._futures if not f.done()]
+        self._futures.append(self.api.run_as_future(upload))
 
     def _drain(self) -> None:
         while True:
@@ -515,6 +569,7 @@ class HubPublishCallback(CheckpointContributor):
 
     def __init__(self, publisher: HubPublisher, run_dir: Path, folders: RunFolders) -> None:
         self.publisher, self.run_dir, self.folders = publisher, Path(run_dir), folders
+        self.early_upload = HubEarlyUpload(publisher, folders)
         self._prepared = False
         self._ended = False
         self.push_error: HubPushError | None = None
@@ -585,6 +640,37 @@ class HubPublishCallback(CheckpointContributor):
                 logger.info("Pushed the final model (step_%d) and its card to 'main' (%s)", final, oid[:8])
 
 
+class HubEarlyUpload(CheckpointContributor):
+    """Starts the upload of a checkpoint's weights and training state as soon as they are written, while the
+    contributors after it (learning dynamics, evaluation) still work on the checkpoint; it must come before
+    them among the callbacks. The files are opened here, so renaming the checkpoint into place later does not
+    disturb the upload."""
+
+    def __init__(self, publisher: HubPublisher, folders: RunFolders) -> None:
+        self.publisher, self.folders = publisher, folders
+
+    def on_checkpoint(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        checkpoint_dir: Path | None = None,
+        **kwargs: Any,
+    ):
+        if not state.is_world_process_zero or checkpoint_dir is None or self.publisher._head is None:
+            return  # not prepared yet (the branch must exist)
+        step_dir = Path(checkpoint_dir)
+        found = [(p, p.name) for p in sorted(step_dir.iterdir()) if p.is_file() and _visible(p)]
+        found += _files_under(step_dir / self.folders.fabric_state, self.folders.fabric_state)
+        self.publisher.upload_early([(local.open("rb"), in_repo) for local, in_repo in found])
+
+
+def hub_early_uploads(callbacks: Sequence[TrainerCallback]) -> list[HubEarlyUpload]:
+    """The early-upload contributor of the Hub publisher among `callbacks` (none when pushing is off), to be
+    placed before the contributors that make checkpoints slow to complete."""
+    return [c.early_upload for c in callbacks if isinstance(c, HubPublishCallback)]
+
+
 def build_hub_callbacks(config: Any, run: Any) -> list[TrainerCallback]:
     """The Hub publisher when `checkpointing.save_to_hf` is on (checked to be usable before training)."""
     checkpointing = config.checkpointing
@@ -634,11 +720,14 @@ def publish_run(
     dry_run: bool = False,
     out: Any = None,
     main: bool = True,
+    analysis: Path | None = None,
 ) -> list[PlannedCommit]:
     """Push a local run's checkpoints in step order with pico-train's commits; return the commits pushed.
 
     Commits whose titles the branch already has are skipped, so this also completes an interrupted upload.
-    Then (unless `main` is false) the last checkpoint pushed, with its card, goes on `main`.
+    Then (unless `main` is false) the last checkpoint pushed, with its card, goes on `main`. With `analysis`
+    (an analysis folder of the run, with plots), the last checkpoint's card shows its plots, and the analysis
+    with that card is committed to the branch (and `main`) after the checkpoints.
     `repo_id`, `branch` and `collection_slug` default to the run's training_config.yaml (branch: run name)."""
     out = out if out is not None else sys.stdout
     run_dir = Path(run_dir)
@@ -662,18 +751,30 @@ def publish_run(
         if missing:
             raise ConfigError(f"No checkpoint for step(s) {missing} in {run_dir}; available: {available}")
         available = [s for s in available if s in set(steps)]
+    found = read_analysis(analysis) if analysis is not None else None
+    if found is not None and not (run_dir / CONFIG_FILE).is_file():
+        raise ConfigError(
+            f"{run_dir / CONFIG_FILE} does not exist: the card that shows the analysis needs it"
+        )
     if not dry_run:
         _write_missing_cards(run_dir, available, repo_id, branch, folders)
+        if found is not None:
+            write_checkpoint_card(run_dir, available[-1], repo_id, branch, found)
     plan = [commit for step in available for commit in plan_checkpoint_commits(run_dir, step, folders)]
     final = final_model_commit(run_dir, available[-1], branch, folders) if main else None
+    extra = analysis_commit(run_dir, available[-1], found, folders) if found is not None else None
 
     if dry_run:
         print(f"Would push {len(plan)} commits from {run_dir} to {repo_id} (branch '{branch}'):", file=out)
         for commit in plan:
             size = sum(local.stat().st_size for local, _ in commit.files)
             print(f"  {commit.title}  ({_count(commit.files)}, {_human(size)})", file=out)
+        if extra is not None:
+            print(f"then: {extra.title}  ({_count(extra.files)})", file=out)
         if final is not None:
             print(f"and on '{MAIN}': {final.title}  ({_count(final.files)})", file=out)
+            if extra is not None:
+                print(f"and on '{MAIN}': {extra.title}", file=out)
         return plan
 
     check_hub_ready(
@@ -699,16 +800,20 @@ def publish_run(
         print(f"  push  {commit.title}  ({_count(commit.files)}) -> {oid[:8]}", file=out)
         pushed.append(commit)
     print(f"Done: {len(pushed)} pushed, {len(plan) - len(pushed)} already there.", file=out)
+    # The analysis follows the checkpoints on the branch; on main, it follows the final model.
+    last = [(extra, branch)] if extra is not None else []
     if final is not None:
+        last += [(final, MAIN)] + ([(extra, MAIN)] if extra is not None else [])
+    for commit, where in last:
         try:
-            oid = publisher.push_final(run_dir, final.step, folders)
+            oid = publisher.push_once(commit, where)
         except Exception as error:
             raise HubPushError(
-                f"Putting step {final.step} on '{MAIN}' of {publisher.repo_id} failed: {describe_error(error)}. "
+                f"Pushing '{commit.title}' to '{where}' of {publisher.repo_id} failed: {describe_error(error)}. "
                 "Run the same command again to finish."
             ) from error
         state = f"pushed -> {oid[:8]}" if oid else "already there"
-        print(f"On '{MAIN}': {final.title}  ({state})", file=out)
+        print(f"On '{where}': {commit.title}  ({state})", file=out)
     return pushed
 
 
@@ -716,8 +821,6 @@ def _write_missing_cards(
     run_dir: Path, steps: Sequence[int], repo_id: str, branch: str, folders: RunFolders
 ) -> None:
     """Checkpoints saved without a card (older runs) get one before they are pushed."""
-    from .cards import CARD_FILE, write_checkpoint_card
-
     if not (run_dir / CONFIG_FILE).is_file():
         return  # e.g. a bare pico-train export: nothing to render the card from
     for step in steps:
@@ -762,6 +865,12 @@ def main(argv: list[str] | None = None) -> int:
         help="leave 'main' alone (by default "
         "the last checkpoint pushed and its card go on 'main', as the final model)",
     )
+    parser.add_argument(
+        "--analysis",
+        type=Path,
+        help="an analysis of the run (the folder recipes/analyze.py wrote, with plots/): pushed after the "
+        "checkpoints, and the last checkpoint's card shows its plots",
+    )
     args = parser.parse_args(argv)
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
@@ -776,6 +885,7 @@ def main(argv: list[str] | None = None) -> int:
             args.steps,
             args.dry_run,
             main=args.main,
+            analysis=args.analysis,
         )
     except (ConfigError, HubPushError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -22,7 +22,7 @@ from transformers.integrations import TensorBoardCallback
 
 from ..evaluation.callback import build_evaluation_callbacks
 from ..hub.cards import build_card_callbacks
-from ..hub.publish import build_hub_callbacks, hub_push_error, hub_summary
+from ..hub.publish import build_hub_callbacks, hub_early_uploads, hub_push_error, hub_summary
 from ..learning_dynamics.callback import build_learning_dynamics_callbacks
 from ..models.pico_decoder import PicoDecoderConfig, PicoDecoderForCausalLM
 from ..tokenization import load_tokenizer
@@ -350,6 +350,7 @@ def _build_job(
         LogLastStep(),
         *maml_callbacks,  # first: its values join each log before it is written
         MetricsFileCallback(run.logs_dir / "metrics.jsonl"),
+        *hub_early_uploads(hub_callbacks),  # the weights upload while the checkpoint is still being evaluated
         *build_learning_dynamics_callbacks(config, run),
         *build_evaluation_callbacks(config, run),
         *build_card_callbacks(config, run),  # README.md of each checkpoint, before it is pushed
