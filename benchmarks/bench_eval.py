@@ -49,8 +49,8 @@ from transformers import TrainerCallback
 from pico_hf import PicoDecoderConfig, PicoDecoderForCausalLM
 from pico_hf.convert import main as convert
 from pico_hf.evaluation.callback import EvaluationCallback, build_evaluation_callbacks
-from pico_hf.evaluation.harness import load_model, task_manager
-from pico_hf.evaluation.tasks_dir import DATA_DIR, TASKS_DIR
+from pico_hf.evaluation.harness import lm_eval_blimp_tasks, load_model, task_manager
+from pico_hf.evaluation.tasks_dir import TASKS_DIR
 from pico_hf.tokenization import load_tokenizer
 from pico_hf.training.config import load_config
 from pico_hf.training.run import build_job
@@ -135,30 +135,6 @@ def lm_eval_throughput(
     }
 
 
-def blimp_hub_copy(root: Path, uids: list[str]) -> Path:
-    """`nyu-mll/blimp`'s layout (one parquet config per sub-dataset, split `train`) holding the shipped pairs of
-    `uids`, and lm-eval's own blimp task config pointed at it; returns the task directory."""
-    import lm_eval
-    import pyarrow.parquet as pq
-
-    hub = root / "nyu-mll-blimp"
-    configs = []
-    for uid in uids:
-        (hub / uid).mkdir(parents=True)
-        table = pq.read_table(DATA_DIR / "blimp.parquet", filters=[("UID", "==", uid)])
-        pq.write_table(table, hub / uid / "train-00000-of-00001.parquet")
-        configs.append(f"- config_name: {uid}\n  data_files:\n  - split: train\n    path: {uid}/train-*")
-    (hub / "README.md").write_text("---\nconfigs:\n" + "\n".join(configs) + "\n---\n")
-    template = Path(lm_eval.__file__).parent / "tasks" / "blimp" / "_template_yaml"
-    tasks = root / "tasks"
-    tasks.mkdir()
-    for uid in uids:
-        (tasks / f"{uid}.yaml").write_text(
-            f"include: {template}\ntask: blimp_{uid}\ndataset_path: {hub}\ndataset_name: {uid}\n"
-        )
-    return tasks
-
-
 def blimp_throughput(
     model_dir: str, uids: list[str], limit: int, repeats: int, batch_size: int, device: str
 ) -> dict[str, Any]:
@@ -169,7 +145,7 @@ def blimp_throughput(
     lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size)
     names = {"pico": [f"pico_blimp_{uid}" for uid in uids], "lm_eval": [f"blimp_{uid}" for uid in uids]}
     with tempfile.TemporaryDirectory() as tmp:
-        manager = task_manager([TASKS_DIR, blimp_hub_copy(Path(tmp), uids)], include_defaults=False)
+        manager = task_manager([TASKS_DIR, lm_eval_blimp_tasks(Path(tmp), uids)], include_defaults=False)
         load_s: dict[str, list[float]] = {name: [] for name in names}
         seconds: dict[str, list[float]] = {name: [] for name in names}
         scores: dict[str, dict[str, Any]] = {}

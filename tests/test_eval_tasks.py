@@ -16,12 +16,13 @@ from pico_hf.convert import main as convert
 from pico_hf.evaluation.harness import (
     EvaluationError,
     evaluate,
+    lm_eval_blimp_tasks,
     load_model,
     resolve_tasks,
     task_manager,
     task_manager_for,
 )
-from pico_hf.evaluation.tasks_dir import DATA_DIR, TASKS_DIR
+from pico_hf.evaluation.tasks_dir import TASKS_DIR
 from pico_hf.tokenization import load_tokenizer
 
 RUN_SCRIPT = REPO / "eval" / "run.py"
@@ -397,28 +398,8 @@ BLIMP_PARITY = ["anaphor_number_agreement", "wh_island"]
 
 @pytest.fixture(scope="module")
 def blimp_hub_copy(tmp_path_factory):
-    """`nyu-mll/blimp`'s layout (one parquet config per sub-dataset, split `train`) holding the shipped pairs of
-    two sub-datasets, and lm-eval's own blimp task config pointed at it."""
-    import lm_eval
-    import pyarrow.parquet as pq
-
-    root = tmp_path_factory.mktemp("blimp")
-    hub = root / "nyu-mll-blimp"
-    configs = []
-    for uid in BLIMP_PARITY:
-        (hub / uid).mkdir(parents=True)
-        table = pq.read_table(DATA_DIR / "blimp.parquet", filters=[("UID", "==", uid)])
-        pq.write_table(table, hub / uid / "train-00000-of-00001.parquet")
-        configs.append(f"- config_name: {uid}\n  data_files:\n  - split: train\n    path: {uid}/train-*")
-    (hub / "README.md").write_text("---\nconfigs:\n" + "\n".join(configs) + "\n---\n")
-    template = os.path.join(os.path.dirname(lm_eval.__file__), "tasks", "blimp", "_template_yaml")
-    tasks = root / "tasks"
-    tasks.mkdir()
-    for uid in BLIMP_PARITY:
-        (tasks / f"{uid}.yaml").write_text(
-            f"include: {template}\ntask: blimp_{uid}\ndataset_path: {hub}\ndataset_name: {uid}\n"
-        )
-    return tasks
+    """lm-eval's own blimp tasks on two sub-datasets of the shipped pairs, in the Hub dataset's layout."""
+    return lm_eval_blimp_tasks(tmp_path_factory.mktemp("blimp"), BLIMP_PARITY)
 
 
 def test_blimp_tasks_are_lm_evals_67(manager):

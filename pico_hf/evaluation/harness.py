@@ -494,12 +494,41 @@ def evaluate(
     return Report(results, selection.skipped, name, paloma_result)
 
 
+def lm_eval_blimp_tasks(root: Path, uids: list[str]) -> Path:
+    """lm-eval's own `blimp_<uid>` tasks reading the shipped BLiMP pairs: a copy of them in the Hub dataset
+    `nyu-mll/blimp`'s layout (one parquet config per sub-dataset, split `train`) under `root`, and lm-eval's
+    blimp task config pointed at it. Returns the task directory (for `task_manager`), so `pico_blimp_*` can be
+    checked against, and timed beside, the reference tasks offline."""
+    import lm_eval
+    import pyarrow.parquet as pq
+
+    from .tasks_dir import DATA_DIR
+
+    hub = Path(root) / "nyu-mll-blimp"
+    configs = []
+    for uid in uids:
+        (hub / uid).mkdir(parents=True)
+        table = pq.read_table(DATA_DIR / "blimp.parquet", filters=[("UID", "==", uid)])
+        pq.write_table(table, hub / uid / "train-00000-of-00001.parquet")
+        configs.append(f"- config_name: {uid}\n  data_files:\n  - split: train\n    path: {uid}/train-*")
+    (hub / "README.md").write_text("---\nconfigs:\n" + "\n".join(configs) + "\n---\n")
+    template = Path(lm_eval.__file__).parent / "tasks" / "blimp" / "_template_yaml"
+    tasks = Path(root) / "tasks"
+    tasks.mkdir()
+    for uid in uids:
+        (tasks / f"{uid}.yaml").write_text(
+            f"include: {template}\ntask: blimp_{uid}\ndataset_path: {hub}\ndataset_name: {uid}\n"
+        )
+    return tasks
+
+
 __all__ = [
     "TASKS_DIR",
     "EvaluationError",
     "Report",
     "TaskSelection",
     "evaluate",
+    "lm_eval_blimp_tasks",
     "load_model",
     "paloma_perplexity",
     "resolve_tasks",
