@@ -138,4 +138,7 @@ def test_training_evaluation_runs_from_the_installed_package(installed, tmp_path
     run(installed, str(script), *overrides, cwd=tmp_path)
     results = tmp_path / "runs" / "tiny" / "eval_results"
     assert sorted(path.name for path in results.iterdir()) == [f"step_{n}.json" for n in (0, 2, 4, 6)]
-    assert json.loads((results / "step_6.json").read_text())["paloma"] > 1
+    # The embedded split is recorded under its own name, never as Paloma.
+    final = json.loads((results / "step_6.json").read_text())
+    assert set(final) == {"embedded_heldout_perplexity", "dataset"} and final["dataset"] == "embedded"
+    assert final["embedded_heldout_perplexity"] > 1
