@@ -80,6 +80,18 @@ def test_resuming_with_a_changed_model_is_one_error(tmp_path):
     assert tree(run_dir) == before
 
 
+def test_a_run_made_before_the_seeded_order_resumes_only_in_its_stored_order(tmp_path):
+    train(tmp_path, **{"training.max_steps": 2, "data.dataloader.shuffle": "false"})
+    saved = tmp_path / "runs" / "tiny" / "training_config.yaml"
+    config = yaml.safe_load(saved.read_text())
+    del config["data"]["dataloader"]["shuffle"]  # as written before the key existed
+    saved.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match=r"differs in data\.dataloader\.shuffle \(False -> True\)"):
+        train(tmp_path, **{"training.max_steps": 3})
+    summary, _ = train(tmp_path, **{"training.max_steps": 3, "data.dataloader.shuffle": "false"})
+    assert summary["resumed_from"].endswith("step_2")
+
+
 def test_resume_cleans_leftovers_and_rewrites_the_config_whole(tmp_path):
     train(tmp_path, **{"training.max_steps": 2})
     checkpoints = tmp_path / "runs" / "tiny" / "checkpoints"
