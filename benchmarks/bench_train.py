@@ -4,9 +4,11 @@ Same model (demo shapes), same data, optimizer, schedule and batch; measured in 
 rounds, over steady-state steps (the first steps of each round are warm-up). Prints one JSON object:
 
 - trainer_vs_bare_loop: PicoTrainer tokens/s / bare loop tokens/s (goal >= 0.9);
-- data_vs_training: data pipeline tokens/s / training tokens/s (goal >= 20).
+- data_vs_training: data pipeline tokens/s / training tokens/s (goal >= 20);
+- reads_per_process_2_vs_1: tokens one process reads from storage when 2 processes train vs when 1 does, over
+  the same steps (each process's own `TrainingSequences`), for memory-mapped and for streamed data.
 
-    python benchmarks/bench_train.py [--steps 12] [--rounds 2]
+    python benchmarks/bench_train.py [--steps 12] [--rounds 2] [--reads-only]
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback, get_linear_schedule_with_warmup, set_seed
 
+from pico_hf.assets import CORPUS_DIR
 from pico_hf.tokenization import load_tokenizer
 from pico_hf.training.config import load_config
 from pico_hf.training.data import BatchLayout, PretokenizedStream, TrainingSequences
@@ -54,7 +57,7 @@ def bare_loop_tokens_per_second(config, steps: int) -> float:
     scheduler = get_linear_schedule_with_warmup(
         optimizer, optimization.lr_warmup_steps, config.training.max_steps
     )
-    stream = PretokenizedStream(config.data.dataset.name, config.model.max_seq_len, config.model.vocab_size)
+    stream = open_stream(config)
     layout = BatchLayout(config.data.dataloader.batch_size, optimization.gradient_accumulation_steps, 1, 0)
     batches = iter(TrainingSequences(stream, layout))
     times = []
@@ -73,8 +76,48 @@ def bare_loop_tokens_per_second(config, steps: int) -> float:
     return tokens_per_step * (len(steady) - 1) / (steady[-1] - steady[0])
 
 
+def open_stream(config, name: str | None = None, streaming: bool | None = None) -> PretokenizedStream:
+    model, seed = config.model, config.training.seed if config.data.dataloader.shuffle else None
+    return PretokenizedStream(
+        name or config.data.dataset.name, model.max_seq_len, model.vocab_size, streaming, seed=seed
+    )
+
+
+def tokens_read_per_process(config, processes: int, steps: int, streaming: bool) -> list[int]:
+    """Tokens each of `processes` processes reads from storage to train `steps` optimizer steps."""
+    # The embedded corpus's parquet files, memory-mapped or streamed: the same data and order either way.
+    name = str(CORPUS_DIR / "train" / "*.parquet")
+    reads = []
+    for index in range(processes):
+        stream = open_stream(config, name, streaming)
+        layout = BatchLayout(
+            config.data.dataloader.batch_size,
+            config.training.optimization.gradient_accumulation_steps,
+            processes,
+            index,
+        )
+        batches = iter(TrainingSequences(stream, layout))
+        for _ in range(steps * layout.gradient_accumulation_steps):
+            next(batches)
+        reads.append(stream.tokens_read)
+    return reads
+
+
+def read_volume(config, steps: int) -> dict[str, dict[str, float]]:
+    result = {}
+    for kind, streaming in (("memory_mapped", False), ("streamed", True)):
+        one = tokens_read_per_process(config, 1, steps, streaming)
+        two = tokens_read_per_process(config, 2, steps, streaming)
+        result[kind] = {
+            "tokens_read_1_process": one[0],
+            "tokens_read_per_process_of_2": two,
+            "ratio": round(max(two) / one[0], 3),
+        }
+    return result
+
+
 def data_tokens_per_second(config, steps: int) -> float:
-    stream = PretokenizedStream(config.data.dataset.name, config.model.max_seq_len, config.model.vocab_size)
+    stream = open_stream(config)
     layout = BatchLayout(
         config.data.dataloader.batch_size, config.training.optimization.gradient_accumulation_steps, 1, 0
     )
@@ -91,7 +134,13 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--reads-only", action="store_true", help="only the per-process read volume")
     args = parser.parse_args()
+    if args.reads_only:
+        config, _ = load_config(DEMO, [])
+        reads = read_volume(config, steps=50)
+        print(json.dumps({"reads_per_process_2_vs_1": reads}, indent=2))
+        return
 
     results: dict[str, list[float]] = {"trainer": [], "bare_loop": []}
     for round_idx in range(args.rounds):
@@ -103,6 +152,7 @@ def main() -> None:
                     f"checkpointing.runs_dir={runs}",
                     f"checkpointing.save_every_n_steps={args.steps * 10}",
                     "checkpointing.learning_dynamics.layer_suffixes=[]",
+                    "checkpointing.learning_dynamics.metrics=[]",
                     "evaluation.metrics=[]",
                     "monitoring.logging.log_every_n_steps=1000",
                 ],
@@ -118,6 +168,7 @@ def main() -> None:
 
     trainer, bare = max(results["trainer"]), max(results["bare_loop"])
     data = data_tokens_per_second(config, steps=50)
+    reads = read_volume(config, steps=50)
     print(
         json.dumps(
             {
@@ -129,6 +180,8 @@ def main() -> None:
                 },
                 "trainer_vs_bare_loop": round(trainer / bare, 3),
                 "data_vs_training": round(data / trainer, 1),
+                "reads_per_process_2_vs_1": {kind: r["ratio"] for kind, r in reads.items()},
+                "reads": reads,
             },
             indent=2,
         )

@@ -102,7 +102,9 @@ def test_train_states_are_those_of_the_next_optimizer_step(run):
     model = AutoModelForCausalLM.from_pretrained(checkpoint(run, step)).train()
     states = load_states(checkpoint(run, step) / LD, "train")
 
-    stream = PretokenizedStream(run.data.dataset.name, run.model.max_seq_len, run.model.vocab_size)
+    stream = PretokenizedStream(
+        run.data.dataset.name, run.model.max_seq_len, run.model.vocab_size, seed=run.training.seed
+    )
     layout = BatchLayout(global_batch=8, gradient_accumulation_steps=2, num_processes=1, process_index=0)
     batch, _ = next(stream.batches(start=step * 8, batch_size=8))
     saved = datasets.load_from_disk(str(checkpoint(run, step) / LD / "train_data"))

@@ -125,3 +125,45 @@ def test_fsdp2_on_two_processes_trains_resumes_and_captures_like_one_process(tmp
             assert values.keys() == metrics[1][metric].keys()
             for key, value in values.items():
                 assert value == pytest.approx(metrics[1][metric][key], rel=1e-4), (step, metric, key)
+
+
+# --- per-process data reads ------------------------------------------------------------------------------
+
+
+def launch_counting_reads(root, processes):
+    """`recipes/train.py` on `processes` CPU processes through tests/data_reads.py, which records each
+    process's reads from storage in root/reads/rank<N>.json."""
+    command = train_command(processes)
+    command.insert(-1 if processes > 1 else 1, str(REPO / "tests" / "data_reads.py"))
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PICO_TEST_READS_DIR": str(root / "reads"),
+    }
+    overrides = tiny_training_overrides(
+        root, **{"training.max_steps": 8, "checkpointing.save_every_n_steps": 4}
+    )
+    result = subprocess.run([*command, *overrides], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_world_size(result.stderr, processes)
+    return [json.loads((root / "reads" / f"rank{rank}.json").read_text()) for rank in range(processes)]
+
+
+@pytest.mark.slow
+def test_each_of_two_processes_reads_half_the_sequences_and_trains_like_one(tmp_path):
+    (one,) = launch_counting_reads(tmp_path / "one", 1)
+    two = launch_counting_reads(tmp_path / "two", 2)
+    assert one["sequences_read"] == 8 * 8  # 8 steps of 8 sequences, read once
+    for reads in two:
+        assert reads["sequences_read"] == one["sequences_read"] // 2
+        assert reads["tokens_read"] == one["tokens_read"] // 2
+    # Between them, the two read exactly the one process's sequences (the seeded order), none twice.
+    assert sorted(two[0]["sequence_ids"] + two[1]["sequence_ids"]) == sorted(one["sequence_ids"])
+    assert not set(two[0]["sequence_ids"]) & set(two[1]["sequence_ids"])
+    single, double = (
+        load_file(root / "runs" / "tiny" / "checkpoints" / "latest" / "model.safetensors")
+        for root in (tmp_path / "one", tmp_path / "two")
+    )
+    for name in single:  # the same global batches; only the gradient reduction order differs
+        torch.testing.assert_close(double[name], single[name], rtol=0, atol=2e-5, msg=name)

@@ -80,6 +80,18 @@ def test_resuming_with_a_changed_model_is_one_error(tmp_path):
     assert tree(run_dir) == before
 
 
+def test_a_run_made_before_the_seeded_order_resumes_only_in_its_stored_order(tmp_path):
+    train(tmp_path, **{"training.max_steps": 2, "data.dataloader.shuffle": "false"})
+    saved = tmp_path / "runs" / "tiny" / "training_config.yaml"
+    config = yaml.safe_load(saved.read_text())
+    del config["data"]["dataloader"]["shuffle"]  # as written before the key existed
+    saved.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match=r"differs in data\.dataloader\.shuffle \(False -> True\)"):
+        train(tmp_path, **{"training.max_steps": 3})
+    summary, _ = train(tmp_path, **{"training.max_steps": 3, "data.dataloader.shuffle": "false"})
+    assert summary["resumed_from"].endswith("step_2")
+
+
 def test_resume_cleans_leftovers_and_rewrites_the_config_whole(tmp_path):
     train(tmp_path, **{"training.max_steps": 2})
     checkpoints = tmp_path / "runs" / "tiny" / "checkpoints"
@@ -129,7 +141,11 @@ def test_a_killed_runs_lock_does_not_block_its_resume(tmp_path):
     assert f"pid {os.getpid()} " in (run_dir / "run.lock").read_text()
 
 
-def test_a_bad_streamed_row_stops_the_run_after_a_clean_checkpoint(tmp_path):
+@pytest.mark.parametrize(
+    "shuffle, stopped_after",
+    [("false", 7), ("true", 0)],  # shuffled: the bad row's block (here all 48 rows) is read before step 1
+)
+def test_a_bad_streamed_row_stops_the_run_after_a_clean_checkpoint(tmp_path, shuffle, stopped_after):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -145,6 +161,7 @@ def test_a_bad_streamed_row_stops_the_run_after_a_clean_checkpoint(tmp_path):
     overrides = {
         "data.dataset.name": str(data),
         "data.dataset.streaming": "true",
+        "data.dataloader.shuffle": shuffle,
         "training.max_steps": 12,
         "checkpointing.save_every_n_steps": 3,
     }
@@ -153,14 +170,17 @@ def test_a_bad_streamed_row_stops_the_run_after_a_clean_checkpoint(tmp_path):
     run_dir = tmp_path / "runs" / "tiny"
     assert str(error.value) == (
         f"Row 6 of shard {rows} (dataset '{data}') holds token id 500, outside the model's vocabulary of 128 "
-        f"(model.vocab_size). Training stopped after step 7 (checkpoint: {run_dir}/checkpoints/step_7); fix or "
-        "replace the data and start the run again to resume"
+        f"(model.vocab_size). Training stopped after step {stopped_after} (checkpoint: "
+        f"{run_dir}/checkpoints/step_{stopped_after}); fix or replace the data and start the run again to resume"
     )
     checkpoints = run_dir / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_0", "step_3", "step_6", "step_7"]
-    assert RunLayout(run_dir).latest_checkpoint() == checkpoints / "step_7"
-    position = json.loads((checkpoints / "step_7" / "fabric_state" / "data_position.json").read_text())
-    assert position["sequence"] == 7 * 8
+    expected = ["step_0", "step_3", "step_6", "step_7"] if stopped_after == 7 else ["step_0"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", *expected]
+    assert RunLayout(run_dir).latest_checkpoint() == checkpoints / f"step_{stopped_after}"
+    position = json.loads(
+        (checkpoints / f"step_{stopped_after}" / "fabric_state" / "data_position.json").read_text()
+    )
+    assert position["sequence"] == stopped_after * 8
 
 
 def test_streamed_data_is_checked_before_step_1(tmp_path):

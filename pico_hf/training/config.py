@@ -47,6 +47,9 @@ class DatasetConfig:
 class DataLoaderConfig:
     # Global batch size in sequences, across processes and gradient-accumulation steps.
     batch_size: int = BATCH_SIZE
+    # Read the sequences in an order drawn from training.seed (shuffled within blocks of 8192 rows, per
+    # epoch); false: the dataset's stored order, as pico-train reads it, the same for every seed.
+    shuffle: bool = True
 
 
 @dataclass
@@ -167,7 +170,8 @@ class TrainingConfig:
     fabric: FabricConfig = field(default_factory=FabricConfig)
     optimization: OptimizationConfig = field(default_factory=OptimizationConfig)
     max_steps: int = 200_000
-    # Seeds model initialisation, the data order and every other random choice of the run (pico-train: 42).
+    # Seeds model initialisation, the data order (data.dataloader.shuffle) and every other random choice of
+    # the run (pico-train: 42).
     seed: int = 42
     # ReLoRA pretraining through PEFT LoRA layers (pico_hf.training.relora); off by default.
     relora: ReLoRAConfig = field(default_factory=ReLoRAConfig)

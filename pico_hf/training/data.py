@@ -4,17 +4,29 @@ Rows hold `input_ids` of `k * max_seq_len + 1` tokens (2049 for the published ru
 read as k windows of `max_seq_len + 1` tokens that share their boundary token, so one corpus serves any
 context length. The model sees `window[:-1]` and learns to predict `window[1:]`.
 
-The order is global and deterministic: optimizer step `s` consumes sequences `[s*B, (s+1)*B)` of the stream
-(B = `data.dataloader.batch_size`), split into `G * P` micro-batches (G accumulation steps, P processes);
-process `p` takes micro-batches `g*P + p`. Any process count therefore trains on the same global batches, and
-resuming at step `s` starts exactly at sequence `s*B`: by index for memory-mapped data, from a saved
-`datasets` stream state (whole shards and record batches skipped, nothing re-read from the start) for
-streamed data. The stream wraps around at its end.
+The order is global and deterministic. Sequences are numbered in the dataset's stored order (row by row, the
+windows of a row in turn); with a seed, each epoch reads consecutive blocks of `SHUFFLE_BLOCK_ROWS` rows in
+turn and the sequences of each block in an order drawn from (seed, epoch, block): a full shuffle of datasets
+up to that size, a local one beyond it, and the same order whether the data is streamed or memory-mapped.
+Without a seed the stored order is read as is (pico-train's order).
+
+Optimizer step `s` consumes positions `[s*B, (s+1)*B)` of that order (B = `data.dataloader.batch_size`), split
+into `G * P` micro-batches (G accumulation steps, P processes); process `p` takes micro-batches `g*P + p`. Any
+process count therefore trains on the same global batches, and resuming at step `s` starts exactly at
+position `s*B`.
+
+Memory-mapped data is read by index: each process reads only the sequences of its own micro-batches, and a
+resume reads nothing it skips. Streamed data has no random access: every process reads the stream through and
+keeps its micro-batches (reaching its rows means reading the rows before them), and a resume starts from a
+saved `datasets` stream state (whole shards and record batches skipped; a shuffled stream re-reads the block
+it stopped in). The data wraps around at its end.
 """
 
 from __future__ import annotations
 
+import functools
 import glob
+import itertools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
@@ -31,6 +45,18 @@ from .config import ConfigError
 
 EMBEDDED = "embedded"
 INPUT_IDS = "input_ids"
+# Rows per shuffle block: a streamed run holds one block in memory (8192 x 2049 int32 tokens, 67 MB, for the
+# published runs: 8 global batches) and re-reads at most one on resume. Changing it changes every seeded order.
+SHUFFLE_BLOCK_ROWS = 8192
+_ORDER_STREAM = 0x5EED  # keeps the data order's draws apart from the run's other (seed, ...) generators
+
+
+@functools.lru_cache(maxsize=4)
+def block_permutation(seed: int, epoch: int, block: int, size: int) -> np.ndarray:
+    """The order of one block's `size` sequences in an epoch: a pure function of (seed, epoch, block)."""
+    order = np.random.default_rng([seed, _ORDER_STREAM, epoch, block]).permutation(size)
+    order.flags.writeable = False  # shared through the cache
+    return order
 
 
 class DataError(ConfigError):
@@ -152,14 +178,35 @@ class BatchLayout:
             step_batch[(g * n + p) * m : (g * n + p + 1) * m] for g in range(self.gradient_accumulation_steps)
         ]
 
+    def positions(self, step: int) -> np.ndarray:
+        """(G, m) positions in the global order of this process's micro-batches of optimizer step `step`."""
+        m, p, n = self.micro_batch, self.process_index, self.num_processes
+        micro_batch_index = np.arange(self.gradient_accumulation_steps)[:, None] * n + p
+        return step * self.global_batch + micro_batch_index * m + np.arange(m)[None, :]
+
 
 class PretokenizedStream:
-    """The global stream of training sequences (max_seq_len + 1 tokens each), from any position."""
+    """The global order of training sequences (max_seq_len + 1 tokens each), readable from any position.
 
-    def __init__(self, name: str, max_seq_len: int, vocab_size: int, streaming: bool | None = None) -> None:
+    `seed`: the order is shuffled within blocks of `block_rows` rows, drawn from (seed, epoch, block); None
+    reads the dataset's stored order. `sequences_read` / `tokens_read` count what was read from storage."""
+
+    def __init__(
+        self,
+        name: str,
+        max_seq_len: int,
+        vocab_size: int,
+        streaming: bool | None = None,
+        seed: int | None = None,
+        block_rows: int = SHUFFLE_BLOCK_ROWS,
+    ) -> None:
         self.name = name
         self.max_seq_len = max_seq_len
         self.vocab_size = vocab_size
+        self.seed = seed
+        self.block_rows = block_rows
+        self.sequences_read = 0
+        self.tokens_read = 0
         self.dataset = open_pretokenized(name, "train", streaming)
         check_columns(self.dataset, name)
         self.streaming = isinstance(self.dataset, datasets.IterableDataset)
@@ -180,7 +227,7 @@ class PretokenizedStream:
         else:
             self.shard_rows = None
             self._check_all_rows()
-            self.dataset = self.dataset.select_columns([INPUT_IDS]).with_format("torch")
+            self._index_chunks()
 
     def _check_all_rows(self) -> None:
         """Lengths and ids of every row, vectorised over the memory-mapped arrow table."""
@@ -205,6 +252,20 @@ class PretokenizedStream:
             )
         self.num_rows = len(self.dataset)
 
+    def _index_chunks(self) -> None:
+        """Zero-copy numpy views of the memory-mapped column (row offsets and token values, per arrow chunk),
+        so that reading a sequence touches only its own `max_seq_len + 1` tokens."""
+        self._chunks: list[tuple[np.ndarray, np.ndarray]] = []
+        starts = [0]
+        for chunk in self.dataset.data.column(INPUT_IDS).chunks:
+            if isinstance(chunk, pa.FixedSizeListArray):
+                offsets = (np.arange(len(chunk) + 1) + chunk.offset) * chunk.type.list_size
+            else:  # list / large_list: offsets already count from the start of `values`
+                offsets = chunk.offsets.to_numpy()
+            self._chunks.append((offsets, chunk.values.to_numpy(zero_copy_only=False)))
+            starts.append(starts[-1] + len(chunk))
+        self._chunk_starts = np.asarray(starts[:-1])
+
     @property
     def num_sequences(self) -> int | None:
         return None if self.num_rows is None else self.num_rows * self.windows
@@ -223,30 +284,86 @@ class PretokenizedStream:
         """(R, k*T + 1) rows -> (R*k, T + 1) windows sharing boundary tokens."""
         return rows.unfold(1, self.max_seq_len + 1, self.max_seq_len).reshape(-1, self.max_seq_len + 1)
 
+    # --- memory-mapped data: the order by index, and reads of single sequences ---------------------------------
+
+    def sequence_ids(self, positions: np.ndarray) -> np.ndarray:
+        """Which sequence of the dataset (row * k + window) stands at each position of the global order."""
+        total = self.num_sequences
+        positions = np.asarray(positions, dtype=np.int64)
+        if self.seed is None:
+            return positions % total
+        epoch, index = np.divmod(positions, total)
+        per_block = self.block_rows * self.windows
+        block, offset = np.divmod(index, per_block)
+        ids = np.empty_like(positions)
+        for e, b in {(int(e), int(b)) for e, b in zip(epoch.ravel(), block.ravel(), strict=True)}:
+            chosen = (epoch == e) & (block == b)
+            size = min(per_block, total - b * per_block)
+            ids[chosen] = b * per_block + block_permutation(self.seed, e, b, size)[offset[chosen]]
+        return ids
+
+    def read(self, sequence_ids: np.ndarray) -> torch.Tensor:
+        """(n, T+1) token ids of the given sequences, read from the memory-mapped data (repeats allowed)."""
+        span = self.max_seq_len + 1
+        sequence_ids = np.asarray(sequence_ids, dtype=np.int64).ravel()
+        rows, windows = np.divmod(sequence_ids, self.windows)
+        chunk_of = np.searchsorted(self._chunk_starts, rows, side="right") - 1
+        out = np.empty((len(sequence_ids), span), dtype=np.int64)
+        for c in np.unique(chunk_of):
+            chosen = chunk_of == c
+            offsets, values = self._chunks[c]
+            starts = offsets[rows[chosen] - self._chunk_starts[c]] + windows[chosen] * self.max_seq_len
+            out[chosen] = values[starts[:, None] + np.arange(span)[None, :]]
+        self.sequences_read += len(sequence_ids)
+        self.tokens_read += out.size
+        return torch.from_numpy(out)
+
+    # --- the global batches, for any data -------------------------------------------------------------------
+
     def batches(
         self, start: int, batch_size: int, stream_state: dict | None = None
     ) -> Iterator[tuple[torch.Tensor, dict]]:
-        """Yield (batch of `batch_size` sequences, position after it), forever, from sequence `start`."""
+        """Yield (batch of `batch_size` sequences, position after it), forever, from position `start`."""
+        if self.streaming and self.seed is not None:
+            yield from self._shuffled_stream_batches(start, batch_size, stream_state)
+            return
         if self.streaming:
             yield from self._streamed_batches(start, batch_size, stream_state)
             return
-        total = self.num_sequences
         position = start
         while True:
-            seq_ids = torch.arange(position, position + batch_size) % total
-            row_ids = seq_ids // self.windows
-            rows = self.dataset[row_ids.tolist()][INPUT_IDS]  # (batch, k*T + 1), repeats allowed
-            starts = (seq_ids % self.windows) * self.max_seq_len
-            batch = torch.stack(
-                [rows[i, s : s + self.max_seq_len + 1] for i, s in enumerate(starts.tolist())]
-            )
+            batch = self.read(self.sequence_ids(np.arange(position, position + batch_size)))
             position += batch_size
-            yield batch.long(), {"sequence": position}
+            yield batch, {"sequence": position}
+
+    # --- streamed data ----------------------------------------------------------------------------------------
+
+    def _checked(self, ids: torch.Tensor, row_index: int) -> torch.Tensor:
+        """A streamed row, checked like row 0 (its length, its ids), counted as read."""
+        if ids.numel() != self.row_length:
+            raise DataError(
+                f"{self.where(row_index)} has {ids.numel()} tokens, expected {self.row_length} like row 0"
+            )
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+            bad = int(ids.max()) if int(ids.max()) >= self.vocab_size else int(ids.min())
+            raise DataError(
+                f"{self.where(row_index)} holds token id {bad}, outside the model's vocabulary of "
+                f"{self.vocab_size} (model.vocab_size)"
+            )
+        self.sequences_read += self.windows
+        self.tokens_read += ids.numel()
+        return ids
 
     def _streamed_batches(
         self, start: int, batch_size: int, stream_state: dict | None
     ) -> Iterator[tuple[torch.Tensor, dict]]:
+        """The stored order, row by row: a bad row is found when the step that needs it is read."""
         dataset = self.dataset.select_columns([INPUT_IDS])
+        if stream_state is not None and "block" in stream_state:
+            raise ConfigError(
+                f"The checkpoint's position in dataset '{self.name}' is one of a shuffled order: resume it "
+                "with data.dataloader.shuffle=true"
+            )
         skip_windows = start % self.windows if stream_state is None else stream_state["window"]
         if stream_state is not None:
             dataset.load_state_dict(stream_state["datasets"])
@@ -260,17 +377,7 @@ class PretokenizedStream:
         while True:
             for row in dataset:
                 state = dataset.state_dict()  # the position after this row
-                ids = torch.as_tensor(row[INPUT_IDS], dtype=torch.long)
-                if ids.numel() != self.row_length:
-                    raise DataError(
-                        f"{self.where(row_index)} has {ids.numel()} tokens, expected {self.row_length} like row 0"
-                    )
-                if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
-                    bad = int(ids.max()) if int(ids.max()) >= self.vocab_size else int(ids.min())
-                    raise DataError(
-                        f"{self.where(row_index)} holds token id {bad}, outside the model's vocabulary of "
-                        f"{self.vocab_size} (model.vocab_size)"
-                    )
+                ids = self._checked(torch.as_tensor(row[INPUT_IDS], dtype=torch.long), row_index)
                 row_index += 1
                 windows = self._split_rows(ids[None])[skip_windows:]
                 for offset, window in enumerate(windows, start=skip_windows):
@@ -291,12 +398,83 @@ class PretokenizedStream:
             dataset = self.dataset.select_columns([INPUT_IDS])  # end of data: wrap around
             previous_state = dataset.state_dict()
 
+    def _shuffled_stream_batches(
+        self, start: int, batch_size: int, stream_state: dict | None
+    ) -> Iterator[tuple[torch.Tensor, dict]]:
+        """Blocks of `block_rows` rows read in stream order, each shuffled as `sequence_ids` shuffles it; a
+        position is the stream state at its block's start plus the sequences consumed in the block."""
+        assert self.seed is not None
+        dataset = self.dataset.select_columns([INPUT_IDS])
+        epoch, block, offset, skip = 0, 0, 0, start  # no saved state: read from the start up to `start`
+        if stream_state is not None:
+            if "block" not in stream_state:
+                raise ConfigError(
+                    f"The checkpoint's position in dataset '{self.name}' is one of its stored order: resume it "
+                    "with data.dataloader.shuffle=false"
+                )
+            dataset.load_state_dict(stream_state["datasets"])
+            epoch, block, offset, skip = (
+                stream_state["epoch"],
+                stream_state["block"],
+                stream_state["offset"],
+                0,
+            )
+        rows = self._checked_rows(dataset, block * self.block_rows)
+        pending: list[torch.Tensor] = []
+        pending_count, position = 0, start
+        while True:
+            block_state = dataset.state_dict()
+            read = list(itertools.islice(rows, self.block_rows))
+            if len(read) < self.block_rows:  # the end of the data: the next block starts the next epoch
+                next_dataset = self.dataset.select_columns([INPUT_IDS])
+                following = (next_dataset.state_dict(), epoch + 1, 0)
+            else:
+                next_dataset = dataset
+                following = (dataset.state_dict(), epoch, block + 1)
+            if read:
+                windows = self._split_rows(torch.stack(read))
+                windows = windows[torch.tensor(block_permutation(self.seed, epoch, block, len(windows)))]
+                if skip:
+                    skipped = min(skip, len(windows) - offset)
+                    offset, skip = offset + skipped, skip - skipped
+                while offset < len(windows):
+                    take = min(batch_size - pending_count, len(windows) - offset)
+                    pending.append(windows[offset : offset + take])
+                    pending_count, offset, position = pending_count + take, offset + take, position + take
+                    if pending_count == batch_size:
+                        if offset == len(windows):
+                            state, at_epoch, at_block = following
+                            after = {"datasets": state, "epoch": at_epoch, "block": at_block, "offset": 0}
+                        else:
+                            after = {
+                                "datasets": block_state,
+                                "epoch": epoch,
+                                "block": block,
+                                "offset": offset,
+                            }
+                        yield torch.cat(pending).long(), {"sequence": position, **after}
+                        pending, pending_count = [], 0
+            elif epoch == 0 and block == 0:
+                raise ConfigError(f"Dataset '{self.name}' is empty")
+            if next_dataset is not dataset:
+                dataset = next_dataset
+                rows = self._checked_rows(dataset, 0)
+            _, epoch, block = following
+            offset = 0
+
+    def _checked_rows(self, dataset: datasets.IterableDataset, row_index: int) -> Iterator[torch.Tensor]:
+        """The stream's rows from where it stands, checked, as int32 (a block holds many)."""
+        for row in dataset:
+            yield self._checked(torch.as_tensor(row[INPUT_IDS], dtype=torch.long), row_index).int()
+            row_index += 1
+
 
 class TrainingSequences(torch.utils.data.IterableDataset):
     """This process's training micro-batches, from optimizer step `start_step` on.
 
-    Every process reads each whole global batch, so the stream position after any step is the same on all
-    of them (one saved position serves every process count)."""
+    Memory-mapped data: each process reads only its own micro-batches' sequences. Streamed data: every
+    process reads each whole global batch (the stream has no random access), so the stream position after
+    any step is the same on all of them. Either way one saved position serves every process count."""
 
     def __init__(
         self,
@@ -322,6 +500,19 @@ class TrainingSequences(torch.utils.data.IterableDataset):
         return self._positions[step]
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self.stream.streaming:
+            yield from self._from_global_batches()
+            return
+        layout, span = self.layout, self.stream.max_seq_len + 1
+        for step in itertools.count(self.start_step):
+            positions = layout.positions(step)
+            sequences = self.stream.read(self.stream.sequence_ids(positions)).view(*positions.shape, span)
+            self._positions = {k: v for k, v in self._positions.items() if k >= step - 1}
+            self._positions[step + 1] = {"sequence": (step + 1) * layout.global_batch}
+            for micro_batch in sequences:
+                yield to_model_inputs(micro_batch)
+
+    def _from_global_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         start = self.start_step * self.layout.global_batch
         global_batches = self.stream.batches(start, self.layout.global_batch, self.stream_state)
         try:

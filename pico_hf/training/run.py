@@ -325,6 +325,7 @@ def _build_job(
         config.model.max_seq_len,
         config.model.vocab_size,
         config.data.dataset.streaming,
+        seed=config.training.seed if config.data.dataloader.shuffle else None,
     )
     check_data_fits(config, stream)
     model = build_model(config, tokenizer)

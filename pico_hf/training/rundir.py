@@ -26,6 +26,9 @@ LOCK_NAME = "run.lock"
 # What a checkpoint's weights and data position depend on: resuming with any of these changed would mix runs.
 IDENTITY_SECTIONS = ("model", "data")
 IDENTITY_KEYS = ("training.seed",)
+# Identity keys added after runs were made without them, with the value those runs had (they read the data in
+# its stored order): such a run resumes with that value and is refused with the new default.
+ADDED_KEYS = {"data.dataloader.shuffle": False}
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -66,7 +69,7 @@ def check_existing_run(config: PicoTrainingConfig, checkpoints_dir: Path) -> Non
     saved = run_dir / CONFIG_NAME
     if not saved.exists():
         return
-    stored = _identity(yaml.safe_load(saved.read_text()) or {})
+    stored = {**ADDED_KEYS, **_identity(yaml.safe_load(saved.read_text()) or {})}
     current = _identity(config.to_dict())
     differing = sorted(k for k in stored.keys() | current.keys() if stored.get(k) != current.get(k))
     if differing:
