@@ -40,7 +40,7 @@ import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -56,6 +56,9 @@ from .perplexity import (
     resolve_dataset,
     text_perplexities,
 )
+
+if TYPE_CHECKING:
+    from .harness import TaskSelection
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +111,7 @@ class EvaluationCallback(CheckpointContributor):
         tokenizer: Any = None,
         lm_eval_limit: float | None = None,
         lm_eval_batch_size: int = 8,
+        lm_eval_data_parallel: bool = True,
     ) -> None:
         self.metrics = metrics
         self.token_ids = token_ids  # the evaluation texts, tokenized and truncated once
@@ -119,6 +123,9 @@ class EvaluationCallback(CheckpointContributor):
         self.tokenizer = tokenizer
         self.lm_eval_limit = lm_eval_limit
         self.lm_eval_batch_size = lm_eval_batch_size
+        # Several processes share the lm-eval documents out (faster than process 0 alone, see the README's
+        # benchmarks), unless a task is few-shot: its examples would then differ from a 1-process run's.
+        self.lm_eval_data_parallel = lm_eval_data_parallel
         # (step, seconds) of every evaluation this process ran: what evaluation costs the run.
         self.timings: list[tuple[int, float]] = []
 
@@ -153,11 +160,15 @@ class EvaluationCallback(CheckpointContributor):
         return results
 
     def lm_eval(self, model: torch.nn.Module, args: TrainingArguments) -> dict[str, dict[str, float]]:
-        """{task: {metric: value}}, computed by process 0 and broadcast to the others."""
+        """{task: {metric: value}}, the same on every process. With several processes and
+        `lm_eval_data_parallel`, every process scores its share of each task's documents and lm-eval merges
+        them on process 0; otherwise process 0 scores them all while the others wait. Either way process 0
+        broadcasts the scores."""
         from .harness import evaluate
 
+        data_parallel = args.world_size > 1 and self.lm_eval_data_parallel
         scores = [None]
-        if args.process_index == 0:
+        if data_parallel or args.process_index == 0:
             report = evaluate(
                 model,
                 self.tokenizer,
@@ -165,8 +176,9 @@ class EvaluationCallback(CheckpointContributor):
                 limit=self.lm_eval_limit,
                 batch_size=self.lm_eval_batch_size,
                 bootstrap_iters=0,  # no stderr: it would cost more than the evaluation
+                distributed=data_parallel,
             )
-            scores = [report.scores()]
+            scores = [report.scores()]  # empty on processes other than 0 of a data-parallel evaluation
         if args.world_size > 1:
             from accelerate.utils import broadcast_object_list
 
@@ -216,10 +228,15 @@ def report(trainer: Any, results: dict[str, Any]) -> None:
 
 def check_lm_eval_tasks(config: PicoTrainingConfig, warn: bool = True) -> list[str]:
     """The lm-eval tasks of `evaluation.metrics` that can run; unknown names are config errors."""
+    return _lm_eval_selection(config, warn).runnable
+
+
+def _lm_eval_selection(config: PicoTrainingConfig, warn: bool = True) -> TaskSelection:
+    from .harness import EvaluationError, TaskSelection, resolve_tasks, task_manager_for
+
     names = [m for m in config.evaluation.metrics or [] if m != PALOMA]
     if not names:
-        return []
-    from .harness import EvaluationError, resolve_tasks, task_manager_for
+        return TaskSelection(runnable=[])
 
     lm_eval = config.evaluation.lm_eval
     if lm_eval.batch_size < 1:
@@ -233,7 +250,7 @@ def check_lm_eval_tasks(config: PicoTrainingConfig, warn: bool = True) -> list[s
     for task, reason in selection.skipped.items():
         if warn:
             logger.warning("Evaluation skips %s at every checkpoint: %s", task, reason)
-    return selection.runnable
+    return selection
 
 
 def check_evaluation_config(config: PicoTrainingConfig) -> list[str]:
@@ -268,7 +285,13 @@ def build_evaluation_callbacks(config: PicoTrainingConfig, run: RunLayout) -> li
     from ..tokenization import load_tokenizer
 
     is_main = PartialState().is_main_process
-    tasks = check_lm_eval_tasks(config, warn=is_main)
+    selection = _lm_eval_selection(config, warn=is_main)
+    if selection.few_shot and PartialState().num_processes > 1 and is_main:
+        logger.warning(
+            "Evaluation runs the lm-eval tasks on process 0 alone: %s draw few-shot examples per process, "
+            "so sharing their documents out would change the examples",
+            ", ".join(selection.few_shot[:3]) + (" and more" if len(selection.few_shot) > 3 else ""),
+        )
     tokenizer = load_tokenizer(config.data.tokenizer.name)
     paloma = config.evaluation.paloma
     name, token_ids = "", []
@@ -287,10 +310,11 @@ def build_evaluation_callbacks(config: PicoTrainingConfig, run: RunLayout) -> li
             paloma.batch_size,
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
             name,
-            tasks=tasks,
+            tasks=selection.runnable,
             tokenizer=tokenizer,
             lm_eval_limit=config.evaluation.lm_eval.limit,
             lm_eval_batch_size=config.evaluation.lm_eval.batch_size,
+            lm_eval_data_parallel=not selection.few_shot,
         )
     ]
 
