@@ -348,12 +348,15 @@ def data_parallel_worker(tasks: list[str], limit: int, repeats: int, batch_size:
     args = SimpleNamespace(process_index=rank, world_size=world_size)
     strategies = {"data_parallel": True, "process_zero": False}
 
+    cpu: dict[str, list[float]] = {name: [] for name in strategies}
+
     def run(name: str) -> tuple[float, dict[str, Any]]:
         callback.lm_eval_data_parallel = strategies[name]
         dist.barrier()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         with isolated_evaluation(model):
             scores = callback.lm_eval(model, args)  # ends with a broadcast every process waits for
+        cpu[name].append(time.process_time() - start_cpu)
         return time.perf_counter() - start, scores
 
     for name in strategies:  # warm-up: first-time imports and allocations
@@ -364,8 +367,9 @@ def data_parallel_worker(tasks: list[str], limit: int, repeats: int, batch_size:
         for name in strategies if round_index % 2 == 0 else reversed(list(strategies)):
             elapsed, scores[name] = run(name)
             seconds[name].append(elapsed)
-    threads = [None] * world_size
+    threads, cpu_seconds = [None] * world_size, [None] * world_size
     dist.all_gather_object(threads, torch.get_num_threads())
+    dist.all_gather_object(cpu_seconds, {name: statistics.median(t[1:]) for name, t in cpu.items()})
     if rank == 0:
         ratios = [dp / p0 for dp, p0 in zip(seconds["data_parallel"], seconds["process_zero"], strict=True)]
         print(DP_MARKER + json.dumps({
@@ -377,6 +381,10 @@ def data_parallel_worker(tasks: list[str], limit: int, repeats: int, batch_size:
             "seconds_per_evaluation": {name: round(statistics.median(t), 3) for name, t in seconds.items()},
             "ratio_data_parallel_over_process_zero": round(statistics.median(ratios), 3),
             "round_ratios": [round(r, 3) for r in ratios],
+            # CPU seconds each process spent per evaluation: how the work splits, apart from machine load
+            "cpu_seconds_per_process": {
+                name: [round(c[name], 3) for c in cpu_seconds] for name in strategies
+            },
             "same_scores": scores["data_parallel"] == scores["process_zero"],
         }), flush=True)  # fmt: skip
     dist.destroy_process_group()
