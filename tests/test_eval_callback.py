@@ -282,7 +282,8 @@ def test_bad_evaluation_config_fails_before_training(tmp_path, overrides, messag
 @pytest.mark.slow
 def test_two_processes_share_the_evaluation(evaluated_run, tmp_path):
     """With two processes each scores half of the texts; the gathered values match the one-process run. The
-    lm-eval tasks run on process 0 alone: their scores are those of the checkpoint evaluated by one process."""
+    lm-eval tasks' documents are shared out too: their scores are those of the checkpoint evaluated by one
+    process."""
     from pico_hf.evaluation.harness import evaluate
 
     _, config, _ = evaluated_run
@@ -328,6 +329,7 @@ def test_two_processes_share_the_lm_eval_documents_and_score_as_one(tmp_path):
         "data.tokenizer.name": OLMO_TOKENIZER_ID,
         "data.tokenizer.vocab_size": 50304,
         "model.vocab_size": 50304,
+        "model.max_seq_len": 32,  # room for every continuation (lm-eval truncates contexts from the left)
         "evaluation.metrics": "[paloma, pico_arc_easy, pico_blimp]",
         "evaluation.lm_eval.limit": 5,
         "evaluation.lm_eval.batch_size": 4,
@@ -341,8 +343,10 @@ def test_two_processes_share_the_lm_eval_documents_and_score_as_one(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert_world_size(result.stderr, 2)
-    # lm-eval built each process's requests from its own share of the documents.
-    assert "Building contexts for pico_arc_easy on rank 1" in result.stderr, result.stderr[-3000:]
+    # Process 0 (the one drawing the requests' bar) scored its share of the documents: 3 of the 5 questions
+    # x 4 choices and 3 of the 5 pairs x 2 sentences of each of the 67 BLiMP tasks, not all 690 requests.
+    assert "Running loglikelihood requests:   0%|          | 0/414 " in result.stderr, result.stderr[-3000:]
+    assert "/690 " not in result.stderr
     two_dir = tmp_path / "two" / "runs" / "tiny"
     two, ones = eval_results(two_dir), eval_results(one.run_dir)
     assert two.keys() == ones.keys() == {0, 2}
