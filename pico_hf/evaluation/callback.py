@@ -18,10 +18,13 @@ pico_arc_easy]`), run through `pico_hf.evaluation.harness.evaluate` on the live 
 model object itself: no reload, no copy of the weights), with `evaluation.lm_eval.limit` documents per task and
 `evaluation.lm_eval.batch_size`. Its scores go to `step_N.json` as `{"pico_arc_easy": {"acc": 0.25, ...}}` and
 are logged as `eval_pico_arc_easy/acc`. Unknown names are config errors before the first step; tasks that need
-an unreachable Hub are skipped with a one-line warning at start. With several processes, process 0 runs the
-lm-eval tasks while the others wait for its scores (broadcast to all, so every process logs the same values and
-they equal a 1-process run); this needs a replicated model (DDP), not a sharded one (FSDP, DeepSpeed), whose
-forward needs every process.
+an unreachable Hub are skipped with a one-line warning at start. With several processes, every process scores
+its share of each task's documents (lm-eval's data-parallel evaluation, through the process group training
+already has) and process 0 broadcasts the merged scores, so every process logs the same values and they equal
+a 1-process run's; a few-shot task keeps them all on process 0 (lm-eval draws each process's examples from its
+own generator), the others waiting. Either way each process runs its forward passes alone: this needs a
+replicated model (DDP), not a sharded one (FSDP, DeepSpeed ZeRO-3), whose forward passes must be in step
+across processes.
 
 The live model is evaluated (no reload from disk), in eval mode under no_grad; its train/eval mode, its
 gradients and the global RNG states (python, numpy, torch, CUDA) are left exactly as they were, so a run
@@ -197,7 +200,8 @@ class EvaluationCallback(CheckpointContributor):
         sharded = trainer is not None and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled)
         if self.tasks and args.world_size > 1 and sharded:
             raise ConfigError(
-                "evaluation.metrics: lm-eval tasks run on process 0 alone and need a replicated model (DDP); "
+                "evaluation.metrics: lm-eval tasks run each process's forward passes alone and need a "
+                "replicated model (DDP); "
                 f"with a sharded one evaluate the saved checkpoints with eval/run.py (tasks: {self.tasks})"
             )
         start = time.perf_counter()
