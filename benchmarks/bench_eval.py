@@ -22,12 +22,21 @@ training time that evaluating every checkpoint costs at the demo config.
    `--metrics paloma,pico_blimp --lm_eval_limit 100` prices those settings instead
    (`evaluation.metrics`, `evaluation.lm_eval.limit` documents per sub-task). Goal: <= 15%.
 
+4. `data_parallel` (`--data_parallel`): lm-eval tasks at a checkpoint (`EvaluationCallback.lm_eval`, as
+   `evaluation.metrics` runs them) on 2 real processes (`torchrun --nproc_per_node 2`, gloo, the threads
+   torchrun gives each: OMP_NUM_THREADS=1 unless set), every process sharing each task's documents out
+   (lm-eval's data-parallel evaluation) vs process 0 scoring them all while the other waits, interleaved.
+   `ratio_data_parallel_over_process_zero`: the median of the per-round ratios of wall time per evaluation
+   (< 1: sharing out is faster); `same_scores`: both give the same scores (process 0 alone is a 1-process
+   evaluation). `--dp_tasks`, `--dp_limit` (documents per task), `--repeats`.
+
 Prints one JSON object.
 
     python benchmarks/bench_eval.py [--model DIR] [--tasks pico_paloma,pico_arc_easy,pico_hellaswag]
         [--limit 20] [--repeats 3] [--train_steps 8] [--save_every 2] [--max_samples N] [--device cpu]
         [--blimp_uids all|UID,UID] [--blimp_limit 50] [--metrics paloma] [--lm_eval_limit N]
         [--skip_lm_eval] [--skip_blimp] [--skip_training]
+        [--data_parallel] [--dp_tasks pico_arc_easy,pico_blimp] [--dp_limit 10]
 """
 
 from __future__ import annotations
@@ -35,10 +44,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import datasets
@@ -48,8 +61,14 @@ from transformers import TrainerCallback
 
 from pico_hf import PicoDecoderConfig, PicoDecoderForCausalLM
 from pico_hf.convert import main as convert
-from pico_hf.evaluation.callback import EvaluationCallback, build_evaluation_callbacks
-from pico_hf.evaluation.harness import lm_eval_blimp_tasks, load_model, task_manager
+from pico_hf.evaluation.callback import EvaluationCallback, build_evaluation_callbacks, isolated_evaluation
+from pico_hf.evaluation.harness import (
+    lm_eval_blimp_tasks,
+    load_model,
+    resolve_tasks,
+    task_manager,
+    task_manager_for,
+)
 from pico_hf.evaluation.tasks_dir import TASKS_DIR
 from pico_hf.tokenization import load_tokenizer
 from pico_hf.training.config import load_config
@@ -285,6 +304,92 @@ def in_training_cost(
     }
 
 
+DP_MARKER = "data_parallel_result: "
+
+
+def data_parallel_cost(tasks: list[str], limit: int, repeats: int, batch_size: int) -> dict[str, Any]:
+    """Launch this script's `data_parallel_worker` on 2 processes with torchrun and return its measurement."""
+    import socket
+
+    with socket.socket() as probe:  # a free rendezvous port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+        __file__, "--data_parallel_worker", "--dp_tasks", ",".join(tasks), "--dp_limit", str(limit),
+        "--repeats", str(repeats), "--batch_size", str(batch_size),
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    lines = [line for line in result.stdout.splitlines() if line.startswith(DP_MARKER)]
+    if result.returncode != 0 or not lines:
+        raise RuntimeError(
+            f"the 2-process measurement failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+        )
+    return json.loads(lines[-1][len(DP_MARKER) :])
+
+
+def data_parallel_worker(tasks: list[str], limit: int, repeats: int, batch_size: int) -> None:
+    """One of the torchrun processes: the demo model (random weights, the same on both), then rounds of both
+    strategies of `EvaluationCallback.lm_eval`, alternating which goes first."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    demo, _ = load_config(DEMO_CONFIG)
+    torch.manual_seed(0)
+    model = PicoDecoderForCausalLM(PicoDecoderConfig.tiny(max_seq_len=demo.model.max_seq_len))
+    runnable = resolve_tasks(tasks, task_manager_for(tasks)).runnable
+    with tempfile.TemporaryDirectory() as tmp:
+        callback = EvaluationCallback(
+            runnable, [], Path(tmp), batch_size, tasks=runnable, tokenizer=load_tokenizer(),
+            lm_eval_limit=limit, lm_eval_batch_size=batch_size,
+        )  # fmt: skip
+    args = SimpleNamespace(process_index=rank, world_size=world_size)
+    strategies = {"data_parallel": True, "process_zero": False}
+
+    cpu: dict[str, list[float]] = {name: [] for name in strategies}
+
+    def run(name: str) -> tuple[float, dict[str, Any]]:
+        callback.lm_eval_data_parallel = strategies[name]
+        dist.barrier()
+        start, start_cpu = time.perf_counter(), time.process_time()
+        with isolated_evaluation(model):
+            scores = callback.lm_eval(model, args)  # ends with a broadcast every process waits for
+        cpu[name].append(time.process_time() - start_cpu)
+        return time.perf_counter() - start, scores
+
+    for name in strategies:  # warm-up: first-time imports and allocations
+        run(name)
+    seconds: dict[str, list[float]] = {name: [] for name in strategies}
+    scores: dict[str, Any] = {}
+    for round_index in range(repeats):
+        for name in strategies if round_index % 2 == 0 else reversed(list(strategies)):
+            elapsed, scores[name] = run(name)
+            seconds[name].append(elapsed)
+    threads, cpu_seconds = [None] * world_size, [None] * world_size
+    dist.all_gather_object(threads, torch.get_num_threads())
+    dist.all_gather_object(cpu_seconds, {name: statistics.median(t[1:]) for name, t in cpu.items()})
+    if rank == 0:
+        ratios = [dp / p0 for dp, p0 in zip(seconds["data_parallel"], seconds["process_zero"], strict=True)]
+        print(DP_MARKER + json.dumps({
+            "processes": world_size,
+            "threads_per_process": threads,
+            "tasks": tasks,
+            "limit": limit,
+            "batch_size": batch_size,
+            "seconds_per_evaluation": {name: round(statistics.median(t), 3) for name, t in seconds.items()},
+            "ratio_data_parallel_over_process_zero": round(statistics.median(ratios), 3),
+            "round_ratios": [round(r, 3) for r in ratios],
+            # CPU seconds each process spent per evaluation: how the work splits, apart from machine load
+            "cpu_seconds_per_process": {
+                name: [round(c[name], 3) for c in cpu_seconds] for name in strategies
+            },
+            "same_scores": scores["data_parallel"] == scores["process_zero"],
+        }), flush=True)  # fmt: skip
+    dist.destroy_process_group()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="pico checkpoint directory (default: the demo model, random weights)")
@@ -322,10 +427,27 @@ def main() -> None:
     )
     parser.add_argument("--skip_blimp", action="store_true", help="skip the pico_blimp vs blimp comparison")
     parser.add_argument("--skip_training", action="store_true", help="skip in-training evaluation")
+    parser.add_argument(
+        "--data_parallel",
+        action="store_true",
+        help="also time lm-eval tasks on 2 processes: shared out vs on process 0 alone",
+    )
+    parser.add_argument("--dp_tasks", default="pico_arc_easy,pico_blimp", help="tasks of --data_parallel")
+    parser.add_argument(
+        "--dp_limit",
+        type=int,
+        default=10,
+        help="documents per task of --data_parallel (default: %(default)s)",
+    )
+    parser.add_argument("--data_parallel_worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
+    dp_tasks = [t.strip() for t in args.dp_tasks.split(",") if t.strip()]
+    if args.data_parallel_worker:
+        data_parallel_worker(dp_tasks, args.dp_limit, args.repeats, args.batch_size)
+        return
 
     results: dict[str, Any] = {"device": args.device, "threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:
@@ -348,6 +470,8 @@ def main() -> None:
         results["in_training_evaluation"] = in_training_cost(
             args.train_steps, args.save_every, args.max_samples, metrics, args.lm_eval_limit
         )
+    if args.data_parallel:
+        results["data_parallel"] = data_parallel_cost(dp_tasks, args.dp_limit, args.repeats, args.batch_size)
     print(json.dumps(results, indent=2))
 
 

@@ -282,7 +282,8 @@ def test_bad_evaluation_config_fails_before_training(tmp_path, overrides, messag
 @pytest.mark.slow
 def test_two_processes_share_the_evaluation(evaluated_run, tmp_path):
     """With two processes each scores half of the texts; the gathered values match the one-process run. The
-    lm-eval tasks run on process 0 alone: their scores are those of the checkpoint evaluated by one process."""
+    lm-eval tasks' documents are shared out too: their scores are those of the checkpoint evaluated by one
+    process."""
     from pico_hf.evaluation.harness import evaluate
 
     _, config, _ = evaluated_run
@@ -307,3 +308,59 @@ def test_two_processes_share_the_evaluation(evaluated_run, tmp_path):
         tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         offline = evaluate(model, tokenizer, ["pico_arc_easy"], limit=3, bootstrap_iters=0)
         assert two[step]["pico_arc_easy"] == pytest.approx(offline.scores()["pico_arc_easy"], abs=1e-9), step
+
+
+def lm_eval_scores(results):
+    """The lm-eval part of a step_N.json: {task: {metric: value}}."""
+    return {name: value for name, value in results.items() if isinstance(value, dict)}
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_lm_eval_documents_and_score_as_one(tmp_path):
+    """With two processes each scores its share of every lm-eval task's documents (lm-eval's data-parallel
+    evaluation on the live model) and the merged scores equal a 1-process run's, exactly: `acc` is a mean of
+    0/1 outcomes, each decided by a log-likelihood comparison far from a tie, so no rounding can move it."""
+    from pico_hf.evaluation.harness import evaluate
+    from pico_hf.tokenization import OLMO_TOKENIZER_ID
+
+    lm_eval = {
+        # The OLMo tokenizer, so the tasks' English texts are real tokens (the word tokenizer reads them as
+        # unknown tokens: equal log-likelihoods, ties decided by rounding).
+        "data.tokenizer.name": OLMO_TOKENIZER_ID,
+        "data.tokenizer.vocab_size": 50304,
+        "model.vocab_size": 50304,
+        "model.max_seq_len": 32,  # room for every continuation (lm-eval truncates contexts from the left)
+        "evaluation.metrics": "[paloma, pico_arc_easy, pico_blimp]",
+        "evaluation.lm_eval.limit": 5,
+        "evaluation.lm_eval.batch_size": 4,
+        "training.max_steps": 2,
+    }
+    _, one = train(tmp_path / "one", **evaluation_overrides(tmp_path, **lm_eval))
+    overrides = tiny_training_overrides(tmp_path / "two", **evaluation_overrides(tmp_path, **lm_eval))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [*train_command(2), *overrides], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert_world_size(result.stderr, 2)
+    # Process 0 (the one drawing the requests' bar) scored its share of the documents: 3 of the 5 questions
+    # x 4 choices and 3 of the 5 pairs x 2 sentences of each of the 67 BLiMP tasks, not all 690 requests.
+    assert "Running loglikelihood requests:   0%|          | 0/414 " in result.stderr, result.stderr[-3000:]
+    assert "/690 " not in result.stderr
+    two_dir = tmp_path / "two" / "runs" / "tiny"
+    two, ones = eval_results(two_dir), eval_results(one.run_dir)
+    assert two.keys() == ones.keys() == {0, 2}
+    scores = lm_eval_scores(two[0])
+    assert {"pico_arc_easy", "pico_blimp", "pico_blimp_adjunct_island"} <= scores.keys()
+    assert len(scores) == 2 + 67  # arc, the BLiMP group and its 67 tasks
+    # Step 0: the same weights in both runs, so the same scores, exactly.
+    assert scores == lm_eval_scores(ones[0])
+    assert two[0]["paloma"] == pytest.approx(ones[0]["paloma"], rel=1e-6)  # gathered perplexities
+    # Step 2: two processes trained with another reduction order; a 1-process evaluation of that checkpoint.
+    checkpoint = two_dir / "checkpoints" / "step_2"
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    offline = evaluate(
+        model, tokenizer, ["pico_arc_easy", "pico_blimp"], limit=5, batch_size=4, bootstrap_iters=0
+    )
+    assert lm_eval_scores(two[2]) == offline.scores()

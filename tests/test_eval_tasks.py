@@ -452,3 +452,15 @@ def test_pico_blimp_group_is_the_mean_of_its_tasks(checkpoint, manager):
     assert len(subtasks) == 67
     mean = sum(values[name]["acc"] for name in subtasks) / 67
     assert values["pico_blimp"]["acc"] == pytest.approx(mean, abs=1e-12)
+
+
+def test_few_shot_tasks_are_told_apart(tmp_path):
+    """Few-shot tasks draw their examples per process, so the in-training evaluation keeps them on process 0:
+    resolve_tasks names them (through groups, includes and tags)."""
+    (tmp_path / "few_shot_arc.yaml").write_text(
+        f"include: {TASKS_DIR / 'pico_arc_easy.yaml'}\ntask: few_shot_arc\ntag: []\nnum_fewshot: 2\n"
+    )
+    manager = task_manager([TASKS_DIR, tmp_path], include_defaults=False)
+    assert resolve_tasks(["pico_blimp", "pico_arc_easy"], manager, hub_available=False).few_shot == []
+    selection = resolve_tasks(["pico_blimp", "few_shot_arc"], manager, hub_available=False)
+    assert selection.runnable == ["pico_blimp", "few_shot_arc"] and selection.few_shot == ["few_shot_arc"]

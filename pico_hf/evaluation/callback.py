@@ -18,10 +18,13 @@ pico_arc_easy]`), run through `pico_hf.evaluation.harness.evaluate` on the live 
 model object itself: no reload, no copy of the weights), with `evaluation.lm_eval.limit` documents per task and
 `evaluation.lm_eval.batch_size`. Its scores go to `step_N.json` as `{"pico_arc_easy": {"acc": 0.25, ...}}` and
 are logged as `eval_pico_arc_easy/acc`. Unknown names are config errors before the first step; tasks that need
-an unreachable Hub are skipped with a one-line warning at start. With several processes, process 0 runs the
-lm-eval tasks while the others wait for its scores (broadcast to all, so every process logs the same values and
-they equal a 1-process run); this needs a replicated model (DDP), not a sharded one (FSDP, DeepSpeed), whose
-forward needs every process.
+an unreachable Hub are skipped with a one-line warning at start. With several processes, every process scores
+its share of each task's documents (lm-eval's data-parallel evaluation, through the process group training
+already has) and process 0 broadcasts the merged scores, so every process logs the same values and they equal
+a 1-process run's; a few-shot task keeps them all on process 0 (lm-eval draws each process's examples from its
+own generator), the others waiting. Either way each process runs its forward passes alone: this needs a
+replicated model (DDP), not a sharded one (FSDP, DeepSpeed ZeRO-3), whose forward passes must be in step
+across processes.
 
 The live model is evaluated (no reload from disk), in eval mode under no_grad; its train/eval mode, its
 gradients and the global RNG states (python, numpy, torch, CUDA) are left exactly as they were, so a run
@@ -40,7 +43,7 @@ import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -56,6 +59,9 @@ from .perplexity import (
     resolve_dataset,
     text_perplexities,
 )
+
+if TYPE_CHECKING:
+    from .harness import TaskSelection
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +114,7 @@ class EvaluationCallback(CheckpointContributor):
         tokenizer: Any = None,
         lm_eval_limit: float | None = None,
         lm_eval_batch_size: int = 8,
+        lm_eval_data_parallel: bool = True,
     ) -> None:
         self.metrics = metrics
         self.token_ids = token_ids  # the evaluation texts, tokenized and truncated once
@@ -119,6 +126,9 @@ class EvaluationCallback(CheckpointContributor):
         self.tokenizer = tokenizer
         self.lm_eval_limit = lm_eval_limit
         self.lm_eval_batch_size = lm_eval_batch_size
+        # Several processes share the lm-eval documents out (faster than process 0 alone, see the README's
+        # benchmarks), unless a task is few-shot: its examples would then differ from a 1-process run's.
+        self.lm_eval_data_parallel = lm_eval_data_parallel
         # (step, seconds) of every evaluation this process ran: what evaluation costs the run.
         self.timings: list[tuple[int, float]] = []
 
@@ -153,11 +163,15 @@ class EvaluationCallback(CheckpointContributor):
         return results
 
     def lm_eval(self, model: torch.nn.Module, args: TrainingArguments) -> dict[str, dict[str, float]]:
-        """{task: {metric: value}}, computed by process 0 and broadcast to the others."""
+        """{task: {metric: value}}, the same on every process. With several processes and
+        `lm_eval_data_parallel`, every process scores its share of each task's documents and lm-eval merges
+        them on process 0; otherwise process 0 scores them all while the others wait. Either way process 0
+        broadcasts the scores."""
         from .harness import evaluate
 
+        data_parallel = args.world_size > 1 and self.lm_eval_data_parallel
         scores = [None]
-        if args.process_index == 0:
+        if data_parallel or args.process_index == 0:
             report = evaluate(
                 model,
                 self.tokenizer,
@@ -165,8 +179,9 @@ class EvaluationCallback(CheckpointContributor):
                 limit=self.lm_eval_limit,
                 batch_size=self.lm_eval_batch_size,
                 bootstrap_iters=0,  # no stderr: it would cost more than the evaluation
+                distributed=data_parallel,
             )
-            scores = [report.scores()]
+            scores = [report.scores()]  # empty on processes other than 0 of a data-parallel evaluation
         if args.world_size > 1:
             from accelerate.utils import broadcast_object_list
 
@@ -185,7 +200,8 @@ class EvaluationCallback(CheckpointContributor):
         sharded = trainer is not None and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled)
         if self.tasks and args.world_size > 1 and sharded:
             raise ConfigError(
-                "evaluation.metrics: lm-eval tasks run on process 0 alone and need a replicated model (DDP); "
+                "evaluation.metrics: lm-eval tasks run each process's forward passes alone and need a "
+                "replicated model (DDP); "
                 f"with a sharded one evaluate the saved checkpoints with eval/run.py (tasks: {self.tasks})"
             )
         start = time.perf_counter()
@@ -216,10 +232,15 @@ def report(trainer: Any, results: dict[str, Any]) -> None:
 
 def check_lm_eval_tasks(config: PicoTrainingConfig, warn: bool = True) -> list[str]:
     """The lm-eval tasks of `evaluation.metrics` that can run; unknown names are config errors."""
+    return _lm_eval_selection(config, warn).runnable
+
+
+def _lm_eval_selection(config: PicoTrainingConfig, warn: bool = True) -> TaskSelection:
+    from .harness import EvaluationError, TaskSelection, resolve_tasks, task_manager_for
+
     names = [m for m in config.evaluation.metrics or [] if m != PALOMA]
     if not names:
-        return []
-    from .harness import EvaluationError, resolve_tasks, task_manager_for
+        return TaskSelection(runnable=[])
 
     lm_eval = config.evaluation.lm_eval
     if lm_eval.batch_size < 1:
@@ -233,7 +254,7 @@ def check_lm_eval_tasks(config: PicoTrainingConfig, warn: bool = True) -> list[s
     for task, reason in selection.skipped.items():
         if warn:
             logger.warning("Evaluation skips %s at every checkpoint: %s", task, reason)
-    return selection.runnable
+    return selection
 
 
 def check_evaluation_config(config: PicoTrainingConfig) -> list[str]:
@@ -268,7 +289,13 @@ def build_evaluation_callbacks(config: PicoTrainingConfig, run: RunLayout) -> li
     from ..tokenization import load_tokenizer
 
     is_main = PartialState().is_main_process
-    tasks = check_lm_eval_tasks(config, warn=is_main)
+    selection = _lm_eval_selection(config, warn=is_main)
+    if selection.few_shot and PartialState().num_processes > 1 and is_main:
+        logger.warning(
+            "Evaluation runs the lm-eval tasks on process 0 alone: %s draw few-shot examples per process, "
+            "so sharing their documents out would change the examples",
+            ", ".join(selection.few_shot[:3]) + (" and more" if len(selection.few_shot) > 3 else ""),
+        )
     tokenizer = load_tokenizer(config.data.tokenizer.name)
     paloma = config.evaluation.paloma
     name, token_ids = "", []
@@ -287,10 +314,11 @@ def build_evaluation_callbacks(config: PicoTrainingConfig, run: RunLayout) -> li
             paloma.batch_size,
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
             name,
-            tasks=tasks,
+            tasks=selection.runnable,
             tokenizer=tokenizer,
             lm_eval_limit=config.evaluation.lm_eval.limit,
             lm_eval_batch_size=config.evaluation.lm_eval.batch_size,
+            lm_eval_data_parallel=not selection.few_shot,
         )
     ]
 

@@ -174,6 +174,9 @@ def _tag_members(tag: str, manager) -> list[str] | None:
 class TaskSelection:
     runnable: list[str]
     skipped: dict[str, str] = field(default_factory=dict)  # name -> one-line reason
+    few_shot: list[str] = field(
+        default_factory=list
+    )  # runnable tasks with few-shot examples (`few_shot_tasks`)
 
 
 def resolve_tasks(names: list[str], manager, hub_available: bool | None = None) -> TaskSelection:
@@ -214,7 +217,20 @@ def resolve_tasks(names: list[str], manager, hub_available: bool | None = None) 
         datasets = sorted(set(needs_hub.values()))
         shown = ", ".join(datasets[:3]) + (f" and {len(datasets) - 3} more" if len(datasets) > 3 else "")
         selection.skipped[name] = _skip_reason(shown)
+    selection.few_shot = few_shot_tasks(selection.runnable, manager)
     return selection
+
+
+def few_shot_tasks(names: list[str], manager) -> list[str]:
+    """The tasks among `names` (tasks, groups or tags) whose config asks for few-shot examples. lm-eval draws
+    every document's examples from one generator per process, in document order, so a document scored by
+    another process than in a 1-process run gets other examples: these tasks cannot be shared out exactly."""
+    found: list[str] = []
+    for name in names:
+        for task, config in _leaf_configs(name, manager):
+            if (config.get("num_fewshot") or 0) > 0 and task not in found:
+                found.append(task)
+    return found
 
 
 def _skip_reason(dataset: str) -> str:
@@ -401,12 +417,35 @@ def _no_request_building_bars() -> Iterator[None]:
 
 def _one_bar_hflm(hflm: type) -> type:
     """lm-eval's HFLM drawing one progress bar for rolling loglikelihoods (perplexity tasks): it draws one
-    per batch of windows, dozens of "Running loglikelihood requests" bars for one task."""
+    per batch of windows, dozens of "Running loglikelihood requests" bars for one task.
+
+    It can also take part in data-parallel evaluation on a model it was handed (`share_with`): lm-eval's
+    evaluator gives each rank its share of every task's documents and gathers through `all_gather`,
+    `gather_object` and `barrier`, which HFLM only sets up for a model it loads itself under `accelerate
+    launch`. Here they run on the process group the caller already has (torch.distributed), without an
+    Accelerator: a second one would wrap, move or unwrap the live model."""
+    import torch.distributed as dist
     from tqdm.auto import tqdm
 
     class OneBarHFLM(hflm):
         _windows_bar = None
         _requests_bar: bool | None = None  # loglikelihood's own bar setting, while its tokenizing bar is off
+
+        def share_with(self, rank: int, world_size: int) -> None:
+            """Evaluate only this process's share of the documents (rank `rank` of `world_size`)."""
+            self._rank, self._world_size = rank, world_size
+
+        def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+            if self.world_size <= 1:
+                return tensor
+            tensor = tensor.reshape(-1)  # as accelerate's gather: a 0-d tensor per rank gathers to a 1-d one
+            parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+            dist.all_gather(parts, tensor)
+            return torch.cat(parts)
+
+        def barrier(self) -> None:
+            if self.world_size > 1:
+                dist.barrier()
 
         def loglikelihood(self, requests, disable_tqdm: bool = False):
             self._requests_bar = not disable_tqdm
@@ -453,9 +492,16 @@ def evaluate(
     model_name: str | None = None,
     paloma: str | None = None,
     paloma_max_length: int | None = None,
+    distributed: bool = False,
 ) -> Report:
     """Run lm-eval's `simple_evaluate` on a loaded model; Hub-backed tasks are skipped when the Hub is
-    unreachable. `paloma` (a dataset) also computes the published runs' perplexity on it."""
+    unreachable. `paloma` (a dataset) also computes the published runs' perplexity on it.
+
+    `distributed`: every process of the initialized torch.distributed group calls this with the same
+    arguments and scores its share of each task's documents (lm-eval's data-parallel evaluation); process 0's
+    report holds the results of all documents, the other processes' reports hold none (`results` None).
+    The model must be replicated (each process runs forward passes alone), the tasks zero-shot
+    (`few_shot_tasks`) for the scores to equal a 1-process run's."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
@@ -473,6 +519,8 @@ def evaluate(
         lm = _one_bar_hflm(HFLM)(
             pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size
         )
+        if distributed and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            lm.share_with(torch.distributed.get_rank(), torch.distributed.get_world_size())
         with _no_request_building_bars():
             results = simple_evaluate(
                 model=lm,
@@ -483,9 +531,10 @@ def evaluate(
                 task_manager=manager,
                 log_samples=False,
             )
-        results["config"].update(
-            model=name, model_class=type(model).__name__, batch_size=batch_size, device=str(lm.device)
-        )
+        if results is not None:  # None on every process but 0 of a distributed evaluation
+            results["config"].update(
+                model=name, model_class=type(model).__name__, batch_size=batch_size, device=str(lm.device)
+            )
     paloma_result = None
     if paloma is not None:
         paloma_result = paloma_perplexity(
@@ -528,6 +577,7 @@ __all__ = [
     "Report",
     "TaskSelection",
     "evaluate",
+    "few_shot_tasks",
     "lm_eval_blimp_tasks",
     "load_model",
     "paloma_perplexity",
