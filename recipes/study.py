@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         if is_main_process():
             md, html = write_study_report(study, outcomes, warnings)
             print(f"Study {study.name}: {len(study.runs)} runs; report: {md} and {html}")
+        from pico_hf.training.run import end_process_group
+
+        end_process_group()
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -34,10 +34,11 @@ def main(argv: list[str] | None = None) -> int:
         # Heavy imports (torch, transformers, datasets) only once the arguments are known to be good.
         from pico_hf.hub.publish import HubPushError
         from pico_hf.training.console import INTERRUPTED_EXIT_STATUS, Interrupted
-        from pico_hf.training.run import run_training
+        from pico_hf.training.run import end_process_group, run_training
 
         try:
             run_training(config, notes)
+            end_process_group()
         except Interrupted:  # its one line is already printed
             return INTERRUPTED_EXIT_STATUS
         except HubPushError as error:  # trained and saved; the summary above says what is left to push

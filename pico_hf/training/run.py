@@ -379,6 +379,18 @@ def _build_job(
     return TrainingJob(config, trainer, run, resume_from, log_file)
 
 
+def end_process_group() -> None:
+    """Leave the process group together at the end of a multi-process launch (a no-op otherwise).
+
+    Left to interpreter exit, one process can finish while another still tears down its gloo connections,
+    and that one aborts ("terminate called without an active exception"), failing a finished run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def run_training(
     config: PicoTrainingConfig,
     notes: list[str] | None = None,
