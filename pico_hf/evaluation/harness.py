@@ -174,9 +174,8 @@ def _tag_members(tag: str, manager) -> list[str] | None:
 class TaskSelection:
     runnable: list[str]
     skipped: dict[str, str] = field(default_factory=dict)  # name -> one-line reason
-    few_shot: list[str] = field(
-        default_factory=list
-    )  # runnable tasks with few-shot examples (`few_shot_tasks`)
+    # Runnable tasks with few-shot examples (`few_shot_tasks`).
+    few_shot: list[str] = field(default_factory=list)
 
 
 def resolve_tasks(names: list[str], manager, hub_available: bool | None = None) -> TaskSelection:
