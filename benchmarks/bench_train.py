@@ -5,8 +5,9 @@ rounds, over steady-state steps (the first steps of each round are warm-up). Pri
 
 - trainer_vs_bare_loop: PicoTrainer tokens/s / bare loop tokens/s (goal >= 0.9);
 - data_vs_training: data pipeline tokens/s / training tokens/s (goal >= 20);
-- reads_per_process_2_vs_1: tokens one process reads from storage when 2 processes train vs when 1 does, over
-  the same steps (each process's own `TrainingSequences`), for memory-mapped and for streamed data.
+- reads_per_process_2_vs_1: tokens each process reads from storage when 2 processes (real ones, over gloo)
+  train vs when 1 does, over the same steps, for memory-mapped data (each process reads its own sequences) and
+  for streamed data (process 0 reads, then dispatches).
 
     python benchmarks/bench_train.py [--steps 12] [--rounds 2] [--reads-only]
 """
@@ -25,7 +26,7 @@ from transformers import TrainerCallback, get_linear_schedule_with_warmup, set_s
 from pico_hf.assets import CORPUS_DIR
 from pico_hf.tokenization import load_tokenizer
 from pico_hf.training.config import load_config
-from pico_hf.training.data import BatchLayout, PretokenizedStream, TrainingSequences
+from pico_hf.training.data import BatchLayout, PretokenizedStream, TrainingSequences, training_sequences
 from pico_hf.training.run import build_job, build_model
 
 DEMO = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "demo.yaml"
@@ -83,35 +84,48 @@ def open_stream(config, name: str | None = None, streaming: bool | None = None) 
     )
 
 
-def tokens_read_per_process(config, processes: int, steps: int, streaming: bool) -> list[int]:
-    """Tokens each of `processes` processes reads from storage to train `steps` optimizer steps."""
+def _count_reads(rank, processes, init_file, config, steps, streaming, result_dir) -> None:
+    """One of `processes` processes: the tokens it reads from storage to train `steps` optimizer steps."""
+    import torch.distributed as dist
+
+    if processes > 1:
+        dist.init_process_group("gloo", f"file://{init_file}", rank=rank, world_size=processes)
     # The embedded corpus's parquet files, memory-mapped or streamed: the same data and order either way.
-    name = str(CORPUS_DIR / "train" / "*.parquet")
-    reads = []
-    for index in range(processes):
-        stream = open_stream(config, name, streaming)
-        layout = BatchLayout(
-            config.data.dataloader.batch_size,
-            config.training.optimization.gradient_accumulation_steps,
-            processes,
-            index,
-        )
-        batches = iter(TrainingSequences(stream, layout))
-        for _ in range(steps * layout.gradient_accumulation_steps):
-            next(batches)
-        reads.append(stream.tokens_read)
-    return reads
+    stream = open_stream(config, str(CORPUS_DIR / "train" / "*.parquet"), streaming)
+    layout = BatchLayout(
+        config.data.dataloader.batch_size,
+        config.training.optimization.gradient_accumulation_steps,
+        processes,
+        rank,
+    )
+    batches = iter(training_sequences(stream, layout))  # as the trainer builds them
+    for _ in range(steps * layout.gradient_accumulation_steps):
+        next(batches)
+    (result_dir / f"rank{rank}").write_text(str(stream.tokens_read))
+    if processes > 1:
+        dist.destroy_process_group()
 
 
-def read_volume(config, steps: int) -> dict[str, dict[str, float]]:
+def tokens_read_per_process(config, processes: int, steps: int, streaming: bool) -> list[int]:
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as folder:
+        result_dir = Path(folder)
+        arguments = (processes, result_dir / "init", config, steps, streaming, result_dir)
+        mp.spawn(_count_reads, arguments, nprocs=processes)
+        return [int((result_dir / f"rank{rank}").read_text()) for rank in range(processes)]
+
+
+def read_volume(config, steps: int) -> dict[str, dict]:
     result = {}
     for kind, streaming in (("memory_mapped", False), ("streamed", True)):
-        one = tokens_read_per_process(config, 1, steps, streaming)
+        one = tokens_read_per_process(config, 1, steps, streaming)[0]
         two = tokens_read_per_process(config, 2, steps, streaming)
         result[kind] = {
-            "tokens_read_1_process": one[0],
+            "tokens_read_1_process": one,
             "tokens_read_per_process_of_2": two,
-            "ratio": round(max(two) / one[0], 3),
+            "ratio_per_process": [round(reads / one, 3) for reads in two],
+            "ratio_all_processes": round(sum(two) / one, 3),
         }
     return result
 
@@ -180,7 +194,7 @@ def main() -> None:
                 },
                 "trainer_vs_bare_loop": round(trainer / bare, 3),
                 "data_vs_training": round(data / trainer, 1),
-                "reads_per_process_2_vs_1": {kind: r["ratio"] for kind, r in reads.items()},
+                "reads_per_process_2_vs_1": {kind: r["ratio_per_process"] for kind, r in reads.items()},
                 "reads": reads,
             },
             indent=2,

@@ -4,7 +4,8 @@
         tests/data_reads.py recipes/train.py [overrides ...]
 
 At exit each process writes `$PICO_TEST_READS_DIR/rank<RANK>.json`: the sequences and tokens its
-`PretokenizedStream`s read from storage, and the ids of the memory-mapped sequences it read.
+`PretokenizedStream`s read from storage, and the ids of the memory-mapped sequences it read. With
+PICO_TEST_SIGKILL_AFTER_STEP=N, rank 0 is killed when step N ends (tests/sigkill.py) and nothing is written.
 """
 
 import atexit
@@ -13,6 +14,8 @@ import os
 import runpy
 import sys
 from pathlib import Path
+
+import sigkill  # noqa: F401  (PICO_TEST_SIGKILL_AFTER_STEP)
 
 from pico_hf.training.data import PretokenizedStream
 

@@ -1,14 +1,24 @@
 """The global data order: drawn from the seed, the same for streamed and memory-mapped data, for any process
-count and across resumes; each process reads only its own sequences of memory-mapped data."""
+count and across resumes; each process reads only its own sequences of memory-mapped data, and a stream is read
+once, by process 0, which dispatches the others' micro-batches."""
 
 import itertools
+import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import StopAfter, assert_bitwise_equal, final_weights, make_pretokenized, train
 
-from pico_hf.training.data import BatchLayout, PretokenizedStream, TrainingSequences
+from pico_hf.training.data import (
+    BatchLayout,
+    DataError,
+    PretokenizedStream,
+    TrainingSequences,
+    data_dispatch_group,
+)
 
 SEQ_LEN, VOCAB = 16, 128
 
@@ -95,12 +105,104 @@ def test_any_process_count_trains_on_the_same_global_batches(shards, streaming):
     # Global micro-batch g*P + p of each step: process 0 holds the first half of each of one process's.
     for step_one, a, b in zip(one, first, second, strict=True):
         assert torch.equal(torch.cat([a, b]), step_one)
-    if streaming:  # no random access: each process reads the stream through
+    if streaming:  # no random access: without a dispatching process 0, each process reads the stream through
         assert p0.sequences_read == p1.sequences_read >= single.sequences_read
     else:  # each process reads only its own sequences: half of one process's reads
         assert single.sequences_read == 5 * 8
         assert p0.sequences_read == p1.sequences_read == single.sequences_read // 2
         assert p0.tokens_read == single.tokens_read // 2
+
+
+# --- streamed data on two real processes: process 0 reads and dispatches ----------------------------------
+
+
+def trained(sequences, start, steps):
+    """The micro-batches (2 per step) of up to `steps` steps, and the position saved after each step."""
+    micro_batches, positions = [], []
+    for index, micro_batch in enumerate(itertools.islice(iter(sequences), 2 * steps)):
+        micro_batches.append(micro_batch["input_ids"].tolist())
+        if index % 2:
+            positions.append(sequences.position_after(start + index // 2 + 1))
+    return micro_batches, positions
+
+
+def _dispatching_process(rank, init_file, data, steps, start, result_dir):
+    """One of two gloo processes: its micro-batches of `steps` steps from `start` (step, saved position)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        source = stream(data, 3, streaming=True, block_rows=4)
+        step, position = start
+        sequences = TrainingSequences(
+            source, BatchLayout(8, 2, 2, rank), step, position, dispatch_group=data_dispatch_group()
+        )
+        micro_batches, positions = trained(sequences, step, steps)
+        result = {
+            "micro_batches": micro_batches,
+            "positions": positions,
+            "tokens_read": source.tokens_read,
+            "data_error": None if sequences.data_error is None else str(sequences.data_error),
+        }
+        (result_dir / f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def dispatched(tmp_path, data, steps, start=(0, None)):
+    """What each of two processes trains on, process 0 reading the stream and dispatching."""
+    import torch.multiprocessing as mp
+
+    result_dir = tmp_path / f"dispatched-{start[0]}"
+    result_dir.mkdir()
+    init_file = result_dir / "init"
+    mp.spawn(_dispatching_process, (init_file, data, steps, start, result_dir), nprocs=2)
+    return [json.loads((result_dir / f"rank{rank}.json").read_text()) for rank in range(2)]
+
+
+def test_a_stream_is_read_once_by_process_0_and_dispatched(tmp_path, shards):
+    """Two processes over gloo train on exactly what each would keep of the whole stream (positions and
+    resume included); process 1 reads nothing, process 0 what one process reads."""
+    steps = 14  # 112 of 90 sequences: across blocks of 4 rows and into the second epoch
+    two = dispatched(tmp_path, shards, steps)
+    for rank, received in enumerate(two):
+        source = stream(shards, 3, streaming=True, block_rows=4)
+        alone = TrainingSequences(source, BatchLayout(8, 2, 2, rank))  # reads the whole stream itself
+        assert (received["micro_batches"], received["positions"]) == trained(alone, 0, steps), rank
+        assert received["data_error"] is None
+    assert two[1]["tokens_read"] == 0
+    assert two[0]["tokens_read"] == source.tokens_read  # what one process reads for the same steps
+
+    # Resumed from the position saved after step 5: the same micro-batches as the uninterrupted run.
+    resumed = dispatched(tmp_path, shards, steps - 5, start=(5, two[0]["positions"][4]))
+    for received, uninterrupted in zip(resumed, two, strict=True):
+        assert received["micro_batches"] == uninterrupted["micro_batches"][2 * 5 :]
+        # `datasets` spells a restored stream's state its own way; the rows that follow it are the same.
+        assert [without_stream_state(p) for p in received["positions"]] == [
+            without_stream_state(p) for p in uninterrupted["positions"][5:]
+        ]
+    assert resumed[1]["tokens_read"] == 0
+
+
+def without_stream_state(position):
+    return {key: value for key, value in position.items() if key != "datasets"}
+
+
+def test_a_bad_streamed_row_stops_every_dispatched_process_at_the_same_step(tmp_path, shards):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    bad = Path(shards) / "b.parquet"
+    table = pq.read_table(bad).to_pylist()
+    table[4]["input_ids"][3] = 500  # beyond the vocabulary of 128: row 28 of the stream
+    pq.write_table(pa.Table.from_pylist(table), bad)
+    two = dispatched(tmp_path, shards, 10)
+    message = f"Row 4 of shard {bad} (dataset '{shards}') holds token id 500, outside the model's vocabulary"
+    for received in two:
+        assert received["data_error"].startswith(message)
+        assert len(received["micro_batches"]) == 2 * 7  # steps 0-6; step 7 is block 7, rows 28-31
+    with pytest.raises(DataError, match=re.escape(message)):
+        list(itertools.islice(stream(shards, 3, streaming=True, block_rows=4).batches(0, 8), 10))
 
 
 def test_each_process_reads_its_own_sequences_by_index(shards):

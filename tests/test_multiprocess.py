@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import (
     REPO,
+    assert_bitwise_equal,
     assert_world_size,
     make_pretokenized,
     tiny_training_overrides,
@@ -130,9 +131,10 @@ def test_fsdp2_on_two_processes_trains_resumes_and_captures_like_one_process(tmp
 # --- per-process data reads ------------------------------------------------------------------------------
 
 
-def launch_counting_reads(root, processes):
+def launch_counting_reads(root, processes, streaming=False, **env):
     """`recipes/train.py` on `processes` CPU processes through tests/data_reads.py, which records each
-    process's reads from storage in root/reads/rank<N>.json."""
+    process's reads from storage in root/reads/rank<N>.json. Returns the finished run's records and log (a
+    run killed by PICO_TEST_SIGKILL_AFTER_STEP: no records)."""
     command = train_command(processes)
     command.insert(-1 if processes > 1 else 1, str(REPO / "tests" / "data_reads.py"))
     env = {
@@ -140,20 +142,34 @@ def launch_counting_reads(root, processes):
         "HF_HUB_OFFLINE": "1",
         "OMP_NUM_THREADS": "1",
         "PICO_TEST_READS_DIR": str(root / "reads"),
+        **env,
     }
     overrides = tiny_training_overrides(
-        root, **{"training.max_steps": 8, "checkpointing.save_every_n_steps": 4}
+        root,
+        **{
+            "training.max_steps": 8,
+            "checkpointing.save_every_n_steps": 4,
+            "data.dataset.streaming": str(streaming).lower(),
+        },
     )
     result = subprocess.run([*command, *overrides], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
     assert_world_size(result.stderr, processes)
-    return [json.loads((root / "reads" / f"rank{rank}.json").read_text()) for rank in range(processes)]
+    if "PICO_TEST_SIGKILL_AFTER_STEP" in env:
+        assert result.returncode != 0 and "Finished" not in result.stderr
+        return None, result.stderr
+    assert result.returncode == 0, result.stderr[-3000:]
+    reads = [json.loads((root / "reads" / f"rank{rank}.json").read_text()) for rank in range(processes)]
+    return reads, result.stderr
+
+
+def latest_weights(root):
+    return load_file(root / "runs" / "tiny" / "checkpoints" / "latest" / "model.safetensors")
 
 
 @pytest.mark.slow
 def test_each_of_two_processes_reads_half_the_sequences_and_trains_like_one(tmp_path):
-    (one,) = launch_counting_reads(tmp_path / "one", 1)
-    two = launch_counting_reads(tmp_path / "two", 2)
+    (one,), _ = launch_counting_reads(tmp_path / "one", 1)
+    two, _ = launch_counting_reads(tmp_path / "two", 2)
     assert one["sequences_read"] == 8 * 8  # 8 steps of 8 sequences, read once
     for reads in two:
         assert reads["sequences_read"] == one["sequences_read"] // 2
@@ -161,9 +177,25 @@ def test_each_of_two_processes_reads_half_the_sequences_and_trains_like_one(tmp_
     # Between them, the two read exactly the one process's sequences (the seeded order), none twice.
     assert sorted(two[0]["sequence_ids"] + two[1]["sequence_ids"]) == sorted(one["sequence_ids"])
     assert not set(two[0]["sequence_ids"]) & set(two[1]["sequence_ids"])
-    single, double = (
-        load_file(root / "runs" / "tiny" / "checkpoints" / "latest" / "model.safetensors")
-        for root in (tmp_path / "one", tmp_path / "two")
-    )
+    single, double = latest_weights(tmp_path / "one"), latest_weights(tmp_path / "two")
     for name in single:  # the same global batches; only the gradient reduction order differs
         torch.testing.assert_close(double[name], single[name], rtol=0, atol=2e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_a_stream_is_read_by_process_0_alone_and_resumes_bitwise(tmp_path):
+    """Streamed data on two processes: process 0 reads what one process reads and dispatches; process 1 reads
+    nothing. Killed after step 5 and resumed from step 4, the run ends bitwise where the uninterrupted one does."""
+    (one,), _ = launch_counting_reads(tmp_path / "one", 1, streaming=True)
+    two, _ = launch_counting_reads(tmp_path / "two", 2, streaming=True)
+    assert one["tokens_read"] == 48 * 33  # the data's one shuffle block (48 rows of 33 tokens), read once
+    assert two[0]["tokens_read"] == one["tokens_read"] and two[1]["tokens_read"] == 0
+    single, double = latest_weights(tmp_path / "one"), latest_weights(tmp_path / "two")
+    for name in single:
+        torch.testing.assert_close(double[name], single[name], rtol=0, atol=2e-5, msg=name)
+
+    launch_counting_reads(tmp_path / "killed", 2, streaming=True, PICO_TEST_SIGKILL_AFTER_STEP="5")
+    resumed, log = launch_counting_reads(tmp_path / "killed", 2, streaming=True)
+    assert f"Resuming from {tmp_path / 'killed' / 'runs' / 'tiny' / 'checkpoints' / 'step_4'}" in log
+    assert resumed[1]["tokens_read"] == 0
+    assert_bitwise_equal(latest_weights(tmp_path / "killed"), double)

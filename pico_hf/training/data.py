@@ -16,10 +16,10 @@ process count therefore trains on the same global batches, and resuming at step 
 position `s*B`.
 
 Memory-mapped data is read by index: each process reads only the sequences of its own micro-batches, and a
-resume reads nothing it skips. Streamed data has no random access: every process reads the stream through and
-keeps its micro-batches (reaching its rows means reading the rows before them), and a resume starts from a
-saved `datasets` stream state (whole shards and record batches skipped; a shuffled stream re-reads the block
-it stopped in). The data wraps around at its end.
+resume reads nothing it skips. Streamed data has no random access (reaching a row means reading the rows before
+it): process 0 reads each global batch and sends every other process its micro-batches, so the stream is read
+once whatever the process count; a resume starts from a saved `datasets` stream state (whole shards and record
+batches skipped; a shuffled stream re-reads the block it stopped in). The data wraps around at its end.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+import torch.distributed as dist
 
 from ..assets import CORPUS_DIR
 from ..hub import hub_reachable, offline_requested
@@ -472,9 +473,10 @@ class PretokenizedStream:
 class TrainingSequences(torch.utils.data.IterableDataset):
     """This process's training micro-batches, from optimizer step `start_step` on.
 
-    Memory-mapped data: each process reads only its own micro-batches' sequences. Streamed data: every
-    process reads each whole global batch (the stream has no random access), so the stream position after
-    any step is the same on all of them. Either way one saved position serves every process count."""
+    Memory-mapped data: each process reads only its own micro-batches' sequences. Streamed data: the whole
+    global batch is read at once, by process 0 when `dispatch_group` is given (see `data_dispatch_group`),
+    which sends each process its micro-batches; the other processes read nothing. Either way one saved
+    position serves every process count."""
 
     def __init__(
         self,
@@ -482,10 +484,12 @@ class TrainingSequences(torch.utils.data.IterableDataset):
         layout: BatchLayout,
         start_step: int = 0,
         stream_state: dict | None = None,
+        dispatch_group: dist.ProcessGroup | None = None,
     ) -> None:
         super().__init__()
         self.stream = stream
         self.layout = layout
+        self.dispatch_group = dispatch_group
         self.resume_at(start_step, stream_state)
         self.data_error: DataError | None = None
 
@@ -499,7 +503,14 @@ class TrainingSequences(torch.utils.data.IterableDataset):
         """Where the stream stands once `step` optimizer steps are done (what a checkpoint at `step` saves)."""
         return self._positions[step]
 
+    def _record(self, step: int, position: dict[str, Any]) -> None:
+        self._positions = {k: v for k, v in self._positions.items() if k >= step - 1}
+        self._positions[step + 1] = position
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self.stream.streaming and self.dispatch_group is not None:
+            yield from self._dispatched()
+            return
         if self.stream.streaming:
             yield from self._from_global_batches()
             return
@@ -507,25 +518,77 @@ class TrainingSequences(torch.utils.data.IterableDataset):
         for step in itertools.count(self.start_step):
             positions = layout.positions(step)
             sequences = self.stream.read(self.stream.sequence_ids(positions)).view(*positions.shape, span)
-            self._positions = {k: v for k, v in self._positions.items() if k >= step - 1}
-            self._positions[step + 1] = {"sequence": (step + 1) * layout.global_batch}
+            self._record(step, {"sequence": (step + 1) * layout.global_batch})
             for micro_batch in sequences:
                 yield to_model_inputs(micro_batch)
 
-    def _from_global_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+    def _global_batches(self) -> Iterator[tuple[torch.Tensor, dict]]:
         start = self.start_step * self.layout.global_batch
         global_batches = self.stream.batches(start, self.layout.global_batch, self.stream_state)
+        for step, (batch, position) in enumerate(global_batches, start=self.start_step):
+            check_token_ids(batch, self.stream.vocab_size, f"Training batch of step {step}")
+            yield batch, position
+
+    def _from_global_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         try:
-            for step, (batch, position) in enumerate(global_batches, start=self.start_step):
-                check_token_ids(batch, self.stream.vocab_size, f"Training batch of step {step}")
-                self._positions = {k: v for k, v in self._positions.items() if k >= step - 1}
-                self._positions[step + 1] = position
+            for step, (batch, position) in enumerate(self._global_batches(), start=self.start_step):
+                self._record(step, position)
                 for micro_batch in self.layout.micro_batches(batch):
                     yield to_model_inputs(micro_batch)
         except DataError as error:
             # No micro-batch of this step was handed out (a global batch is read whole): end the data here and
             # let the trainer checkpoint the steps done, then report the error.
             self.data_error = error
+
+    def _dispatched(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Process 0 reads each global batch and scatters it: a header (the position after the step, or why
+        there is no step) to every process, then each process's (G, m, T+1) micro-batches."""
+        layout, group = self.layout, self.dispatch_group
+        shape = (layout.gradient_accumulation_steps, layout.micro_batch, self.stream.max_seq_len + 1)
+        reader = self._global_batches() if layout.process_index == 0 else None
+        for step in itertools.count(self.start_step):
+            header: list[Any] = [None]
+            parts = None
+            if reader is not None:
+                try:
+                    batch, header[0] = next(reader)
+                except DataError as error:
+                    header[0] = {"data_error": str(error)}
+                except BaseException as error:  # the others wait for this step: let them stop too
+                    header[0] = {"failed": f"{type(error).__name__}: {error}"}
+                    dist.broadcast_object_list(header, src=0, group=group)
+                    raise
+                else:
+                    # Micro-batch g*P + p goes to process p: (G, P, m, T+1) -> P tensors of (G, m, T+1). Token
+                    # ids travel as int32 (half the bytes of int64; any vocabulary fits).
+                    by_process = batch.view(shape[0], layout.num_processes, *shape[1:]).transpose(0, 1)
+                    parts = list(by_process.to(torch.int32).contiguous().unbind())
+            dist.broadcast_object_list(header, src=0, group=group)
+            position = header[0]
+            if "data_error" in position:  # the same stop on every process, as if each had read the row
+                self.data_error = DataError(position["data_error"])
+                return
+            if "failed" in position:
+                raise RuntimeError(f"Process 0 stopped reading the training data: {position['failed']}")
+            mine = torch.empty(shape, dtype=torch.int32)
+            dist.scatter(mine, parts, src=0, group=group)
+            self._record(step, position)
+            for micro_batch in mine.long():
+                yield to_model_inputs(micro_batch)
+
+
+def training_sequences(stream: PretokenizedStream, layout: BatchLayout) -> TrainingSequences:
+    """This process's `TrainingSequences`: a stream on several processes is read by process 0 alone, which
+    dispatches the micro-batches. Collective when it dispatches: every process calls it."""
+    dispatch = stream.streaming and layout.num_processes > 1
+    return TrainingSequences(stream, layout, dispatch_group=data_dispatch_group() if dispatch else None)
+
+
+def data_dispatch_group() -> dist.ProcessGroup:
+    """A CPU (gloo) group over all processes for dispatching streamed batches, apart from the training's group:
+    that one's backend (nccl on GPUs) may not carry CPU tensors, and its collectives (gradients, evaluation)
+    never interleave with these. Collective: every process calls it, in the same order."""
+    return dist.new_group(backend="gloo")
 
 
 def to_model_inputs(sequences: torch.Tensor) -> dict[str, torch.Tensor]:

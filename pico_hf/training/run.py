@@ -29,7 +29,7 @@ from ..tokenization import load_tokenizer
 from .arguments import check_training_arguments
 from .config import PRECISIONS, ConfigError, PicoTrainingConfig
 from .console import interrupts_end_cleanly, log_console
-from .data import BatchLayout, DataError, PretokenizedStream, TrainingSequences
+from .data import BatchLayout, DataError, PretokenizedStream, training_sequences
 from .maml import build_maml
 from .rundir import RunLock, check_existing_run, finished_step, remove_leftovers, write_config
 from .trainer import PicoTrainer, RunLayout, no_clipping
@@ -366,7 +366,7 @@ def _build_job(
         model=model,
         args=args,
         processing_class=tokenizer,
-        train_sequences=TrainingSequences(stream, layout),
+        train_sequences=training_sequences(stream, layout),
         run=run,
         maml=maml,
         callbacks=callbacks + list(extra_callbacks or []),
