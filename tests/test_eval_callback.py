@@ -151,6 +151,22 @@ def test_metrics_empty_or_null_turns_evaluation_off(tmp_path):
     assert build(tmp_path, **{"evaluation.metrics": "null"})[0] == []
 
 
+def test_the_lm_eval_tasks_are_resolved_once_per_run(tmp_path, monkeypatch):
+    """Indexing lm-eval's task files takes seconds: building a run's evaluation resolves its tasks once."""
+    from pico_hf.evaluation import harness
+
+    resolve_tasks, calls = harness.resolve_tasks, []
+
+    def counted(names, *args, **kwargs):
+        calls.append(list(names))
+        return resolve_tasks(names, *args, **kwargs)
+
+    monkeypatch.setattr(harness, "resolve_tasks", counted)
+    (callback,), _ = build(tmp_path, **{"evaluation.metrics": "[pico_arc_easy, pico_blimp]"})
+    assert calls == [["pico_arc_easy", "pico_blimp"]]
+    assert callback.tasks == ["pico_arc_easy", "pico_blimp"]
+
+
 def test_max_samples_caps_the_evaluation_texts(tmp_path):
     (callback,), config = build(
         tmp_path, **evaluation_overrides(tmp_path, **{"evaluation.paloma.max_samples": 4})

@@ -230,12 +230,8 @@ def report(trainer: Any, results: dict[str, Any]) -> None:
     )
 
 
-def check_lm_eval_tasks(config: PicoTrainingConfig, warn: bool = True) -> list[str]:
-    """The lm-eval tasks of `evaluation.metrics` that can run; unknown names are config errors."""
-    return _lm_eval_selection(config, warn).runnable
-
-
 def _lm_eval_selection(config: PicoTrainingConfig, warn: bool = True) -> TaskSelection:
+    """The lm-eval tasks of `evaluation.metrics` and which of them can run; unknown names are config errors."""
     from .harness import EvaluationError, TaskSelection, resolve_tasks, task_manager_for
 
     names = [m for m in config.evaluation.metrics or [] if m != PALOMA]
@@ -259,10 +255,17 @@ def _lm_eval_selection(config: PicoTrainingConfig, warn: bool = True) -> TaskSel
 
 def check_evaluation_config(config: PicoTrainingConfig) -> list[str]:
     """The metrics to run (empty: evaluation is off), after checking the `evaluation` section."""
+    metrics, _ = _checked_evaluation(config, warn=False)
+    return metrics
+
+
+def _checked_evaluation(config: PicoTrainingConfig, warn: bool) -> tuple[list[str], TaskSelection]:
+    """The metrics to run and the lm-eval tasks among them, the `evaluation` section checked (tasks resolved
+    once: indexing lm-eval's task files takes seconds)."""
     metrics = list(config.evaluation.metrics or [])
-    check_lm_eval_tasks(config, warn=False)
+    selection = _lm_eval_selection(config, warn)
     if PALOMA not in metrics:
-        return metrics
+        return metrics, selection
     paloma = config.evaluation.paloma
     if paloma.max_length > config.model.max_seq_len:
         raise ConfigError(
@@ -275,21 +278,20 @@ def check_evaluation_config(config: PicoTrainingConfig) -> list[str]:
         raise ConfigError(f"evaluation.paloma.batch_size must be positive, got {paloma.batch_size}")
     if paloma.max_samples is not None and paloma.max_samples < 1:
         raise ConfigError(f"evaluation.paloma.max_samples must be positive or null, got {paloma.max_samples}")
-    return metrics
+    return metrics, selection
 
 
 def build_evaluation_callbacks(config: PicoTrainingConfig, run: RunLayout) -> list[TrainerCallback]:
     """The evaluation callback for a run, or none when `evaluation.metrics` is empty; the evaluation data is
     loaded here, so a bad dataset fails before the first step."""
-    metrics = check_evaluation_config(config)
-    if not metrics:
-        return []
     from accelerate import PartialState
 
+    is_main = PartialState().is_main_process
+    metrics, selection = _checked_evaluation(config, warn=is_main)
+    if not metrics:
+        return []
     from ..tokenization import load_tokenizer
 
-    is_main = PartialState().is_main_process
-    selection = _lm_eval_selection(config, warn=is_main)
     if selection.few_shot and PartialState().num_processes > 1 and is_main:
         logger.warning(
             "Evaluation runs the lm-eval tasks on process 0 alone: %s draw few-shot examples per process, "
@@ -327,7 +329,6 @@ __all__ = [
     "EvaluationCallback",
     "build_evaluation_callbacks",
     "check_evaluation_config",
-    "check_lm_eval_tasks",
     "isolated_evaluation",
     "write_results",
 ]
