@@ -199,3 +199,43 @@ def test_a_stream_is_read_by_process_0_alone_and_resumes_bitwise(tmp_path):
     assert f"Resuming from {tmp_path / 'killed' / 'runs' / 'tiny' / 'checkpoints' / 'step_4'}" in log
     assert resumed[1]["tokens_read"] == 0
     assert_bitwise_equal(latest_weights(tmp_path / "killed"), double)
+
+
+@pytest.mark.slow
+def test_a_bad_streamed_row_stops_both_processes_after_a_clean_checkpoint(tmp_path):
+    """Process 0 finds the bad row; both processes stop at the same step, after checkpointing the steps done."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "shards"
+    make_pretokenized(data / "part-0.parquet", n_rows=24, row_length=33)
+    rows = make_pretokenized(data / "part-1.parquet", n_rows=24, row_length=33, seed=1)
+    table = pq.read_table(rows).to_pylist()
+    table[6]["input_ids"][3] = 500  # beyond the vocabulary of 128; row 30 of the stream, read by step 8
+    pq.write_table(pa.Table.from_pylist(table), rows)
+    overrides = {
+        "data.dataset.name": str(data),
+        "data.dataset.streaming": "true",
+        "data.dataloader.shuffle": "false",
+        "training.max_steps": 12,
+        "checkpointing.save_every_n_steps": 3,
+    }
+    result = subprocess.run(
+        [*train_command(2), *tiny_training_overrides(tmp_path, **overrides)],
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode != 0
+    assert_world_size(result.stderr, 2)
+    checkpoints = tmp_path / "runs" / "tiny" / "checkpoints"
+    message = (
+        f"error: Row 6 of shard {rows} (dataset '{data}') holds token id 500, outside the model's vocabulary of "
+        f"128 (model.vocab_size). Training stopped after step 7 (checkpoint: {checkpoints / 'step_7'}); fix or "
+        "replace the data and start the run again to resume"
+    )
+    assert result.stderr.count(message) == 2, result.stderr[-3000:]  # each process says why it stopped
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_0", "step_3", "step_6", "step_7"]
+    position = json.loads((checkpoints / "step_7" / "fabric_state" / "data_position.json").read_text())
+    assert position["sequence"] == 7 * 8
