@@ -72,6 +72,29 @@ def make_pretokenized(path, n_rows, row_length, vocab_size=100, seed=0, column="
     return path
 
 
+def bad_row_overrides(tmp_path, shuffle):
+    """Overrides for streamed data in two shards of 24 rows of 33 tokens, where row 6 of the second (row 30 of
+    the stream, read by step 8 in the stored order) holds token id 500, beyond the vocabulary of 128. Returns
+    (overrides, the bad shard)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "shards"
+    make_pretokenized(data / "part-0.parquet", n_rows=24, row_length=33)
+    rows = make_pretokenized(data / "part-1.parquet", n_rows=24, row_length=33, seed=1)
+    table = pq.read_table(rows).to_pylist()
+    table[6]["input_ids"][3] = 500
+    pq.write_table(pa.Table.from_pylist(table), rows)
+    overrides = {
+        "data.dataset.name": str(data),
+        "data.dataset.streaming": "true",
+        "data.dataloader.shuffle": shuffle,
+        "training.max_steps": 12,
+        "checkpointing.save_every_n_steps": 3,
+    }
+    return overrides, rows
+
+
 def tiny_training_overrides(tmp_path, **extra):
     """Dotted overrides for a seconds-long CPU training run on synthetic data."""
     tokenizer = tmp_path / "tokenizer"

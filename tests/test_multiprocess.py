@@ -10,6 +10,7 @@ from conftest import (
     REPO,
     assert_bitwise_equal,
     assert_world_size,
+    bad_row_overrides,
     make_pretokenized,
     tiny_training_overrides,
     train,
@@ -204,22 +205,8 @@ def test_a_stream_is_read_by_process_0_alone_and_resumes_bitwise(tmp_path):
 @pytest.mark.slow
 def test_a_bad_streamed_row_stops_both_processes_after_a_clean_checkpoint(tmp_path):
     """Process 0 finds the bad row; both processes stop at the same step, after checkpointing the steps done."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    data = tmp_path / "shards"
-    make_pretokenized(data / "part-0.parquet", n_rows=24, row_length=33)
-    rows = make_pretokenized(data / "part-1.parquet", n_rows=24, row_length=33, seed=1)
-    table = pq.read_table(rows).to_pylist()
-    table[6]["input_ids"][3] = 500  # beyond the vocabulary of 128; row 30 of the stream, read by step 8
-    pq.write_table(pa.Table.from_pylist(table), rows)
-    overrides = {
-        "data.dataset.name": str(data),
-        "data.dataset.streaming": "true",
-        "data.dataloader.shuffle": "false",
-        "training.max_steps": 12,
-        "checkpointing.save_every_n_steps": 3,
-    }
+    overrides, rows = bad_row_overrides(tmp_path, shuffle="false")
+    data = rows.parent
     result = subprocess.run(
         [*train_command(2), *tiny_training_overrides(tmp_path, **overrides)],
         env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},

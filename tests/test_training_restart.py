@@ -10,7 +10,7 @@ import time
 
 import pytest
 import yaml
-from conftest import make_pretokenized, train
+from conftest import bad_row_overrides, make_pretokenized, train
 from test_training_run import StopAfter
 
 from pico_hf.training.config import ConfigError
@@ -146,25 +146,11 @@ def test_a_killed_runs_lock_does_not_block_its_resume(tmp_path):
     [("false", 7), ("true", 0)],  # shuffled: the bad row's block (here all 48 rows) is read before step 1
 )
 def test_a_bad_streamed_row_stops_the_run_after_a_clean_checkpoint(tmp_path, shuffle, stopped_after):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from pico_hf.training.data import DataError
     from pico_hf.training.trainer import RunLayout
 
-    data = tmp_path / "shards"
-    make_pretokenized(data / "part-0.parquet", n_rows=24, row_length=33)
-    rows = make_pretokenized(data / "part-1.parquet", n_rows=24, row_length=33, seed=1)
-    table = pq.read_table(rows).to_pylist()
-    table[6]["input_ids"][3] = 500  # beyond the vocabulary of 128; row 30 of the stream, read by step 8
-    pq.write_table(pa.Table.from_pylist(table), rows)
-    overrides = {
-        "data.dataset.name": str(data),
-        "data.dataset.streaming": "true",
-        "data.dataloader.shuffle": shuffle,
-        "training.max_steps": 12,
-        "checkpointing.save_every_n_steps": 3,
-    }
+    overrides, rows = bad_row_overrides(tmp_path, shuffle)
+    data = rows.parent
     with pytest.raises(DataError) as error:
         train(tmp_path, **overrides)
     run_dir = tmp_path / "runs" / "tiny"
