@@ -172,12 +172,15 @@ class BatchLayout:
     def micro_batch(self) -> int:
         return self.global_batch // (self.gradient_accumulation_steps * self.num_processes)
 
+    def by_process(self, step_batch: torch.Tensor) -> torch.Tensor:
+        """(P, G, m, T+1): every process's micro-batches of one step's (B, T+1) global batch, in accumulation
+        order; micro-batch g*P + p belongs to process p."""
+        g, n, m = self.gradient_accumulation_steps, self.num_processes, self.micro_batch
+        return step_batch.reshape(g, n, m, *step_batch.shape[1:]).transpose(0, 1)
+
     def micro_batches(self, step_batch: torch.Tensor) -> list[torch.Tensor]:
         """This process's micro-batches of one step's (B, T+1) global batch, in accumulation order."""
-        m, p, n = self.micro_batch, self.process_index, self.num_processes
-        return [
-            step_batch[(g * n + p) * m : (g * n + p + 1) * m] for g in range(self.gradient_accumulation_steps)
-        ]
+        return list(self.by_process(step_batch)[self.process_index])
 
     def positions(self, step: int) -> np.ndarray:
         """(G, m) positions in the global order of this process's micro-batches of optimizer step `step`."""
@@ -559,10 +562,8 @@ class TrainingSequences(torch.utils.data.IterableDataset):
                     dist.broadcast_object_list(header, src=0, group=group)
                     raise
                 else:
-                    # Micro-batch g*P + p goes to process p: (G, P, m, T+1) -> P tensors of (G, m, T+1). Token
-                    # ids travel as int32 (half the bytes of int64; any vocabulary fits).
-                    by_process = batch.view(shape[0], layout.num_processes, *shape[1:]).transpose(0, 1)
-                    parts = list(by_process.to(torch.int32).contiguous().unbind())
+                    # Token ids travel as int32 (half the bytes of int64; any vocabulary fits).
+                    parts = list(layout.by_process(batch).to(torch.int32).contiguous().unbind())
             dist.broadcast_object_list(header, src=0, group=group)
             position = header[0]
             if "data_error" in position:  # the same stop on every process, as if each had read the row
