@@ -17,7 +17,7 @@ from pico_hf.training.data import (
     DataError,
     PretokenizedStream,
     TrainingSequences,
-    data_dispatch_group,
+    training_sequences,
 )
 
 SEQ_LEN, VOCAB = 16, 128
@@ -134,9 +134,8 @@ def _dispatching_process(rank, init_file, data, steps, start, result_dir):
     try:
         source = stream(data, 3, streaming=True, block_rows=4)
         step, position = start
-        sequences = TrainingSequences(
-            source, BatchLayout(8, 2, 2, rank), step, position, dispatch_group=data_dispatch_group()
-        )
+        sequences = training_sequences(source, BatchLayout(8, 2, 2, rank))  # as the trainer builds them
+        sequences.resume_at(step, position)  # as the trainer resumes them
         micro_batches, positions = trained(sequences, step, steps)
         result = {
             "micro_batches": micro_batches,
