@@ -28,15 +28,17 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    for mapping in _waiting:  # back to the plain class first: registering reads the mappings
-        mapping.__class__ = mapping.__class__.__bases__[0]
-    _waiting.clear()
     _registered = True
+    # Imported before the mappings are unhooked: an import reached while the model module is itself still
+    # importing fails, and the next use of a mapping must then try again.
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     from .models.pico_decoder import PicoDecoderConfig, PicoDecoderForCausalLM, PicoDecoderModel
 
+    for mapping in _waiting:  # back to the plain class first: registering reads the mappings
+        mapping.__class__ = mapping.__class__.__bases__[0]
+    _waiting.clear()
     AutoConfig.register("pico_decoder", PicoDecoderConfig, exist_ok=True)
     # Early pico-lm step-0 commits were saved with `model_type: "pico"`: read them as pico_decoder configs.
     CONFIG_MAPPING.register("pico", PicoDecoderConfig, exist_ok=True)
