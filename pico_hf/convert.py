@@ -65,7 +65,7 @@ def pico_config_to_llama(config: PicoDecoderConfig) -> LlamaConfig:
         hidden_act="silu",
         max_position_embeddings=config.max_seq_len,
         rms_norm_eps=config.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": config.position_emb_theta},
+        rope_parameters=dict(config.rope_parameters),  # the same frequencies; only the pairing differs
         tie_word_embeddings=False,
         attention_bias=False,
         mlp_bias=False,
@@ -82,7 +82,8 @@ def llama_config_to_pico(config: LlamaConfig) -> PicoDecoderConfig:
         "attention_bias": config.attention_bias,
         "mlp_bias": config.mlp_bias,
         "hidden_act != silu": config.hidden_act != "silu",
-        f"rope_type={rope.get('rope_type')}": rope.get("rope_type", "default") != "default",
+        f"partial_rotary_factor={rope.get('partial_rotary_factor')}": rope.get("partial_rotary_factor", 1.0)
+        != 1.0,
         "head_dim != hidden_size / num_attention_heads": config.head_dim
         != config.hidden_size // config.num_attention_heads,
     }
@@ -100,6 +101,7 @@ def llama_config_to_pico(config: LlamaConfig) -> PicoDecoderConfig:
         activation_hidden_dim=config.intermediate_size,
         norm_eps=config.rms_norm_eps,
         position_emb_theta=float(rope.get("rope_theta", 10000.0)),
+        rope_parameters=rope or None,
         max_seq_len=config.max_position_embeddings,
         bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id,

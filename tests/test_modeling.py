@@ -1,13 +1,16 @@
 """pico-decoder as a transformers model: parity with the reference, caches, masks, losses, errors."""
 
 import json
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 from conftest import REFERENCE_CHECKPOINT, tiny_config
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
+from transformers.testing_utils import CaptureLogger
 
 import pico_hf
 from pico_hf import PicoDecoderConfig, PicoDecoderForCausalLM, PicoDecoderModel
@@ -53,6 +56,80 @@ def test_rope_is_per_instance():
         assert not torch.allclose(before, b(ids).logits)
         PicoDecoderForCausalLM(tiny_config(position_emb_theta=3.0))  # a third model changes nothing
         torch.testing.assert_close(a(ids).logits, before, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "rope_parameters",
+    [
+        {"rope_type": "linear", "factor": 2.0},
+        {
+            "rope_type": "longrope",
+            "short_factor": [1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7],
+            "long_factor": [1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5],
+            "original_max_position_embeddings": 16,
+        },
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+    ],
+    ids=lambda rope: rope["rope_type"],
+)
+def test_rope_scaling_types_match_llama_with_the_same_rope_parameters(rope_parameters):
+    """`rope_parameters` scales pico's interleaved RoPE exactly as transformers scales Llama's: the converted
+    Llama (the same frequencies on half-split pairs) gives the same logits, past the original context too."""
+    from pico_hf.convert import pico_to_llama
+
+    config = tiny_config(max_seq_len=64, position_emb_theta=500.0, rope_parameters=dict(rope_parameters))
+    assert config.rope_parameters["rope_theta"] == 500.0
+    model = PicoDecoderForCausalLM(config).eval()
+    plain = PicoDecoderForCausalLM(tiny_config(max_seq_len=64, position_emb_theta=500.0)).eval()
+    plain.load_state_dict(model.state_dict())
+    llama = pico_to_llama(model).eval()
+    assert llama.config.rope_parameters == config.rope_parameters
+    ids = torch.randint(0, 128, (2, 40))  # beyond the 16 original positions of longrope, yarn and llama3
+    with torch.no_grad():
+        logits = model(ids).logits
+        torch.testing.assert_close(logits, llama(ids).logits, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(logits, plain(ids).logits, atol=1e-3)  # the scaling changed something
+
+
+def test_rope_parameters_keep_position_emb_theta_as_the_base(tmp_path):
+    plain = tiny_config(position_emb_theta=500.0)
+    assert plain.rope_parameters == {"rope_type": "default", "rope_theta": 500.0}
+    plain.save_pretrained(tmp_path)
+    assert "rope_parameters" not in json.loads((tmp_path / "config.json").read_text())  # the published format
+
+    scaled = tiny_config(position_emb_theta=500.0, rope_parameters={"rope_type": "linear", "factor": 2.0})
+    scaled.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["position_emb_theta"] == 500.0
+    assert saved["rope_parameters"] == {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}
+    assert PicoDecoderConfig.from_pretrained(tmp_path).rope_parameters == saved["rope_parameters"]
+
+    with pytest.raises(ValueError) as error:
+        tiny_config(rope_parameters={"rope_type": "default", "rope_theta": 5.0})
+    assert str(error.value) == (
+        "rope_parameters['rope_theta'] (5.0) disagrees with position_emb_theta (10000.0), pico's key for the "
+        "RoPE base: set position_emb_theta instead."
+    )
+    with pytest.raises(ValueError, match=r"partial_rotary_factor'\] must be 1\.0: .* got 0\.5"):
+        tiny_config(rope_parameters={"rope_type": "default", "partial_rotary_factor": 0.5})
+    with pytest.raises(
+        KeyError, match=r"Missing required keys in `rope_parameters` for 'rope_type'='linear'"
+    ):
+        tiny_config(rope_parameters={"rope_type": "linear"})
+    with pytest.raises(ValueError) as error:
+        tiny_config(rope_parameters={"rope_type": "dynamic", "factor": 2.0})
+    assert str(error.value) == (
+        "rope_parameters['rope_type'] 'dynamic' rescales RoPE only for positions past max_seq_len (64), which "
+        "pico-decoder refuses: raise max_seq_len and use 'linear', 'yarn', 'longrope' or 'llama3' with "
+        "original_max_position_embeddings instead."
+    )
 
 
 # --- config ---------------------------------------------------------------------------------------------
@@ -167,15 +244,119 @@ def test_base_model_loads_from_causal_lm_checkpoint():
     assert torch.equal(base.embedding_proj.weight, reference["pico_decoder.embedding_proj.weight"])
 
 
-def test_checkpoint_with_wrong_shapes_is_an_error(reference_model, tmp_path):
+def _reference_state_dict() -> dict[str, torch.Tensor]:
+    """The reference checkpoint under the model's own names (the head sits outside `pico_decoder.` here)."""
+    published = load_file(REFERENCE_CHECKPOINT / "model.safetensors")
+    return {
+        name.replace("pico_decoder.de_embedding_proj", "de_embedding_proj"): t
+        for name, t in published.items()
+    }
+
+
+def _loading_report(load):
+    """(result of `load()`, the warnings transformers logged while loading)."""
+    logger = transformers.logging.get_logger("transformers.modeling_utils")
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_warning()
+    try:
+        with CaptureLogger(logger) as captured:
+            result = load()
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    return result, captured.out
+
+
+def test_missing_tensors_are_initialised_warned_and_reported(reference_model, tmp_path):
+    """As transformers loads any model: tensors the checkpoint lacks are initialised, logged and listed."""
+    reference_model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "n_layers": 3}))
+    (model, info), log = _loading_report(
+        lambda: AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    )
+    layer_2 = [f"pico_decoder.layers.2.{name}" for name, _ in model.pico_decoder.layers[2].named_parameters()]
+    assert len(layer_2) == 9
+    assert info["missing_keys"] == set(layer_2)
+    assert info["unexpected_keys"] == set() and info["mismatched_keys"] == set()
+    assert all(re.search(rf"^{re.escape(key)} +\| MISSING", log, re.M) for key in layer_2), log
+    loaded = model.state_dict()
+    for name, tensor in _reference_state_dict().items():
+        assert torch.equal(loaded[name], tensor), name
+    # Initialised as a fresh model is (unit norms), not left empty.
+    assert torch.equal(model.pico_decoder.layers[2].attention_norm.weight, torch.ones(64))
+    assert isinstance(AutoModelForCausalLM.from_pretrained(tmp_path), PicoDecoderForCausalLM)
+
+
+def test_head_is_initialised_on_a_base_model_checkpoint(tmp_path):
+    """A base model's checkpoint gives the causal LM its trunk; the head is reported missing."""
+    trunk = PicoDecoderModel(tiny_config())
+    trunk.save_pretrained(tmp_path)
+    assert not any(k.startswith("pico_decoder.") for k in load_file(tmp_path / "model.safetensors"))
+    model, info = PicoDecoderForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["missing_keys"] == {"de_embedding_proj.weight"}
+    for name, tensor in trunk.state_dict().items():
+        assert torch.equal(model.pico_decoder.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize("model_class", [PicoDecoderModel, PicoDecoderForCausalLM])
+def test_checkpoint_without_tensors_reports_every_parameter_missing(model_class, tmp_path):
+    """Exactly the parameters are reported: no more (the non-persistent RoPE buffers), no fewer."""
+    model_class(tiny_config()).save_pretrained(tmp_path)
+    save_file({}, tmp_path / "model.safetensors")
+    model, info = model_class.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["missing_keys"] == {name for name, _ in model.named_parameters()}
+    assert info["missing_keys"] == set(model.state_dict())
+
+
+def test_shape_mismatches_follow_ignore_mismatched_sizes(reference_model, tmp_path):
     reference_model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "activation_hidden_dim": 96}))
     with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({**config, "n_layers": 3}))
-    with pytest.raises(ValueError, match=r"does not match its config: 9 tensor.*layers\.2\.attention"):
-        AutoModelForCausalLM.from_pretrained(tmp_path)
+    model, info = AutoModelForCausalLM.from_pretrained(
+        tmp_path, ignore_mismatched_sizes=True, output_loading_info=True
+    )
+    swiglu = {
+        (f"pico_decoder.layers.{i}.swiglu.{w}.weight", torch.Size(old), torch.Size(new))
+        for i in range(2)
+        for w, old, new in [
+            ("w_0", (160, 64), (96, 64)),
+            ("w_1", (160, 64), (96, 64)),
+            ("w_2", (64, 160), (64, 96)),
+        ]
+    }
+    assert info["mismatched_keys"] == swiglu
+    assert info["missing_keys"] == set()
+    reference = _reference_state_dict()
+    kept = reference.keys() - {name for name, _, _ in swiglu}
+    assert len(kept) == 21 - 6
+    assert all(torch.equal(model.state_dict()[name], reference[name]) for name in kept)
+
+
+def test_a_checkpoint_that_is_not_a_pico_decoder_is_an_error(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    LlamaForCausalLM(llama).save_pretrained(tmp_path)
+    tiny_config().save_pretrained(tmp_path)  # a pico config over Llama's tensors
+    message = (
+        f"Checkpoint {tmp_path} is not a pico-decoder checkpoint: none of its 21 tensor(s) is one the model "
+        "expects (it has e.g. ['lm_head.weight', 'model.embed_tokens.weight', 'model.layers.0.input_layernorm.weight']; "
+        "pico-decoder's are named like 'pico_decoder.layers.0.attention.q_proj.weight'). A Llama checkpoint "
+        "converts with `python -m pico_hf.convert from-llama`."
+    )
+    for model_class in (AutoModelForCausalLM, AutoModel):
+        with pytest.raises(ValueError) as error:
+            model_class.from_pretrained(tmp_path)
+        assert str(error.value) == message
 
 
 # --- inputs, caches, masks -----------------------------------------------------------------------------
@@ -187,8 +368,17 @@ def test_bad_inputs_get_clear_errors():
         model(torch.tensor([[1, 128]]))
     with pytest.raises(ValueError, match=r"token id -3"):
         model(torch.tensor([[-3, 1]]))
-    with pytest.raises(ValueError, match=r"65 tokens is longer than the model's max_seq_len \(64\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"^Input reaches position 64, beyond the model's max_seq_len \(64, positions 0\.\.63\); truncate",
+    ):
         model(torch.ones(1, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"^Input reaches position 69, beyond the model's max_seq_len \(64"):
+        model(torch.ones(1, 10, dtype=torch.long), position_ids=torch.arange(60, 70)[None])
+    with pytest.raises(ValueError, match=r"^Input reaches position 64, beyond"):  # the cache's tokens count
+        cache = DynamicCache(config=model.config)
+        model(torch.ones(1, 60, dtype=torch.long), cache=cache, use_cache=True)
+        model(torch.ones(1, 5, dtype=torch.long), cache=cache, use_cache=True)
 
 
 @pytest.mark.parametrize("n_kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
@@ -238,6 +428,72 @@ def test_padded_rows_match_unpadded_rows():
         right_padded = torch.cat([short, torch.zeros(1, 3, dtype=torch.long)], 1)
         right = model(right_padded, attention_mask=(right_padded != 0).long() | (torch.arange(9) < 6)).logits
         torch.testing.assert_close(right[0, :6], model(short).logits[0], atol=1e-5, rtol=1e-5)
+
+
+def _packing_example(max_seq_len: int = 16) -> list[list[int]]:
+    """Sequences of 3..16 tokens, 13 of them: each fits max_seq_len, their concatenation is far longer."""
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, max_seq_len + 1, (13,), generator=generator).tolist()
+    return [torch.randint(1, 128, (n,), generator=generator).tolist() for n in lengths]
+
+
+def _padded_batch(sequences: list[list[int]]) -> dict[str, torch.Tensor]:
+    """Right-padded rows with their attention mask, and labels -100 on the padding."""
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.zeros(len(sequences), width, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(sequences):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_packed_padding_free_row_gives_the_padded_batch_logits(attn_implementation):
+    """One row packing 13 sequences (DataCollatorWithFlattening: no attention mask, position_ids restarting at
+    each sequence) is longer than max_seq_len, yet every position is within it: the logits of each sequence's
+    tokens are the padded batch's."""
+    from transformers import DataCollatorWithFlattening
+
+    model = PicoDecoderForCausalLM(tiny_config(max_seq_len=16)).eval()
+    model.set_attn_implementation(attn_implementation)
+    sequences = _packing_example()
+    packed = DataCollatorWithFlattening(return_tensors="pt")([{"input_ids": ids} for ids in sequences])
+    assert packed.keys() == {"input_ids", "labels", "position_ids"}
+    assert packed["input_ids"].shape[1] > 4 * model.config.max_seq_len
+    padded = _padded_batch(sequences)
+    with torch.no_grad():
+        packed_logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits
+        padded_logits = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
+    real_tokens = padded["attention_mask"].bool()
+    torch.testing.assert_close(packed_logits[0], padded_logits[real_tokens], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunked_loss", "logits_loss"])
+def test_flattened_batch_trains_with_the_padded_batch_loss(chunked):
+    """DataCollatorWithFlattening's batch gives the padded batch's loss and gradients: no prediction crosses from
+    one packed sequence into the next."""
+    from transformers import DataCollatorWithFlattening
+
+    model = PicoDecoderForCausalLM(tiny_config(max_seq_len=16)).train()
+    sequences = _packing_example()
+    packed = DataCollatorWithFlattening(return_tensors="pt")([{"input_ids": ids} for ids in sequences])
+    padded = _padded_batch(sequences)
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        loss = model(**batch, skip_logits=chunked).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    packed_loss, packed_grads = loss_and_grads(packed)
+    padded_loss, padded_grads = loss_and_grads(padded)
+    expected = sum(len(ids) - 1 for ids in sequences)  # each sequence's tokens after its first
+    assert int((packed["labels"] != -100).sum()) == expected
+    torch.testing.assert_close(packed_loss, padded_loss, atol=1e-6, rtol=1e-5)
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
@@ -372,6 +628,25 @@ def test_chunked_loss_equals_full_logits_loss(monkeypatch, chunk_elements, num_i
     torch.testing.assert_close(evaluated.loss, expected.detach(), atol=1e-6, rtol=1e-5)
 
 
+def test_chunked_loss_gives_way_to_the_head_under_tensor_parallelism(monkeypatch):
+    """The chunked loss reads the head's weight, which `_tp_plan` shards by vocabulary: under tensor parallelism
+    the training loss goes through the head module, and asking for the chunked loss is an error."""
+    model = PicoDecoderForCausalLM(tiny_config()).train()
+    ids = torch.randint(0, 128, (2, 9))
+    chunked = model(ids, labels=ids)
+    monkeypatch.setattr(model, "_tp_size", 2, raising=False)
+    through_head = model(ids, labels=ids)
+    assert chunked.logits is None and through_head.logits.shape == (2, 9, 128)
+    torch.testing.assert_close(through_head.loss, chunked.loss, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError) as error:
+        model(ids, labels=ids, skip_logits=True)
+    assert str(error.value) == (
+        "skip_logits=True (the chunked loss) cannot run under tensor parallelism (tp_size=2): it reads "
+        "de_embedding_proj.weight, which each rank holds only a vocabulary shard of. Leave skip_logits unset to "
+        "compute the loss from the gathered logits."
+    )
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     model = PicoDecoderForCausalLM(tiny_config()).train()
     ids = torch.randint(0, 128, (2, 16))
@@ -442,15 +717,19 @@ def test_package_registers_auto_classes():
     assert pico_hf.__version__
 
 
-def test_input_ids_check_reads_back_once_per_generate_off_the_host(monkeypatch):
-    """On an accelerator, checking ids is a host sync: decoding steps skip it, `generate` checks its prompt
-    once, and a training batch (no cache) is checked; on CPU every forward is checked with the same message."""
+def test_input_checks_read_back_once_per_generate_off_the_host(monkeypatch):
+    """On an accelerator, checking ids and positions is a host sync: decoding steps skip it, `generate` checks
+    its prompt's ids once, and a training batch (no cache) is checked, ids and positions in one read; on CPU every
+    forward is checked with the same messages."""
     from pico_hf.models.pico_decoder import modeling_pico_decoder as modeling
 
     calls = []
-    check = modeling.check_vocab_range
+    check_ids, check_inputs = modeling.check_vocab_range, modeling.check_input_range
     monkeypatch.setattr(
-        modeling, "check_vocab_range", lambda ids, size: (calls.append(ids.shape), check(ids, size))
+        modeling, "check_vocab_range", lambda ids, *args: (calls.append(ids.shape), check_ids(ids, *args))
+    )
+    monkeypatch.setattr(
+        modeling, "check_input_range", lambda ids, *args: (calls.append(ids.shape), check_inputs(ids, *args))
     )
     model = PicoDecoderForCausalLM(tiny_config()).eval()
     prompt = torch.tensor([[1, 2, 3]])
@@ -467,12 +746,13 @@ def test_input_ids_check_reads_back_once_per_generate_off_the_host(monkeypatch):
     model.train()
     model(prompt, labels=prompt)  # a training batch: checked once
     assert calls == [(1, 3)]
+    with pytest.raises(ValueError, match=r"^Input reaches position 64, beyond the model's max_seq_len \(64"):
+        model(prompt, position_ids=torch.tensor([[0, 1, 64]]), labels=prompt)
 
 
 def test_declared_transformers_range_is_the_tested_one():
     """The model imports names transformers 5.0 lacks: the declared range starts at the tested minor version."""
     import importlib.metadata
-    import re
 
     from conftest import REPO
     from packaging.requirements import Requirement

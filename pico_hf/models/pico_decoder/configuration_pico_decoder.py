@@ -3,6 +3,8 @@
 The saved field names are pico's own (`d_model`, `n_layers`, ...), so a config written here is a valid
 `pico-lm/pico-decoder-*` config; the standard transformers names (`hidden_size`, ...) are aliases through
 `attribute_map`, so generic tooling (caches, generation, PEFT, accelerate, lm-eval) works unchanged.
+`position_emb_theta` stays the RoPE base; transformers' `rope_parameters` adds its scaling types and is saved
+only when it asks for more than pico's plain RoPE.
 
 This file and `modeling_pico_decoder.py` are copied next to every saved checkpoint (`trust_remote_code`
 loading), so they import nothing from `pico_hf`.
@@ -75,6 +77,7 @@ class PicoDecoderConfig(PreTrainedConfig):
     norm_eps: float = 1e-6
     position_emb_theta: float = 10000.0
     max_seq_len: int = 2048
+    rope_parameters: dict[str, Any] | None = None
     batch_size: int | None = None
     use_cache: bool = True
     pad_token_id: int | None = None
@@ -88,7 +91,25 @@ class PicoDecoderConfig(PreTrainedConfig):
         if isinstance(self.position_emb_theta, int):
             self.position_emb_theta = float(self.position_emb_theta)
         self.check_shapes()
+        # The RoPE base is pico's key: `rope_parameters` takes it from `position_emb_theta` and may not disagree.
+        theta_given = (self.rope_parameters or {}).get("rope_theta")
+        if theta_given is not None and float(theta_given) != self.position_emb_theta:
+            raise ValueError(
+                f"rope_parameters['rope_theta'] ({theta_given}) disagrees with position_emb_theta "
+                f"({self.position_emb_theta}), pico's key for the RoPE base: set position_emb_theta instead."
+            )
         super().__post_init__(**kwargs)
+        if self.rope_parameters["rope_type"] == "dynamic":
+            raise ValueError(
+                f"rope_parameters['rope_type'] 'dynamic' rescales RoPE only for positions past max_seq_len "
+                f"({self.max_seq_len}), which pico-decoder refuses: raise max_seq_len and use 'linear', 'yarn', "
+                "'longrope' or 'llama3' with original_max_position_embeddings instead."
+            )
+        if self.rope_parameters.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError(
+                f"rope_parameters['partial_rotary_factor'] must be 1.0: pico-decoder rotates the whole head, got "
+                f"{self.rope_parameters['partial_rotary_factor']}."
+            )
 
     def check_shapes(self) -> None:
         """Shape constraints, checked at construction so a bad config never reaches a forward pass."""
@@ -121,6 +142,13 @@ class PicoDecoderConfig(PreTrainedConfig):
     @property
     def head_dim(self) -> int:
         return self.d_model // self.attention_n_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        # Plain RoPE is fully described by `position_emb_theta`: keep config.json in the published format.
+        output = super().to_dict()
+        if output.get("rope_parameters") == {"rope_type": "default", "rope_theta": self.position_emb_theta}:
+            del output["rope_parameters"]
+        return output
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> PicoDecoderConfig:

@@ -26,9 +26,11 @@ from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple, logging
+from transformers.utils import TransformersKwargs, auto_docstring, can_return_tuple, logging
+from transformers.utils.auto_docstring import HARDCODED_CONFIG_FOR_MODELS
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.import_utils import is_torchdynamo_compiling
@@ -37,6 +39,10 @@ from transformers.utils.output_capturing import capture_outputs
 from .configuration_pico_decoder import PicoDecoderConfig
 
 logger = logging.get_logger(__name__)
+
+# `auto_docstring` finds a model's config by its folder name among transformers' own models; pico-decoder lives
+# outside transformers, so its config is named here (otherwise every decorated class prints "Config not found").
+HARDCODED_CONFIG_FOR_MODELS.setdefault("pico-decoder", "PicoDecoderConfig")
 
 # The published checkpoints keep the output projection inside the decoder (`pico_decoder.de_embedding_proj`);
 # here it is the causal-LM head. Loading renames the key and saving renames it back.
@@ -69,11 +75,7 @@ def _on_host(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu"
 
 
-def check_vocab_range(input_ids: torch.Tensor, vocab_size: int) -> None:
-    """ValueError naming the first offending id when `input_ids` leave 0..vocab_size-1 (one host read)."""
-    if input_ids.numel() == 0:
-        return
-    low, high = torch.stack(torch.aminmax(input_ids)).tolist()
+def _raise_for_token_id(low: int, high: int, vocab_size: int) -> None:
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
         raise ValueError(
@@ -82,28 +84,75 @@ def check_vocab_range(input_ids: torch.Tensor, vocab_size: int) -> None:
         )
 
 
+def check_vocab_range(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """ValueError naming the first offending id when `input_ids` leave 0..vocab_size-1 (one host read)."""
+    if input_ids.numel() == 0:
+        return
+    _raise_for_token_id(*torch.stack(torch.aminmax(input_ids)).tolist(), vocab_size)
+
+
+def check_input_range(
+    input_ids: torch.Tensor | None, position_ids: torch.Tensor, vocab_size: int, max_seq_len: int
+) -> None:
+    """ValueError when `input_ids` leave 0..vocab_size-1 or `position_ids` reach `max_seq_len`, in one host read.
+
+    The limit is on positions, not on the row length: a row packing several sequences (padding-free inputs,
+    `position_ids` restarting at 0 for each) may be longer than `max_seq_len`."""
+    if position_ids.numel() == 0:
+        return
+    extremes = [position_ids.max()]
+    if input_ids is not None and input_ids.numel() > 0:
+        extremes += [value.to(position_ids.dtype) for value in torch.aminmax(input_ids)]
+    last_position, *id_range = torch.stack(extremes).tolist()
+    if id_range:
+        _raise_for_token_id(*id_range, vocab_size)
+    if last_position >= max_seq_len:
+        raise ValueError(
+            f"Input reaches position {last_position}, beyond the model's max_seq_len ({max_seq_len}, positions "
+            f"0..{max_seq_len - 1}); truncate it or process it in windows."
+        )
+
+
 class PicoDecoderRotaryEmbedding(nn.Module):
-    """cos/sin tables for RoPE, computed per forward from `position_ids` (no table shared across models)."""
+    """cos/sin tables for RoPE, computed per forward from `position_ids` (no table shared across models).
+
+    The frequencies follow `config.rope_parameters`: pico's own for `rope_type="default"` (base
+    `position_emb_theta`), transformers' `ROPE_INIT_FUNCTIONS` for the scaling types (`linear`, `yarn`,
+    `longrope`, `llama3`, ...). Whatever the type, each frequency rotates an interleaved pair."""
 
     inv_freq: torch.Tensor
+    original_inv_freq: torch.Tensor
 
     def __init__(self, config: PicoDecoderConfig) -> None:
         super().__init__()
         self.config = config
-        self.register_buffer("inv_freq", self.compute_inv_freq(config), persistent=False)
+        self.max_seq_len_cached = config.max_seq_len
+        self.original_max_seq_len = config.max_seq_len
+        self.rope_type = config.rope_parameters["rope_type"]
+        self.rope_init_fn: Callable = self.compute_default_rope_parameters
+        if self.rope_type != "default":
+            self.rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = self.rope_init_fn(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
 
     @staticmethod
-    def compute_inv_freq(config: PicoDecoderConfig) -> torch.Tensor:
+    def compute_default_rope_parameters(
+        config: PicoDecoderConfig, *args, **kwargs
+    ) -> tuple[torch.Tensor, float]:
+        """pico-train's frequencies, theta ** (-2i / head_dim), and no scaling of cos/sin."""
         dim = config.head_dim
-        return 1.0 / (config.position_emb_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        theta = config.rope_parameters["rope_theta"]
+        return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
 
     @torch.no_grad()
+    @dynamic_rope_update  # `longrope` switches to its long factors past original_max_position_embeddings
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
         # Pico rotates interleaved pairs (2i, 2i+1), so each frequency covers two adjacent dims.
         emb = freqs.repeat_interleave(2, dim=-1)  # (B, T, head_dim)
         # Kept in float32 whatever the model dtype: pico-train rotates q/k in float32 (see below).
-        return emb.cos(), emb.sin()
+        return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
 
 
 def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
@@ -255,6 +304,7 @@ class PicoDecoderBlock(GradientCheckpointingLayer):
         return hidden_states + self.swiglu(self.swiglu_norm(hidden_states))
 
 
+@auto_docstring
 class PicoDecoderPreTrainedModel(PreTrainedModel):
     config: PicoDecoderConfig
     config_class = PicoDecoderConfig
@@ -270,18 +320,20 @@ class PicoDecoderPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, but a checkpoint missing tensors the config calls for is an error
-        (transformers would initialise them randomly with a warning); `ignore_mismatched_sizes=True` opts out."""
-        if kwargs.get("ignore_mismatched_sizes"):
-            return super().from_pretrained(*args, **kwargs)
+        """`PreTrainedModel.from_pretrained`, with its loading semantics (missing tensors are initialised,
+        warned about and listed by `output_loading_info=True`; shape mismatches need
+        `ignore_mismatched_sizes=True`), except that a checkpoint sharing no tensor with pico-decoder is an
+        error rather than a model initialised from scratch."""
         wants_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        if info["missing_keys"]:
+        if info["unexpected_keys"] and len(info["missing_keys"]) >= len(model.state_dict()):
             source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-            missing = sorted(info["missing_keys"])
+            unexpected = sorted(info["unexpected_keys"])
             raise ValueError(
-                f"Checkpoint {source} does not match its config: {len(missing)} tensor(s) the config calls for "
-                f"are missing, e.g. {missing[:4]}. Check n_layers/d_model in config.json against the weights file."
+                f"Checkpoint {source} is not a pico-decoder checkpoint: none of its {len(unexpected)} tensor(s) "
+                f"is one the model expects (it has e.g. {unexpected[:3]}; pico-decoder's are named like "
+                "'pico_decoder.layers.0.attention.q_proj.weight'). A Llama checkpoint converts with "
+                "`python -m pico_hf.convert from-llama`."
             )
         return (model, info) if wants_info else model
 
@@ -295,12 +347,15 @@ class PicoDecoderPreTrainedModel(PreTrainedModel):
         elif isinstance(module, PicoDecoderRMSNorm):
             init.ones_(module.weight)
         elif isinstance(module, PicoDecoderRotaryEmbedding):
-            init.copy_(module.inv_freq, module.compute_inv_freq(module.config))
+            inv_freq, _ = module.rope_init_fn(module.config)
+            init.copy_(module.inv_freq, inv_freq)
+            init.copy_(module.original_inv_freq, inv_freq)
 
 
+@auto_docstring(
+    custom_intro="The decoder trunk: embeddings, blocks and the final norm (no output projection)."
+)
 class PicoDecoderModel(PicoDecoderPreTrainedModel):
-    """The decoder trunk: embeddings, blocks and the final norm (no output projection)."""
-
     _keys_to_ignore_on_load_unexpected = [r"de_embedding_proj\.weight"]
 
     def __init__(self, config: PicoDecoderConfig) -> None:
@@ -318,19 +373,23 @@ class PicoDecoderModel(PicoDecoderPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embedding_proj = value
 
-    def _check_input_ids(self, input_ids: torch.LongTensor, cache: Cache | None = None) -> None:
-        """Clear errors for ids outside the vocabulary, instead of an IndexError (or a device assert).
+    def _check_inputs(
+        self, input_ids: torch.LongTensor | None, position_ids: torch.LongTensor, cache: Cache | None
+    ) -> None:
+        """Clear errors for ids outside the vocabulary (instead of an IndexError or a device assert) and for
+        positions beyond `max_seq_len`.
 
-        Reading the range back is a host sync on an accelerator, so there only cache-less forwards (a
-        training batch, a plain forward) are checked; `generate` checks its prompt once, and the tokens it
-        feeds back come from the vocabulary."""
-        if is_torchdynamo_compiling() or (cache is not None and not _on_host(input_ids)):
+        Reading them back is a host sync on an accelerator, so there only cache-less forwards (a training
+        batch, a plain forward) are checked; `generate` checks its prompt's ids once, and the tokens it feeds
+        back come from the vocabulary."""
+        if is_torchdynamo_compiling() or (cache is not None and not _on_host(position_ids)):
             return
-        check_vocab_range(input_ids, self.config.vocab_size)
+        check_input_range(input_ids, position_ids, self.config.vocab_size, self.config.max_seq_len)
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @merge_with_config_defaults
     @capture_outputs
+    @auto_docstring
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -343,30 +402,28 @@ class PicoDecoderModel(PicoDecoderPreTrainedModel):
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        if inputs_embeds is None:
-            self._check_input_ids(input_ids, cache)
-            inputs_embeds = self.embedding_proj(input_ids)  # (B, T, d_model)
 
-        seq_len = inputs_embeds.shape[1]
-        if seq_len > self.config.max_seq_len:
-            raise ValueError(
-                f"Input of {seq_len} tokens is longer than the model's max_seq_len ({self.config.max_seq_len}); "
-                "truncate it or process it in windows."
-            )
-
+        # The mask sees only a cache the caller brought: a fresh one holds no past, and passing it would hide
+        # packed sequences (padding-free inputs: no attention_mask, position_ids restarting) from the mask.
+        past_cache = cache
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
 
         if position_ids is None:
+            tokens = input_ids if input_ids is not None else inputs_embeds
             past_seen_tokens = cache.get_seq_length() if cache is not None else 0
-            position_ids = torch.arange(seq_len, device=inputs_embeds.device) + past_seen_tokens
+            position_ids = torch.arange(tokens.shape[1], device=tokens.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
+
+        self._check_inputs(input_ids, position_ids, past_cache)
+        if inputs_embeds is None:
+            inputs_embeds = self.embedding_proj(input_ids)  # (B, T, d_model)
 
         causal_mask = create_causal_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            cache=cache,
+            cache=past_cache,
             position_ids=position_ids,
         )
 
@@ -437,9 +494,10 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None
 
 
+@auto_docstring(
+    custom_intro="pico-decoder with its (untied) output projection; logits are float32, as in pico-train."
+)
 class PicoDecoderForCausalLM(PicoDecoderPreTrainedModel, GenerationMixin):
-    """pico-decoder with its (untied) output projection; logits are float32, as in pico-train."""
-
     _tp_plan = {"de_embedding_proj": "colwise_gather_output"}
     _pp_plan = {"de_embedding_proj": (["hidden_states"], ["logits"])}
     # Logits per chunk of the training loss: 32 MiB of float32 (166 rows at the OLMo vocab size) keeps the
@@ -467,6 +525,7 @@ class PicoDecoderForCausalLM(PicoDecoderPreTrainedModel, GenerationMixin):
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
+    @auto_docstring
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -489,7 +548,8 @@ class PicoDecoderForCausalLM(PicoDecoderPreTrainedModel, GenerationMixin):
             last position is trained too; takes precedence over `labels`.
         skip_logits (`bool`, *optional*):
             Compute the loss without materialising full-vocabulary logits (chunked; `logits` is `None`).
-            Defaults to `True` in training mode when `labels` are given, `False` otherwise.
+            Defaults to `True` in training mode when `labels` are given, `False` otherwise or under tensor
+            parallelism (where `True` is an error: the head's weight is sharded by `_tp_plan`).
         """
         shift_labels = kwargs.pop("shift_labels", None)
         outputs: BaseModelOutputWithPast = self.pico_decoder(
@@ -504,8 +564,17 @@ class PicoDecoderForCausalLM(PicoDecoderPreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state  # (B, T, d_model)
 
         has_targets = labels is not None or shift_labels is not None
+        # The chunked loss multiplies by the head's weight directly, so the head's `_tp_plan` entry (a vocabulary
+        # shard per rank, gathered on output) never runs: under tensor parallelism the loss goes through the head.
+        tensor_parallel = (self.tp_size or 1) > 1
         if skip_logits is None:
-            skip_logits = self.training and has_targets
+            skip_logits = self.training and has_targets and not tensor_parallel
+        elif skip_logits and has_targets and tensor_parallel:
+            raise ValueError(
+                f"skip_logits=True (the chunked loss) cannot run under tensor parallelism (tp_size={self.tp_size}): "
+                "it reads de_embedding_proj.weight, which each rank holds only a vocabulary shard of. Leave "
+                "skip_logits unset to compute the loss from the gathered logits."
+            )
         # The fused loss reads the head's weight directly, so it needs a plain Linear (not a PEFT/quantised one).
         if skip_logits and has_targets and type(self.de_embedding_proj) is nn.Linear:
             if shift_labels is None:
