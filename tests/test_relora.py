@@ -208,6 +208,51 @@ def test_inconsistent_values_are_config_errors(tmp_path, overrides, message):
         load_config(None, tiny_training_overrides(tmp_path, **{**RELORA, **overrides}))
 
 
+PEFT_MISSING = 'training.relora.enabled needs peft, which is not installed: pip install "pico-hf[relora]"'
+
+
+def test_relora_without_peft_is_a_config_error_naming_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if peft were not installed
+    with pytest.raises(ConfigError) as error:
+        load_config(None, tiny_training_overrides(tmp_path, **RELORA))
+    assert str(error.value) == PEFT_MISSING
+    config, _ = load_config(None, tiny_training_overrides(tmp_path))  # ReLoRA off: no peft needed
+    assert not config.training.relora.enabled
+
+
+def test_relora_without_peft_fails_at_the_command_line_before_anything_runs(tmp_path):
+    from conftest import TRAIN_SCRIPT
+
+    hide_peft = tmp_path / "no_peft"
+    hide_peft.mkdir()
+    (hide_peft / "sitecustomize.py").write_text("import sys\nsys.modules['peft'] = None\n")
+    result = subprocess.run(
+        [sys.executable, str(TRAIN_SCRIPT), *tiny_training_overrides(tmp_path, **RELORA)],
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(hide_peft)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"error: {PEFT_MISSING}"
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_peft_is_the_relora_extra_and_the_dev_extra_includes_it():
+    from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert not any(Requirement(r).name == "peft" for r in project["dependencies"])
+    assert [Requirement(r).name for r in project["optional-dependencies"]["relora"]] == ["peft"]
+    (own,) = [
+        Requirement(r) for r in project["optional-dependencies"]["dev"] if Requirement(r).name == "pico-hf"
+    ]
+    assert own.extras == {"relora"}
+
+
 def test_target_modules_that_match_nothing_fail_before_training(tmp_path):
     with pytest.raises(ConfigError, match=r"training.relora.target_modules \['qkv'\] match no module"):
         train(tmp_path, **RELORA, **{"training.relora.target_modules": "[qkv]"})

@@ -18,6 +18,7 @@ weight itself gets no gradient, and nothing the optimizer sees changes).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 from functools import partial
@@ -44,6 +45,8 @@ def validate_relora(relora: ReLoRAConfig, max_steps: int, lr_warmup_steps: int) 
     if not relora.enabled:
         return []
     key = "training.relora"
+    if importlib.util.find_spec("peft") is None:
+        return [f'{key}.enabled needs peft, which is not installed: pip install "pico-hf[relora]"']
     problems = []
     if relora.r < 1:
         problems.append(f"{key}.r must be at least 1, got {relora.r}")
