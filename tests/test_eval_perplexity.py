@@ -94,6 +94,47 @@ def test_evaluate_metric_module_matches(model, tokenizer, texts, tmp_path):
     assert again["perplexities"] == pytest.approx(expected[:3], rel=1e-5)
 
 
+def test_evaluate_module_runs_without_pico_hf(model, tokenizer, texts, tmp_path):
+    """The metric is a standalone `evaluate` module: in a process where pico_hf cannot be imported it loads a
+    pico-hf checkpoint by its own code and gives pico_hf's values."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "texts.json").write_text(json.dumps(texts))
+    hide_pico_hf = tmp_path / "no_pico_hf"
+    hide_pico_hf.mkdir()
+    (hide_pico_hf / "sitecustomize.py").write_text("import sys\nsys.modules['pico_hf'] = None\n")
+    code = f"""
+        import json, sys
+        import evaluate
+        metric = evaluate.load({str(METRIC_DIR)!r})
+        result = metric.compute(
+            model_id="model", predictions=json.load(open("texts.json")), add_start_token=False,
+            max_length={MAX_LENGTH}, batch_size=4, trust_remote_code=True, device="cpu",
+        )
+        assert sys.modules.get("pico_hf") is None and not any(m.startswith("pico_hf.") for m in sys.modules)
+        json.dump(result, open("result.json", "w"))
+        """
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(hide_pico_hf)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    standalone = json.loads((tmp_path / "result.json").read_text())
+    shared = compute_perplexity(model, tokenizer, texts, max_length=MAX_LENGTH, batch_size=4)
+    assert standalone["perplexities"] == pytest.approx(shared.perplexities, rel=1e-6)
+    assert standalone["mean_perplexity"] == pytest.approx(shared.mean_perplexity, rel=1e-6)
+
+
 def test_batching_and_chunking_do_not_change_values(model, tokenizer, texts):
     one = compute_perplexity(model, tokenizer, texts, max_length=MAX_LENGTH, batch_size=1).perplexities
     many = compute_perplexity(model, tokenizer, texts, max_length=MAX_LENGTH, batch_size=7).perplexities

@@ -6,8 +6,9 @@ the unweighted mean of the per-text perplexities (not exp of the corpus NLL). Th
 `pico-lm/perplexity` (evaluate's classic perplexity metric with `add_start_token=False`), so values here are
 comparable with the `eval_results/step_N.json` files of the published runs.
 
-One implementation serves the in-training evaluation callback (on the live model), `eval/run.py --paloma`,
-and the `evaluate` metric module in `eval/metrics/perplexity` (which loads a model by path or Hub id):
+One implementation serves the in-training evaluation callback (on the live model) and `eval/run.py --paloma`;
+the `evaluate` metric module in `eval/metrics/perplexity` is a standalone copy (an `evaluate` module cannot
+import pico_hf), kept equal to this one by `tests/test_eval_perplexity.py`:
 
     result = compute_perplexity(model, tokenizer, texts, max_length=2048, batch_size=16)
     result.mean_perplexity, result.perplexities
