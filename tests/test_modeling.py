@@ -496,6 +496,45 @@ def test_flattened_batch_trains_with_the_padded_batch_loss(chunked):
         torch.testing.assert_close(packed_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_trainer_on_flattened_batches_follows_the_padded_run(tmp_path):
+    """transformers' Trainer with DataCollatorWithFlattening logs the padded batches' losses and ends at their
+    weights (the Trainer's token count `num_items_in_batch` agrees too: both count each sequence's tokens after
+    its first)."""
+    from datasets import Dataset
+    from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
+
+    dataset = Dataset.from_dict({"input_ids": _packing_example()})
+
+    def run(collator, name):
+        torch.manual_seed(0)
+        model = PicoDecoderForCausalLM(tiny_config(max_seq_len=16))
+        args = TrainingArguments(
+            output_dir=str(tmp_path / name),
+            per_device_train_batch_size=4,
+            max_steps=3,
+            learning_rate=1e-2,
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            seed=0,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
+        trainer.train()
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        return losses, model.state_dict()
+
+    flattened_losses, flattened_weights = run(DataCollatorWithFlattening(return_tensors="pt"), "flattened")
+    padded_losses, padded_weights = run(
+        lambda rows: _padded_batch([row["input_ids"] for row in rows]), "padded"
+    )
+    assert len(padded_losses) == 3
+    assert flattened_losses == pytest.approx(padded_losses, rel=1e-5)
+    for name, weight in padded_weights.items():
+        # Adam divides by the gradients' scale, so float noise in near-zero gradients moves weights ~1e-5.
+        torch.testing.assert_close(flattened_weights[name], weight, atol=1e-4, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
 def test_left_padded_batched_generation_equals_one_by_one(cache_implementation):
     model = PicoDecoderForCausalLM(tiny_config()).eval()
