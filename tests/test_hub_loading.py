@@ -8,9 +8,11 @@ import sys
 import textwrap
 
 import torch
-from conftest import REFERENCE_CHECKPOINT
+from conftest import REFERENCE_CHECKPOINT, tiny_config
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
+
+from pico_hf import PicoDecoderForCausalLM
 
 EXPECTED = load_file(REFERENCE_CHECKPOINT / "expected.safetensors")
 
@@ -62,17 +64,26 @@ def test_saved_checkpoint_loads_with_remote_code_without_pico_hf(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(REFERENCE_CHECKPOINT)
     model.save_pretrained(tmp_path / "ckpt")
     torch.save(EXPECTED["input_ids"], tmp_path / "ids.pt")
+    # A scaled RoPE too: the copied code reads rope_parameters on its own.
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+    scaled = PicoDecoderForCausalLM(tiny_config(rope_parameters=yarn)).eval()
+    scaled.save_pretrained(tmp_path / "scaled")
+    ids = torch.randint(0, 128, (2, 40))
+    torch.save(ids, tmp_path / "scaled_ids.pt")
     out = run_python(
         """
         import sys, torch
         from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained("ckpt", trust_remote_code=True)
         with torch.no_grad():
-            torch.save(model(torch.load("ids.pt")).logits, "logits.pt")
+            for name, ids in [("ckpt", "ids.pt"), ("scaled", "scaled_ids.pt")]:
+                model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=True)
+                torch.save(model(torch.load(ids)).logits, f"{name}_logits.pt")
         print(type(model).__module__.split(".")[0], "pico_hf" in sys.modules)
         """,
         tmp_path,
     )
     assert out.split() == ["transformers_modules", "False"]
-    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), EXPECTED["logits"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.load(tmp_path / "ckpt_logits.pt"), EXPECTED["logits"], atol=1e-5, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "scaled_logits.pt"), scaled(ids).logits)
     assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["model_type"] == "pico_decoder"

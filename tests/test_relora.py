@@ -460,6 +460,24 @@ def test_warm_start_checkpoint_initialises_the_weights(relora_run, tmp_path):
         )
 
 
+def test_warm_start_checkpoint_missing_tensors_is_a_config_error(tmp_path):
+    """from_pretrained would initialise the tensors a checkpoint lacks; starting or resuming a run refuses it."""
+    from pico_hf.training.relora import load_warm_start
+
+    source = tmp_path / "short"
+    PicoDecoderForCausalLM(tiny_config(n_layers=1)).save_pretrained(source)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "n_layers": 2}))
+    with pytest.raises(ConfigError) as error:
+        load_warm_start(PicoDecoderForCausalLM(tiny_config()), str(source))
+    assert str(error.value) == (
+        f"training.relora.warm_start_checkpoint '{source}' cannot be loaded: Checkpoint {source} lacks 9 "
+        "tensor(s) the model needs, e.g. ['pico_decoder.layers.1.attention.k_proj.weight', "
+        "'pico_decoder.layers.1.attention.o_proj.weight', 'pico_decoder.layers.1.attention.q_proj.weight']: its "
+        "weights file does not match its config.json"
+    )
+
+
 def test_analyze_compares_a_relora_run_and_a_baseline(relora_run, tmp_path):
     _, config, _, _ = relora_run
     baseline, _ = train(

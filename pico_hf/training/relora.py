@@ -32,7 +32,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .config import DEFAULT_RESET_RATIO, ReLoRAConfig
-from .trainer import PicoTrainer
+from .trainer import PicoTrainer, load_complete_weights
 
 logger = logging.getLogger(__name__)
 
@@ -257,7 +257,7 @@ def load_warm_start(model: nn.Module, source: str) -> None:
     from .config import ConfigError
 
     try:
-        loaded = type(model).from_pretrained(source, dtype=next(model.parameters()).dtype)
+        loaded = load_complete_weights(type(model), source, next(model.parameters()).dtype)
     except (OSError, ValueError) as error:
         raise ConfigError(
             f"training.relora.warm_start_checkpoint '{source}' cannot be loaded: {error}"
@@ -340,9 +340,9 @@ class ReLoRATrainer(PicoTrainer):
         target = self.accelerator.unwrap_model(model if model is not None else self.model)
         # Unwrapped parameters from the plain model files (saved as they were), the rest bit for bit from the
         # ReLoRA state: the merged weight of a wrapped module is not its base weight.
-        plain = (
-            type(target).from_pretrained(state_dir.parent, dtype=next(target.parameters()).dtype).state_dict()
-        )
+        plain = load_complete_weights(
+            type(target), state_dir.parent, next(target.parameters()).dtype
+        ).state_dict()
         wrapped = load_file(str(path))
         state = {key: wrapped[key] if is_wrapped_key(key) else plain[key] for key in target.state_dict()}
         with torch.no_grad():  # in place: Parameter identity (optimizer, DDP) is kept

@@ -130,6 +130,19 @@ class RunLayout:
             shutil.rmtree(partial, ignore_errors=True)
 
 
+def load_complete_weights(model_class: type, source: str | Path, dtype: torch.dtype) -> torch.nn.Module:
+    """`model_class.from_pretrained(source)`, refusing a checkpoint that lacks tensors: from_pretrained would
+    initialise them afresh, which is right for putting a head on a backbone but not for continuing a run."""
+    model, info = model_class.from_pretrained(source, dtype=dtype, output_loading_info=True)
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise ValueError(
+            f"Checkpoint {source} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}: its weights "
+            "file does not match its config.json"
+        )
+    return model
+
+
 def _fsync_tree(path: Path) -> None:
     for file in path.rglob("*"):
         if file.is_file():
@@ -378,7 +391,7 @@ class PicoTrainer(Trainer):
         step_dir = Path(resume_from_checkpoint).parent
         target = self.accelerator.unwrap_model(model if model is not None else self.model)
         plain_class = next(c for c in type(target).__mro__ if not issubclass(c, FSDPModule))
-        loaded = plain_class.from_pretrained(step_dir, dtype=next(target.parameters()).dtype)
+        loaded = load_complete_weights(plain_class, step_dir, next(target.parameters()).dtype)
         set_model_state_dict(target, loaded.state_dict(), options=StateDictOptions(full_state_dict=True))
         if self.maml is not None:
             self.maml.load(Path(resume_from_checkpoint))
