@@ -98,40 +98,6 @@ def test_rope_scaling_types_match_llama_with_the_same_rope_parameters(rope_param
         assert not torch.allclose(logits, plain(ids).logits, atol=1e-3)  # the scaling changed something
 
 
-def test_rope_parameters_keep_position_emb_theta_as_the_base(tmp_path):
-    plain = tiny_config(position_emb_theta=500.0)
-    assert plain.rope_parameters == {"rope_type": "default", "rope_theta": 500.0}
-    plain.save_pretrained(tmp_path)
-    assert "rope_parameters" not in json.loads((tmp_path / "config.json").read_text())  # the published format
-
-    scaled = tiny_config(position_emb_theta=500.0, rope_parameters={"rope_type": "linear", "factor": 2.0})
-    scaled.save_pretrained(tmp_path)
-    saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["position_emb_theta"] == 500.0
-    assert saved["rope_parameters"] == {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}
-    assert PicoDecoderConfig.from_pretrained(tmp_path).rope_parameters == saved["rope_parameters"]
-
-    with pytest.raises(ValueError) as error:
-        tiny_config(rope_parameters={"rope_type": "default", "rope_theta": 5.0})
-    assert str(error.value) == (
-        "rope_parameters['rope_theta'] (5.0) disagrees with position_emb_theta (10000.0), pico's key for the "
-        "RoPE base: set position_emb_theta instead."
-    )
-    with pytest.raises(ValueError, match=r"partial_rotary_factor'\] must be 1\.0: .* got 0\.5"):
-        tiny_config(rope_parameters={"rope_type": "default", "partial_rotary_factor": 0.5})
-    with pytest.raises(
-        KeyError, match=r"Missing required keys in `rope_parameters` for 'rope_type'='linear'"
-    ):
-        tiny_config(rope_parameters={"rope_type": "linear"})
-    with pytest.raises(ValueError) as error:
-        tiny_config(rope_parameters={"rope_type": "dynamic", "factor": 2.0})
-    assert str(error.value) == (
-        "rope_parameters['rope_type'] 'dynamic' rescales RoPE only for positions past max_seq_len (64), which "
-        "pico-decoder refuses: raise max_seq_len and use 'linear', 'yarn', 'longrope' or 'llama3' with "
-        "original_max_position_embeddings instead."
-    )
-
-
 # --- config ---------------------------------------------------------------------------------------------
 
 
@@ -169,6 +135,40 @@ def test_config_tolerates_unknown_keys_and_legacy_model_type(tmp_path):
     assert isinstance(config, PicoDecoderConfig)
     assert config.some_future_key == {"nested": 1}
     assert config.d_model == 64
+
+
+def test_rope_parameters_keep_position_emb_theta_as_the_base(tmp_path):
+    plain = tiny_config(position_emb_theta=500.0)
+    assert plain.rope_parameters == {"rope_type": "default", "rope_theta": 500.0}
+    plain.save_pretrained(tmp_path)
+    assert "rope_parameters" not in json.loads((tmp_path / "config.json").read_text())  # the published format
+
+    scaled = tiny_config(position_emb_theta=500.0, rope_parameters={"rope_type": "linear", "factor": 2.0})
+    scaled.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["position_emb_theta"] == 500.0
+    assert saved["rope_parameters"] == {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}
+    assert PicoDecoderConfig.from_pretrained(tmp_path).rope_parameters == saved["rope_parameters"]
+
+    with pytest.raises(ValueError) as error:
+        tiny_config(rope_parameters={"rope_type": "default", "rope_theta": 5.0})
+    assert str(error.value) == (
+        "rope_parameters['rope_theta'] (5.0) disagrees with position_emb_theta (10000.0), pico's key for the "
+        "RoPE base: set position_emb_theta instead."
+    )
+    with pytest.raises(ValueError, match=r"partial_rotary_factor'\] must be 1\.0: .* got 0\.5"):
+        tiny_config(rope_parameters={"rope_type": "default", "partial_rotary_factor": 0.5})
+    with pytest.raises(
+        KeyError, match=r"Missing required keys in `rope_parameters` for 'rope_type'='linear'"
+    ):
+        tiny_config(rope_parameters={"rope_type": "linear"})
+    with pytest.raises(ValueError) as error:
+        tiny_config(rope_parameters={"rope_type": "dynamic", "factor": 2.0})
+    assert str(error.value) == (
+        "rope_parameters['rope_type'] 'dynamic' rescales RoPE only for positions past max_seq_len (64), which "
+        "pico-decoder refuses: raise max_seq_len and use 'linear', 'yarn', 'longrope' or 'llama3' with "
+        "original_max_position_embeddings instead."
+    )
 
 
 @pytest.mark.parametrize(
@@ -787,6 +787,32 @@ def test_input_checks_read_back_once_per_generate_off_the_host(monkeypatch):
     assert calls == [(1, 3)]
     with pytest.raises(ValueError, match=r"^Input reaches position 64, beyond the model's max_seq_len \(64"):
         model(prompt, position_ids=torch.tensor([[0, 1, 64]]), labels=prompt)
+
+
+def test_model_classes_carry_transformers_docstrings_and_import_silently():
+    """`@auto_docstring` documents every argument as for transformers' own models, and importing the model
+    prints nothing (auto_docstring prints an error line for a model whose config it cannot find)."""
+    import subprocess
+    import sys
+
+    forward_doc = PicoDecoderForCausalLM.forward.__doc__
+    for argument in (
+        "input_ids (`torch.LongTensor`",
+        "cache (`Cache`",
+        "logits_to_keep",
+        "skip_logits (`bool`",
+    ):
+        assert argument in forward_doc, argument
+    assert "[`PicoDecoderConfig`]" in PicoDecoderForCausalLM.__doc__
+    assert "The decoder trunk" in PicoDecoderModel.__doc__
+    imported = subprocess.run(
+        [sys.executable, "-c", "import pico_hf.models.pico_decoder.modeling_pico_decoder"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout == ""
 
 
 def test_declared_transformers_range_is_the_tested_one():
