@@ -140,10 +140,9 @@ class PicoDecoderRotaryEmbedding(nn.Module):
     def compute_default_rope_parameters(
         config: PicoDecoderConfig, *args, **kwargs
     ) -> tuple[torch.Tensor, float]:
-        """pico-train's frequencies, theta ** (-2i / head_dim), and no scaling of cos/sin."""
+        """pico-train's frequencies, position_emb_theta ** (-2i / head_dim), and no scaling of cos/sin."""
         dim = config.head_dim
-        theta = config.rope_parameters["rope_theta"]
-        return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+        return 1.0 / (config.position_emb_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
 
     @torch.no_grad()
     @dynamic_rope_update  # `longrope` switches to its long factors past original_max_position_embeddings
