@@ -601,7 +601,7 @@ def test_reachability_probe_goes_through_the_configured_proxy(monkeypatch):
     """huggingface_hub's HTTP client honours HTTP(S)_PROXY; a raw socket to the endpoint would not."""
     from huggingface_hub import close_session, constants
 
-    from pico_hf import hub as hub_module
+    from pico_hf import hub_access as hub_module
 
     with FakeHub() as proxy:
         for name in ("NO_PROXY", "no_proxy", "HF_HUB_OFFLINE"):

@@ -62,9 +62,9 @@ from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
 from huggingface_hub.utils import disable_progress_bars
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from ..hub_access import hub_reachable, offline_requested
 from ..training.config import ConfigError
 from ..training.trainer import CheckpointContributor
-from . import hub_reachable, offline_requested
 from .cards import CARD_FILE, Analysis, read_analysis, write_checkpoint_card
 
 logger = logging.getLogger("pico_hf.training.hub")  # under the training logger: same console and log file

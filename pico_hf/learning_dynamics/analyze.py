@@ -352,7 +352,7 @@ class HubRun(CheckpointSource):
         from huggingface_hub import HfApi
         from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
-        from ..hub import hub_reachable, offline_requested
+        from ..hub_access import hub_reachable, offline_requested
 
         self.repo_id, self.branch, self.cache_dir = repo_id, branch, cache_dir
         self.description = f"{repo_id}@{branch}"
