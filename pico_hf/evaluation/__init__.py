@@ -4,5 +4,6 @@
   the training callback, `eval/run.py --paloma` and the `evaluate` metric in `eval/metrics/perplexity`.
 - `harness`: lm-evaluation-harness on pico checkpoints (task resolution, model loading, reports); the
   command line is `eval/run.py`, the task configs and their data ship in `tasks/` and `data/` (`tasks_dir`).
-- `callback`: evaluation at every checkpoint of a training run (`runs/<run>/eval_results/step_N.json`).
+- `callback`: evaluation at every checkpoint of a training run (`runs/<run>/eval_results/step_N.json`);
+  `results` reads those files back as series by step (the study and analysis reports).
 """
