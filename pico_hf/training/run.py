@@ -21,8 +21,8 @@ from transformers import ProgressCallback, TrainerCallback, TrainingArguments, s
 from transformers.integrations import TensorBoardCallback
 
 from ..evaluation.callback import build_evaluation_callbacks
+from ..hub.callback import build_hub_callbacks, hub_early_uploads, hub_push_error, hub_summary
 from ..hub.cards import build_card_callbacks
-from ..hub.publish import build_hub_callbacks, hub_early_uploads, hub_push_error, hub_summary
 from ..learning_dynamics.callback import build_learning_dynamics_callbacks
 from ..models.pico_decoder import PicoDecoderConfig, PicoDecoderForCausalLM
 from ..tokenization import load_tokenizer
