@@ -29,7 +29,8 @@ from torch.distributed.tensor import DTensor
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from ..training.config import PicoTrainingConfig
-from ..training.trainer import CheckpointContributor, RunLayout
+from ..training.rundir import RunLayout
+from ..training.trainer import CheckpointContributor
 from .capture import (
     ActivationRecorder,
     EffectiveGradientRecorder,

@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from ..training.trainer import RunLayout
+from ..training.rundir import RunLayout
 from .config import RunSpec, StudyConfig
 
 logger = logging.getLogger("pico_hf.study")

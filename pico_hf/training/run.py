@@ -31,8 +31,8 @@ from .config import PRECISIONS, ConfigError, PicoTrainingConfig
 from .console import interrupts_end_cleanly, log_console
 from .data import BatchLayout, DataError, PretokenizedStream, training_sequences
 from .modes import build_mode
-from .rundir import RunLock, check_existing_run, finished_step, remove_leftovers, write_config
-from .trainer import PicoTrainer, RunLayout, no_clipping
+from .rundir import RunLayout, RunLock, check_existing_run, finished_step, remove_leftovers, write_config
+from .trainer import PicoTrainer, no_clipping
 
 logger = logging.getLogger("pico_hf.training")
 

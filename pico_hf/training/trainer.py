@@ -40,12 +40,10 @@ from transformers.trainer_callback import ExportableState
 
 from .config import ConfigError
 from .data import TrainingSequences, load_position, save_position
+from .rundir import DATA_POSITION_NAME, LATEST, RunLayout
 
 if TYPE_CHECKING:
     from .modes import TrainingMode
-
-DATA_POSITION_NAME = "data_position.json"
-LATEST = "latest"
 
 
 class CheckpointContributor(TrainerCallback):
@@ -86,49 +84,6 @@ class PendingCheckpoint:
     tmp_dir: Path
     final_dir: Path
     waiting: list[CheckpointContributor]
-
-
-class RunLayout:
-    """Paths of one run, in pico-train's layout."""
-
-    def __init__(
-        self,
-        run_dir: Path,
-        checkpoints_dirname: str = "checkpoints",
-        logs_dirname: str = "logs",
-        state_dirname: str = "fabric_state",
-    ) -> None:
-        self.run_dir = Path(run_dir)
-        self.checkpoints_dir = self.run_dir / checkpoints_dirname
-        self.logs_dir = self.run_dir / logs_dirname
-        self.state_dirname = state_dirname
-
-    def step_dir(self, step: int) -> Path:
-        return self.checkpoints_dir / f"step_{step}"
-
-    def state_dir(self, step_dir: Path) -> Path:
-        return Path(step_dir) / self.state_dirname
-
-    def is_complete(self, step_dir: Path) -> bool:
-        state = self.state_dir(step_dir)
-        return all((step_dir / f).is_file() for f in ("config.json", "model.safetensors")) and all(
-            (state / f).is_file() for f in (TRAINER_STATE_NAME, DATA_POSITION_NAME)
-        )
-
-    def latest_checkpoint(self) -> Path | None:
-        """The newest complete checkpoint: `latest` if it is sound, else the highest complete `step_N`."""
-        latest = self.checkpoints_dir / LATEST
-        if latest.is_symlink() and self.is_complete(latest.resolve()):
-            return latest.resolve()
-        steps = sorted(
-            (p for p in self.checkpoints_dir.glob("step_*") if p.name[5:].isdigit() and self.is_complete(p)),
-            key=lambda p: int(p.name[5:]),
-        )
-        return steps[-1] if steps else None
-
-    def remove_partial_checkpoints(self) -> None:
-        for partial in self.checkpoints_dir.glob(".step_*.tmp"):
-            shutil.rmtree(partial, ignore_errors=True)
 
 
 def _fsync_tree(path: Path) -> None:
