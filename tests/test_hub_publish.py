@@ -662,7 +662,9 @@ def test_weights_upload_while_the_checkpoint_is_still_being_completed(fake_hub, 
 def test_pico_train_pt_learning_dynamics_are_pushed_and_analysed_from_the_hub(tmp_path):
     """With `file_format: pt` the pushed run holds pico-train's `{split}_{type}.pt` files, in pico-train's
     commits, loadable with `weights_only=True` and analysed from the Hub."""
-    from pico_hf.learning_dynamics.analyze import HubRun, LocalRun, parse_analysis_config, run_analysis
+    from pico_hf.learning_dynamics.analysis_config import parse_analysis_config
+    from pico_hf.learning_dynamics.analysis_sources import HubRun, LocalRun
+    from pico_hf.learning_dynamics.analyze import run_analysis
 
     with running_fake_hub(tmp_path / "hf-cache") as hub:
         from conftest import make_pretokenized

@@ -18,6 +18,8 @@ LAYERS = [
                                     "pico_hf.learning_dynamics.tracker"]),
     ("training", ["pico_hf.training"]),
     ("evaluation and learning-dynamics analysis", ["pico_hf.evaluation", "pico_hf.learning_dynamics.callback",
+                                                   "pico_hf.learning_dynamics.analysis_config",
+                                                   "pico_hf.learning_dynamics.analysis_sources",
                                                    "pico_hf.learning_dynamics.analyze",
                                                    "pico_hf.learning_dynamics.report"]),
     ("hub", ["pico_hf.hub"]),

@@ -24,7 +24,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from .analyze import AnalysisResult, result_stem
+from .analysis_config import result_stem
+from .analyze import AnalysisResult
 
 PLOTS_DIR = "plots"
 REPORT_MD = "report.md"
