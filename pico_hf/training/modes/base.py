@@ -56,9 +56,9 @@ class TrainingMode:
         return model
 
     def callbacks(self) -> list[TrainerCallback]:
-        """The mode's Trainer callbacks, placed before every other one (the values they add to a log line reach
-        every logger). The series a mode logs are its callbacks' (e.g. `maml/*` on every training log line,
-        `relora/*` at each reset)."""
+        """The mode's Trainer callbacks, placed ahead of the run's loggers and checkpoint contributors (the values
+        they add to a log line reach every logger). The series a mode logs are its callbacks' (e.g. `maml/*`
+        on every training log line, `relora/*` at each reset)."""
         return []
 
     def attach(self, trainer: PicoTrainer) -> None:
