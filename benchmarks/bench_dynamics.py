@@ -430,7 +430,9 @@ def _same(a: float, b: float) -> bool:
 
 
 def bench_metrics(n_layers: int, n_samples: int, repeats: int, seed: int) -> dict:
-    from pico_hf.learning_dynamics.analyze import LocalRun, parse_analysis_config, run_analysis
+    from pico_hf.learning_dynamics.analysis_config import parse_analysis_config
+    from pico_hf.learning_dynamics.analysis_sources import LocalRun
+    from pico_hf.learning_dynamics.analyze import run_analysis
 
     source, target = build_states(n_layers, n_samples, seed)
     specs = default_metric_specs(n_layers)

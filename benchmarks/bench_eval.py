@@ -73,7 +73,7 @@ from pico_hf.evaluation.tasks_dir import TASKS_DIR
 from pico_hf.tokenization import load_tokenizer
 from pico_hf.training.config import load_config
 from pico_hf.training.run import build_job
-from pico_hf.training.trainer import RunLayout
+from pico_hf.training.rundir import RunLayout
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "recipes" / "configs" / "demo.yaml"

@@ -37,7 +37,7 @@ DEMO_STEPS, DEMO_SAVE_EVERY = 150, 50
 
 
 def run_once(steps: int, push: bool, runs_dir: Path, name: str) -> dict[str, Any]:
-    from pico_hf.hub.publish import HubPublishCallback
+    from pico_hf.hub.callback import HubPublishCallback
     from pico_hf.training.config import load_config
     from pico_hf.training.run import build_job
 

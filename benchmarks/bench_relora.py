@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback, set_seed
 
-from pico_hf.training.config import ReLoRAConfig, load_config
+from pico_hf.training.config import load_config
+from pico_hf.training.modes.relora import ReLoRAConfig
 from pico_hf.training.relora import merge_and_reinit, prune_lora_moments
 from pico_hf.training.run import build_job
 
@@ -66,14 +67,18 @@ def train(config) -> tuple[float, float, object]:
 
 
 def merge_pause_seconds(trainer, repeats: int = 5) -> float:
-    relora = trainer.relora
+    relora = trainer.mode.section
     model = trainer.accelerator.unwrap_model(trainer.model)
     times = []
     for i in range(repeats):
         start = time.perf_counter()
         merge_and_reinit(model, seed=i)
         prune_lora_moments(
-            trainer.optimizer, trainer.lora_parameters(), relora.optimizer_reset, relora.reset_ratio, seed=i
+            trainer.optimizer,
+            trainer.mode.lora_parameters(),
+            relora.optimizer_reset,
+            relora.reset_ratio,
+            seed=i,
         )
         times.append(time.perf_counter() - start)
     return min(times)

@@ -11,6 +11,7 @@ configs would do the building, but neither reports pico's key paths and suggesti
 from __future__ import annotations
 
 import collections.abc
+import copy
 import dataclasses
 import difflib
 import types
@@ -26,15 +27,36 @@ class ConfigError(ValueError):
     """A configuration problem, reported before any work starts."""
 
 
+def config_fields(cls: type) -> dict[str, Any]:
+    """A config dataclass's keys and their types: its fields, then the sections its `config_sections()` adds.
+
+    A section added that way (the training modes' `training.<mode>`, from their registry) is a dataclass set as
+    an instance attribute: the dataclass's `__post_init__` gives it its default."""
+    hints = typing.get_type_hints(cls)
+    keys = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    extra = getattr(cls, "config_sections", None)
+    return {**keys, **(extra() if extra is not None else {})}
+
+
+def as_dict(instance: Any) -> Any:
+    """`dataclasses.asdict`, with the sections of `config_sections()` too."""
+    if dataclasses.is_dataclass(instance) and not isinstance(instance, type):
+        return {name: as_dict(getattr(instance, name)) for name in config_fields(type(instance))}
+    if isinstance(instance, (list, tuple)):
+        return type(instance)(as_dict(value) for value in instance)
+    if isinstance(instance, dict):
+        return {key: as_dict(value) for key, value in instance.items()}
+    return copy.deepcopy(instance)
+
+
 def all_keys(cls: type, prefix: str = "") -> list[str]:
     """Every dotted key of a (nested) config dataclass, sections included."""
     keys = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        path = f"{prefix}{f.name}"
+    for name, annotation in config_fields(cls).items():
+        path = f"{prefix}{name}"
         keys.append(path)
-        if dataclasses.is_dataclass(hints[f.name]):
-            keys.extend(all_keys(hints[f.name], path + "."))
+        if dataclasses.is_dataclass(annotation):
+            keys.extend(all_keys(annotation, path + "."))
     return keys
 
 
@@ -154,8 +176,8 @@ def from_dict(
     if not isinstance(values, Mapping):
         raise ConfigError(f"'{section or 'config'}' must be a mapping, got {values!r}")
     root = root or cls
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    hints = config_fields(cls)
+    names = list(hints)
     bad = [key for key in values if key not in names]
     if bad:
         raise (unknown or (lambda _s, keys, valid: unknown_key(f"{prefix}{keys[0]}", valid, root)))(
@@ -181,7 +203,12 @@ def from_dict(
             continue
         else:
             kwargs[key] = coerce(value, annotation, path)
-    return cls(**kwargs)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    sections = {key: kwargs.pop(key) for key in list(kwargs) if key not in fields}
+    instance = cls(**kwargs)
+    for key, section in sections.items():  # the sections of `config_sections()`
+        setattr(instance, key, section)
+    return instance
 
 
 def _nullable(annotation: Any) -> bool:
@@ -244,8 +271,10 @@ __all__ = [
     "ConfigError",
     "all_keys",
     "apply_overrides",
+    "as_dict",
     "check_keys",
     "coerce",
+    "config_fields",
     "from_dict",
     "leaf_keys",
     "load_yaml",

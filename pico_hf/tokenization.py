@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .assets import TOKENIZER_DIR
-from .hub import hub_reachable
+from .hub_access import hub_reachable
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast

@@ -54,16 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.text import Text
 
-    from pico_hf.learning_dynamics.analyze import (
-        LOG_DATE_FORMAT,
-        LOG_FORMAT,
-        AnalysisError,
-        CheckpointSource,
-        HubRun,
-        LocalRun,
-        load_analysis_config,
-        run_analysis,
-    )
+    from pico_hf.learning_dynamics.analysis_config import load_analysis_config
+    from pico_hf.learning_dynamics.analysis_sources import AnalysisError, CheckpointSource, HubRun, LocalRun
+    from pico_hf.learning_dynamics.analyze import LOG_DATE_FORMAT, LOG_FORMAT, run_analysis
     from pico_hf.learning_dynamics.report import plot_results, read_evaluations, write_report
     from pico_hf.training.config import ConfigError
 

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config, notes = load_config(args.config, args.overrides)
         # Heavy imports (torch, transformers, datasets) only once the arguments are known to be good.
-        from pico_hf.hub.publish import HubPushError
+        from pico_hf.hub.commits import HubPushError
         from pico_hf.training.console import INTERRUPTED_EXIT_STATUS, Interrupted
         from pico_hf.training.run import end_process_group, run_training
 

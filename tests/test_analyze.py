@@ -17,14 +17,9 @@ from fake_hub import fake_hub  # noqa: F401
 from PIL import Image
 
 from pico_hf.learning_dynamics import compute_metrics, parse_metric_specs
-from pico_hf.learning_dynamics.analyze import (
-    AnalysisError,
-    LocalRun,
-    load_analysis_config,
-    parse_analysis_config,
-    parse_steps,
-    run_analysis,
-)
+from pico_hf.learning_dynamics.analysis_config import load_analysis_config, parse_analysis_config, parse_steps
+from pico_hf.learning_dynamics.analysis_sources import AnalysisError, LocalRun
+from pico_hf.learning_dynamics.analyze import run_analysis
 from pico_hf.learning_dynamics.capture import load_states
 from pico_hf.learning_dynamics.report import last_step_rows, parse_key, plot_result
 from pico_hf.training.config import ConfigError, load_config

@@ -21,7 +21,7 @@ from pico_hf.configuration import (
     parse_override,
     unknown_keys_listed,
 )
-from pico_hf.learning_dynamics import analyze
+from pico_hf.learning_dynamics import analysis_config
 from pico_hf.training import config as training_config
 
 
@@ -150,18 +150,20 @@ def test_every_caller_uses_this_mechanism():
     """pico-train's, pico-analyze's and the study configs raise one error type and share override parsing."""
     from pico_hf.study import config as study_config
 
-    assert training_config.ConfigError is analyze.ConfigError is study_config.ConfigError is ConfigError
+    assert (
+        training_config.ConfigError is analysis_config.ConfigError is study_config.ConfigError is ConfigError
+    )
     assert training_config.parse_override is study_config.parse_override is parse_override
     assert "training.optimization.lr" in all_keys(training_config.PicoTrainingConfig)
     with pytest.raises(ConfigError, match=r"Unknown key\(s\) \['colr'\] in monitoring.wandb"):
-        analyze._parse_monitoring({"wandb": {"colr": 1}})
+        analysis_config._parse_monitoring({"wandb": {"colr": 1}})
     # pico-analyze's nulls stand for the defaults.
-    monitoring = analyze._parse_monitoring(
+    monitoring = analysis_config._parse_monitoring(
         {"output_dir": None, "save_to_wandb": None, "wandb": {"project": "p"}}
     )
     assert monitoring.output_dir == "analysis_results" and monitoring.save_to_wandb is False
-    assert monitoring.wandb == analyze.WandbSettings(entity=None, project="p")
-    assert analyze._parse_monitoring({"output_dir": ""}).output_dir == "analysis_results"
+    assert monitoring.wandb == analysis_config.WandbSettings(entity=None, project="p")
+    assert analysis_config._parse_monitoring({"output_dir": ""}).output_dir == "analysis_results"
 
 
 def test_config_files_missing_or_not_yaml_are_config_errors(tmp_path):
@@ -169,7 +171,7 @@ def test_config_files_missing_or_not_yaml_are_config_errors(tmp_path):
     bad.write_text("model: {d_model: 8\n")
     for load in (
         lambda p: training_config.load_config(p),
-        analyze.load_analysis_config,
+        analysis_config.load_analysis_config,
     ):
         with pytest.raises(ConfigError, match=re.escape(f"{bad} is not valid YAML")):
             load(bad)

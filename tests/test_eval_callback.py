@@ -28,7 +28,7 @@ from pico_hf import PicoDecoderForCausalLM
 from pico_hf.evaluation.callback import EvaluationCallback, build_evaluation_callbacks, isolated_evaluation
 from pico_hf.evaluation.perplexity import compute_perplexity
 from pico_hf.training.config import ConfigError, load_config
-from pico_hf.training.trainer import RunLayout
+from pico_hf.training.rundir import RunLayout
 
 MAX_LENGTH = 12
 STEPS = [0, 2, 4, 6]

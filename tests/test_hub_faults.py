@@ -14,7 +14,7 @@ from conftest import REPO, tiny_training_overrides, train_command
 from fake_hub import running_fake_hub
 
 from pico_hf.hub import publish
-from pico_hf.hub.publish import checkpoint_steps, final_model_commit, plan_checkpoint_commits
+from pico_hf.hub.commits import checkpoint_steps, final_model_commit, plan_checkpoint_commits
 
 REPO_ID = "fake-user/pico-faults"
 BRANCH = "tiny"

@@ -18,13 +18,13 @@ from fake_hub import FakeHub, fake_hub, point_hub_client_at, running_fake_hub  #
 from huggingface_hub import HfApi, ModelCard, snapshot_download
 from safetensors.torch import load_file, save_file
 
-from pico_hf.hub import publish
-from pico_hf.hub.publish import (
+from pico_hf.hub import commits, publish
+from pico_hf.hub.callback import build_hub_callbacks
+from pico_hf.hub.commits import (
     HubPublisher,
     HubPushError,
     HubSetupError,
     PlannedCommit,
-    build_hub_callbacks,
     plan_checkpoint_commits,
 )
 from pico_hf.training.config import load_config
@@ -262,7 +262,7 @@ def test_unreachable_endpoint_and_missing_token_are_refused(tmp_path, monkeypatc
     ):
         build_hub_callbacks(config, None)
     with FakeHub() as hub, point_hub_client_at(hub, tmp_path / "cache"):
-        monkeypatch.setattr(publish, "get_token", lambda: None)
+        monkeypatch.setattr(commits, "get_token", lambda: None)
         with pytest.raises(HubSetupError, match="no Hugging Face token"):
             build_hub_callbacks(config, None)
 
@@ -285,7 +285,7 @@ def test_failed_push_is_reported_training_goes_on_and_the_cli_completes_it(
     caplog,
     capsys,
 ):
-    monkeypatch.setattr(publish, "RETRY_DELAYS", (0.0, 0.0))
+    monkeypatch.setattr(commits, "RETRY_DELAYS", (0.0, 0.0))
     rule = fake_hub.fail(
         "/commit/", commit_title=r"^Saving Fabric Checkpoint -- Step 2$", message="Hub is down"
     )
@@ -509,7 +509,7 @@ def test_each_model_commit_carries_the_card_and_main_holds_the_final_model(publi
         card.validate()  # the Hub's metadata validation, model-index included
     # main: the final checkpoint's model, tokenizer and card, nothing of the history.
     final = hub.files(REPO_ID, "main")
-    last = publish.checkpoint_steps(run_dir)[-1]  # 6, or 8 once the resumed run has run
+    last = commits.checkpoint_steps(run_dir)[-1]  # 6, or 8 once the resumed run has run
     assert hub.titles(REPO_ID, "main")[-1] == f"Saving Final Model -- Step {last} (run branch 'tiny')"
     final_dir = run_dir / "checkpoints" / f"step_{last}"
     for name in ("README.md", "model.safetensors", "config.json", "tokenizer.json"):
@@ -562,7 +562,7 @@ def test_hub_pushes_draw_no_progress_bars(published):
 
 
 def test_a_failure_in_the_middle_of_an_lfs_upload_is_retried(fake_hub, tmp_path, monkeypatch):  # noqa: F811
-    monkeypatch.setattr(publish, "RETRY_DELAYS", (0.0, 0.0))
+    monkeypatch.setattr(commits, "RETRY_DELAYS", (0.0, 0.0))
     weights = tmp_path / "model.safetensors"
     save_file({"w": torch.arange(1000.0)}, weights)
     fake_hub.fail("/lfs-verify", status=400, message="verify failed", times=1)  # uploaded, not verified
@@ -601,7 +601,7 @@ def test_reachability_probe_goes_through_the_configured_proxy(monkeypatch):
     """huggingface_hub's HTTP client honours HTTP(S)_PROXY; a raw socket to the endpoint would not."""
     from huggingface_hub import close_session, constants
 
-    from pico_hf import hub as hub_module
+    from pico_hf import hub_access as hub_module
 
     with FakeHub() as proxy:
         for name in ("NO_PROXY", "no_proxy", "HF_HUB_OFFLINE"):
@@ -662,7 +662,9 @@ def test_weights_upload_while_the_checkpoint_is_still_being_completed(fake_hub, 
 def test_pico_train_pt_learning_dynamics_are_pushed_and_analysed_from_the_hub(tmp_path):
     """With `file_format: pt` the pushed run holds pico-train's `{split}_{type}.pt` files, in pico-train's
     commits, loadable with `weights_only=True` and analysed from the Hub."""
-    from pico_hf.learning_dynamics.analyze import HubRun, LocalRun, parse_analysis_config, run_analysis
+    from pico_hf.learning_dynamics.analysis_config import parse_analysis_config
+    from pico_hf.learning_dynamics.analysis_sources import HubRun, LocalRun
+    from pico_hf.learning_dynamics.analyze import run_analysis
 
     with running_fake_hub(tmp_path / "hf-cache") as hub:
         from conftest import make_pretokenized

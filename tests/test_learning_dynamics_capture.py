@@ -245,7 +245,9 @@ def test_two_process_capture_equals_one_process_capture(tmp_path):
 def test_pt_file_format_writes_pico_train_files_that_analysis_reads(run, tmp_path):
     """`file_format: pt` writes pico-train's `{split}_{type}.pt` (plain tensor dicts for `torch.load(...,
     weights_only=True)`, the original pico-analyze's input) holding the same states; the analysis reads them."""
-    from pico_hf.learning_dynamics.analyze import LocalRun, parse_analysis_config, run_analysis
+    from pico_hf.learning_dynamics.analysis_config import parse_analysis_config
+    from pico_hf.learning_dynamics.analysis_sources import LocalRun
+    from pico_hf.learning_dynamics.analyze import run_analysis
 
     pt_run = train(tmp_path, **{"checkpointing.learning_dynamics.file_format": "pt"})
     for step in (0, 2, 4, 6):

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import pico_hf  # noqa: F401  (registers the Auto classes)
-from pico_hf.training.config import ConfigError, MAMLConfig, load_config
+from pico_hf.training.config import ConfigError, load_config
 from pico_hf.training.maml import (
     HEAD_NAME,
     adapt_and_query,
@@ -33,6 +33,7 @@ from pico_hf.training.maml import (
     is_meta_step,
     sample_episode,
 )
+from pico_hf.training.modes.maml import MAMLConfig
 
 # --- the meta gradient -------------------------------------------------------------------------------------
 

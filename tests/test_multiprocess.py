@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from pico_hf.learning_dynamics.capture import load_states
 from pico_hf.training.config import ConfigError, load_config
 from pico_hf.training.run import training_arguments
-from pico_hf.training.trainer import RunLayout
+from pico_hf.training.rundir import RunLayout
 
 LD = "learning_dynamics"
 

@@ -26,7 +26,8 @@ from transformers import TrainerCallback
 
 import pico_hf  # noqa: F401  (registers the Auto classes)
 from pico_hf import PicoDecoderForCausalLM
-from pico_hf.training.config import ConfigError, ReLoRAConfig, load_config
+from pico_hf.training.config import ConfigError, load_config
+from pico_hf.training.modes.relora import ReLoRAConfig
 from pico_hf.training.relora import (
     jagged_cosine,
     lora_layers,

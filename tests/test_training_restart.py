@@ -147,7 +147,7 @@ def test_a_killed_runs_lock_does_not_block_its_resume(tmp_path):
 )
 def test_a_bad_streamed_row_stops_the_run_after_a_clean_checkpoint(tmp_path, shuffle, stopped_after):
     from pico_hf.training.data import DataError
-    from pico_hf.training.trainer import RunLayout
+    from pico_hf.training.rundir import RunLayout
 
     overrides, rows = bad_row_overrides(tmp_path, shuffle)
     data = rows.parent

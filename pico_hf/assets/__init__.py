@@ -9,7 +9,7 @@ Everything here lets a machine without Hub access tokenize and train:
   document per row with `input_ids`, `text`, `source`).
 
 Sources, licences and token counts are in `corpus/NOTICE` and `tokenizer/NOTICE`; both folders are
-rebuilt by `recipes/build_embedded_corpus.py`.
+rebuilt by `tools/build_embedded_corpus.py`.
 """
 
 from pathlib import Path

@@ -50,7 +50,8 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..training.config import ConfigError, PicoTrainingConfig
-from ..training.trainer import CheckpointContributor, RunLayout
+from ..training.rundir import RunLayout
+from ..training.trainer import CheckpointContributor
 from .perplexity import (
     encode_texts,
     load_texts,

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..hub import hub_reachable, offline_requested
+from ..hub_access import hub_reachable, offline_requested
 from ..tokenization import OLMO_TOKENIZER_ID, load_tokenizer
 from .perplexity import compute_perplexity, load_texts, perplexity_metric_name, resolve_dataset
 from .tasks_dir import TASKS_DIR

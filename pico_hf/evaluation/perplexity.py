@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..hub import hub_reachable
+from ..hub_access import hub_reachable
 
 logger = logging.getLogger(__name__)
 

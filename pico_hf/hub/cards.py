@@ -406,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "suite":
             paths = write_suite_cards(args.configs, args.out)
         else:
-            from .publish import RunFolders, checkpoint_steps
+            from .commits import RunFolders, checkpoint_steps
 
             steps = checkpoint_steps(args.run_dir, RunFolders.from_run_dir(args.run_dir))
             if not steps:

@@ -29,7 +29,8 @@ from torch.distributed.tensor import DTensor
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from ..training.config import PicoTrainingConfig
-from ..training.trainer import CheckpointContributor, RunLayout
+from ..training.rundir import RunLayout
+from ..training.trainer import CheckpointContributor
 from .capture import (
     ActivationRecorder,
     EffectiveGradientRecorder,
@@ -47,7 +48,7 @@ METRICS_FILE = "metrics.json"
 
 def load_eval_rows(name: str, max_samples: int | None, max_seq_len: int) -> list[list[int]]:
     """The `val` split's rows (token ids), each cut to `max_seq_len + 1` tokens (inputs plus next tokens)."""
-    from ..hub import hub_reachable, offline_requested
+    from ..hub_access import hub_reachable, offline_requested
     from ..training.data import EMBEDDED, INPUT_IDS, check_columns, open_pretokenized
 
     if name != EMBEDDED and not Path(name).exists() and not hub_reachable() and not offline_requested():

@@ -24,7 +24,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from .analyze import AnalysisResult, result_stem
+from .analysis_config import result_stem
+from .analyze import AnalysisResult
 
 PLOTS_DIR = "plots"
 REPORT_MD = "report.md"
@@ -151,7 +152,7 @@ def plot_results(result: AnalysisResult) -> dict[str, Path]:
 def read_evaluations(run_dir: Path, results_dir: str = "eval_results") -> dict[str, dict[int, float]]:
     """{name: {step: value}} from a run's `eval_results/step_N.json` (nested scores as `task/metric`), a
     perplexity labelled with its dataset when the files name one (e.g. `paloma (pico-lm/pretokenized-paloma-tinsy)`)."""
-    from ..study.report import read_eval_results
+    from ..evaluation.results import read_eval_results
 
     series, datasets = read_eval_results(Path(run_dir) / results_dir)
     # `dataset` names the perplexity's texts; an lm-eval task's scores (`task/metric`) name their task.

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..configuration import ConfigError, check_keys, load_yaml, parse_override
-from ..learning_dynamics.analyze import AnalysisConfig, parse_analysis_config
+from ..learning_dynamics.analysis_config import AnalysisConfig, parse_analysis_config
 from ..training.config import PicoTrainingConfig, load_config
 
 STUDY_KEYS = ("name", "base_config", "overrides", "variants", "baseline", "seeds", "evaluation", "analysis")

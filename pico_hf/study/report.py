@@ -32,6 +32,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from ..evaluation.results import read_eval_results
 from .config import RunSpec, StudyConfig
 from .runner import ANALYSIS_DIR, TIMING_FILE, RunOutcome
 
@@ -67,42 +68,6 @@ def read_training_log(run_dir: Path) -> tuple[Series, list[float], int]:
                     speeds[step] = float(entry["tokens_per_second"])
             tokens = max(tokens, int(entry.get("num_input_tokens_seen", 0) or 0))
     return dict(sorted(loss.items())), [speeds[s] for s in sorted(speeds)], tokens
-
-
-def _flatten_numbers(tree: Mapping[str, Any], prefix: str = "") -> tuple[dict[str, float], str | None]:
-    values: dict[str, float] = {}
-    dataset = None
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, bool):
-            continue
-        if isinstance(value, (int, float)):
-            values[name] = float(value)
-        elif isinstance(value, Mapping):
-            sub, sub_dataset = _flatten_numbers(value, name + "/")
-            values.update(sub)
-            dataset = dataset or sub_dataset
-        elif key == "dataset" and isinstance(value, str):
-            dataset = value
-    return values, dataset
-
-
-def read_eval_results(results_dir: Path) -> tuple[dict[str, Series], dict[str, str]]:
-    """Every numeric value of `step_N.json` as {name: {step: value}}, and {name: dataset} where named."""
-    series: dict[str, Series] = {}
-    datasets: dict[str, str] = {}
-    if not results_dir.is_dir():
-        return series, datasets
-    for path in results_dir.iterdir():
-        match = _STEP.match(path.name)
-        if not match or not path.is_file():
-            continue
-        values, dataset = _flatten_numbers(json.loads(path.read_text()))
-        for name, value in values.items():
-            series.setdefault(name, {})[int(match[1])] = value
-            if dataset and "/" not in name:  # `dataset` names the perplexity's texts, not a task's scores
-                datasets[name] = dataset
-    return {name: dict(sorted(by_step.items())) for name, by_step in sorted(series.items())}, datasets
 
 
 def read_analysis(analysis_dir: Path) -> dict[str, dict[str, Series]]:

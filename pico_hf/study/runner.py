@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from ..training.trainer import RunLayout
+from ..training.rundir import RunLayout
 from .config import RunSpec, StudyConfig
 
 logger = logging.getLogger("pico_hf.study")
@@ -182,7 +182,8 @@ def train_runs(
 def analyse_runs(study: StudyConfig, log: Callable[[str], None] = say) -> list[str]:
     """The study's learning-dynamics analysis of each run into `<run>/analysis/`, unless already there with
     the same config. Returns warnings (runs or steps that could not be analysed)."""
-    from ..learning_dynamics.analyze import AnalysisError, LocalRun, run_analysis
+    from ..learning_dynamics.analysis_sources import AnalysisError, LocalRun
+    from ..learning_dynamics.analyze import run_analysis
 
     if study.analysis is None:
         return []

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import typing
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -20,9 +19,18 @@ from typing import Any
 import yaml
 
 # ConfigError and parse_override are imported from here across pico_hf (and by the recipes).
-from ..configuration import ConfigError, apply_overrides, from_dict, leaf_keys, load_yaml
+from ..configuration import (
+    ConfigError,
+    apply_overrides,
+    as_dict,
+    config_fields,
+    from_dict,
+    leaf_keys,
+    load_yaml,
+)
 from ..configuration import parse_override as parse_override
 from ..tokenization import OLMO_TOKENIZER_ID
+from .modes import check_modes, mode_sections
 
 DEFAULT_LAYER_SUFFIXES = ["attention.v_proj", "attention.o_proj", "swiglu.w_2"]
 # The pico-lm suite's global batch: 1024 sequences of 2048 tokens.
@@ -106,65 +114,6 @@ class OptimizationConfig:
     gradient_accumulation_steps: int = 128
 
 
-DEFAULT_RELORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "w_0", "w_1", "w_2"]
-# The reference implementations' defaults: random pruning keeps 0.1% of the moments, magnitude keeps 10%.
-DEFAULT_RESET_RATIO = {"random": 0.999, "magnitude": 0.9}
-
-
-@dataclass
-class ReLoRAConfig:
-    """`training.relora`: off unless `enabled`. Keys follow the Pico port (relora-pico) where it has them."""
-
-    enabled: bool = False
-    # Module names (or name suffixes) that get LoRA adapters: by default the attention and SwiGLU projections.
-    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_RELORA_TARGET_MODULES))
-    r: int = 16
-    lora_alpha: float = 32
-    lora_dropout: float = 0.1
-    # Merge-and-reinit cadence in optimizer steps, counted from the end of the warm start.
-    reset_frequency: int = 1000
-    # How the LoRA parameters' Adam moments are pruned at each reset: `random` or `magnitude`.
-    optimizer_reset: str = "random"
-    # Fraction of each moment tensor zeroed; null: 0.999 (random) or 0.9 (magnitude).
-    optimizer_reset_ratio: float | None = None
-    restart_warmup_steps: int = 100
-    # The cosine decays to lr * min_lr_ratio at max_steps.
-    min_lr_ratio: float = 0.1
-    # Full-rank warm start: N full-rank steps in this run before LoRA training starts ...
-    warm_start_steps: int = 0
-    # ... or a checkpoint (path or Hub id) whose weights, not its optimizer, initialise the run.
-    warm_start_checkpoint: str | None = None
-
-    @property
-    def reset_ratio(self) -> float:
-        if self.optimizer_reset_ratio is not None:
-            return self.optimizer_reset_ratio
-        return DEFAULT_RESET_RATIO.get(self.optimizer_reset, 0.0)
-
-
-@dataclass
-class MAMLConfig:
-    """MAML pretraining (`pico_hf.training.maml`): first-order MAML on SMLMT episodes mixed with LM steps.
-    Defaults are the settings of Africa et al. 2025 (pico-maml-train's key names where it has them)."""
-
-    enabled: bool = False
-    hybrid_ratio: float = 0.5  # share of optimizer steps that are meta steps
-    n_way: int = 32  # classes (token types) per episode
-    k_shot: int = 4  # support examples per class
-    n_query: int = 1  # query examples per class
-    inner_steps: int = 10
-    inner_lr: float = 0.01
-    first_order: bool = True  # false: the outer gradient goes through the unrolled inner loop
-    head_hidden_dim: int = 128
-    head_num_layers: int = 4
-    mask_token: int | None = (
-        None  # the id that replaces the episode's tokens; null: the tokenizer's pad token
-    )
-    # Meta steps train on query loss + lm_loss_weight x the masked micro-batch's LM loss (pico-maml-train adds
-    # its meta loss to the LM loss: weight 1).
-    lm_loss_weight: float = 1.0
-
-
 @dataclass
 class TrainingConfig:
     fabric: FabricConfig = field(default_factory=FabricConfig)
@@ -173,9 +122,19 @@ class TrainingConfig:
     # Seeds model initialisation, the data order (data.dataloader.shuffle) and every other random choice of
     # the run (pico-train: 42).
     seed: int = 42
-    # ReLoRA pretraining through PEFT LoRA layers (pico_hf.training.relora); off by default.
-    relora: ReLoRAConfig = field(default_factory=ReLoRAConfig)
-    maml: MAMLConfig = field(default_factory=MAMLConfig)
+
+    # Beside these keys, `training.<key>` for each training mode (pico_hf.training.modes): its own section,
+    # off unless its `enabled`.
+    @staticmethod
+    def config_sections() -> dict[str, type]:
+        return mode_sections()
+
+    def __post_init__(self) -> None:
+        for key, section in mode_sections().items():
+            self.__dict__.setdefault(key, section())
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and as_dict(self) == as_dict(other)
 
 
 # --- evaluation -----------------------------------------------------------------------------------------
@@ -320,7 +279,7 @@ class PicoTrainingConfig:
         return self.run_dir / self.checkpointing.logs_dir
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return as_dict(self)
 
     def save_yaml(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=True))
@@ -397,21 +356,9 @@ def validate(config: PicoTrainingConfig) -> None:
         raise ConfigError("checkpointing.save_to_hf is true but checkpointing.hf_checkpoint.repo_id is empty")
     if config.model.model_type != "pico_decoder":
         raise ConfigError(f"model.model_type must be 'pico_decoder', got '{config.model.model_type}'")
-    from .relora import validate_relora
-
-    relora_problems = validate_relora(
-        config.training.relora, config.training.max_steps, optimization.lr_warmup_steps
-    )
-    if relora_problems:
-        raise ConfigError(relora_problems[0])
-    if config.training.relora.enabled and config.training.maml.enabled:
-        raise ConfigError(
-            "training.relora and training.maml cannot both be enabled: choose one research mode"
-        )
-    if config.training.maml.enabled:
-        from .maml import check_maml_config
-
-        check_maml_config(config.training.maml, config.model.vocab_size)
+    mode_problems = check_modes(config)
+    if mode_problems:
+        raise ConfigError(mode_problems[0])
     learning_dynamics = config.checkpointing.learning_dynamics
     from ..learning_dynamics.capture import FILE_FORMATS
 
@@ -458,14 +405,13 @@ def describe_sections(config: PicoTrainingConfig | None = None, sources: dict[st
         return inner[-1] if inner else None  # a mapping value (training_arguments) set key by key
 
     def walk(cls: type, prefix: str, instance: Any) -> None:
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            value = getattr(instance, f.name)
-            if dataclasses.is_dataclass(hints[f.name]):
-                walk(hints[f.name], f"{prefix}{f.name}.", value)
+        for name, annotation in config_fields(cls).items():
+            value = getattr(instance, name)
+            if dataclasses.is_dataclass(annotation):
+                walk(annotation, f"{prefix}{name}.", value)
             else:
-                origin = source(f"{prefix}{f.name}")
-                lines.append(f"  {prefix}{f.name} = {value!r}" + (f"    <- {origin}" if origin else ""))
+                origin = source(f"{prefix}{name}")
+                lines.append(f"  {prefix}{name} = {value!r}" + (f"    <- {origin}" if origin else ""))
 
     walk(PicoTrainingConfig, "", config or PicoTrainingConfig())
     return "\n".join(lines)

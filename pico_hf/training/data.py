@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from ..assets import CORPUS_DIR
-from ..hub import hub_reachable, offline_requested
+from ..hub_access import hub_reachable, offline_requested
 from .config import ConfigError
 
 EMBEDDED = "embedded"

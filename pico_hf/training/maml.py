@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,42 +43,14 @@ from torch import nn
 from torch.func import functional_call
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .config import ConfigError, MAMLConfig
-from .trainer import CheckpointContributor
+from ..configuration import ConfigError
+from .modes.maml import MAML, MAMLConfig
 
 logger = logging.getLogger("pico_hf.training")
 
 HEAD_NAME = "maml_head.safetensors"
 STATE_NAME = "maml_state.json"
 _SCHEDULE_STREAM, _EPISODE_STREAM, _HEAD_STREAM = 0x5343, 0x4550, 0x4844  # independent RNG streams per use
-
-
-def check_maml_config(maml: MAMLConfig, vocab_size: int) -> None:
-    """Value checks that need no data: every key of `training.maml` in its range."""
-    if not 0.0 <= maml.hybrid_ratio <= 1.0:
-        raise ConfigError(f"training.maml.hybrid_ratio must be between 0 and 1, got {maml.hybrid_ratio}")
-    at_least = {
-        "n_way": 2,
-        "k_shot": 1,
-        "n_query": 1,
-        "inner_steps": 0,
-        "head_hidden_dim": 1,
-        "head_num_layers": 1,
-    }
-    for key, low in at_least.items():
-        if getattr(maml, key) < low:
-            raise ConfigError(f"training.maml.{key} must be at least {low}, got {getattr(maml, key)}")
-    for key in ("inner_lr", "lm_loss_weight"):
-        if getattr(maml, key) < 0:
-            raise ConfigError(f"training.maml.{key} must be non-negative, got {getattr(maml, key)}")
-    if maml.n_way >= vocab_size:
-        raise ConfigError(
-            f"training.maml.n_way ({maml.n_way}) must be smaller than model.vocab_size ({vocab_size})"
-        )
-    if maml.mask_token is not None and not 0 <= maml.mask_token < vocab_size:
-        raise ConfigError(
-            f"training.maml.mask_token ({maml.mask_token}) is not a token id below {vocab_size}"
-        )
 
 
 def check_episodes_possible(maml: MAMLConfig, micro_batch: int, seq_len: int) -> None:
@@ -349,9 +322,9 @@ class MAMLObjective:
         return logs
 
 
-class MAMLCallback(CheckpointContributor):
-    """Chooses each optimizer step's type, averages the head's gradient across processes, saves the head with
-    each checkpoint and adds `maml/*` values to every training log (process 0's episodes)."""
+class MAMLCallback(TrainerCallback):
+    """Chooses each optimizer step's type, averages the head's gradient across processes and adds `maml/*`
+    values to every training log (process 0's episodes)."""
 
     def __init__(self, objective: MAMLObjective) -> None:
         self.objective = objective
@@ -371,13 +344,6 @@ class MAMLCallback(CheckpointContributor):
     ):
         self.objective.head.zero_grad(set_to_none=True)  # the Trainer zeroes the model's gradients only
 
-    def on_checkpoint(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
-    ):
-        if args.should_save:
-            trainer = kwargs["trainer"]
-            self.objective.save(trainer.run.state_dir(kwargs["checkpoint_dir"]))
-
     def on_log(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs
     ):
@@ -385,20 +351,58 @@ class MAMLCallback(CheckpointContributor):
             logs.update(self.objective.pop_logs())
 
 
-def build_maml(
-    config: Any, tokenizer: Any, micro_batch: int
-) -> tuple[MAMLObjective | None, list[TrainerCallback]]:
-    """The objective and its callback for a `PicoTrainingConfig` with `training.maml.enabled`, checked against
-    the tokenizer and the micro-batch before step 1; (None, []) when MAML is off."""
-    maml = config.training.maml
-    if not maml.enabled:
-        return None, []
-    mask_token = maml.mask_token if maml.mask_token is not None else tokenizer.pad_token_id
-    if mask_token is None:
-        raise ConfigError(
-            f"training.maml.mask_token is null and tokenizer '{config.data.tokenizer.name}' has no pad token: "
-            "set training.maml.mask_token to a reserved id"
+class MAMLMode(MAML):
+    """Meta steps on their schedule: the objective's head trains in the model's optimizer and is saved with
+    each checkpoint's state."""
+
+    section: MAMLConfig
+
+    def prepare_model(
+        self, model: nn.Module, *, tokenizer: Any, micro_batch: int, world_size: int
+    ) -> nn.Module:
+        """The objective, checked against the tokenizer and the micro-batch before step 1."""
+        config, maml = self.config, self.section
+        mask_token = maml.mask_token if maml.mask_token is not None else tokenizer.pad_token_id
+        if mask_token is None:
+            raise ConfigError(
+                f"training.maml.mask_token is null and tokenizer '{config.data.tokenizer.name}' has no pad token: "
+                "set training.maml.mask_token to a reserved id"
+            )
+        check_episodes_possible(maml, micro_batch, config.model.max_seq_len)
+        self.objective = MAMLObjective(maml, config.model.d_model, mask_token, config.training.seed)
+        return model
+
+    def callbacks(self) -> list[TrainerCallback]:
+        return [MAMLCallback(self.objective)]
+
+    def attach(self, trainer: Any) -> None:
+        super().attach(trainer)
+        self.objective.head.to(trainer.args.device)
+
+    def create_optimizer(
+        self, model: nn.Module, create: Callable[[], torch.optim.Optimizer]
+    ) -> torch.optim.Optimizer:
+        optimizer = create()
+        # The meta head trains with the model, in the same optimizer.
+        optimizer.add_param_group(
+            {"params": list(self.objective.head.parameters()), "weight_decay": self.trainer.args.weight_decay}
         )
-    check_episodes_possible(maml, micro_batch, config.model.max_seq_len)
-    objective = MAMLObjective(maml, config.model.d_model, mask_token, config.training.seed)
-    return objective, [MAMLCallback(objective)]
+        return optimizer
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor | None:
+        if not self.objective.meta:
+            return None
+        args = self.trainer.args
+        episode = self.objective.episode_for(inputs["input_ids"], args.process_index, args.world_size)
+        if episode is None:
+            return None
+        return self.objective.meta_loss(model, inputs, episode)  # a mean over this micro-batch's episode
+
+    def save_state(self, state_dir: Path) -> None:
+        self.objective.save(state_dir)
+
+    def resume(
+        self, state_dir: Path, model: nn.Module, weights: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        self.objective.load(state_dir)
+        return weights

@@ -18,9 +18,9 @@ weight itself gets no gradient, and nothing the optimizer sees changes).
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,61 +28,15 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .config import DEFAULT_RESET_RATIO, ReLoRAConfig
-from .trainer import PicoTrainer, load_complete_weights
+from .modes.relora import ReLoRA, ReLoRAConfig
+from .weights import load_complete_weights
 
 logger = logging.getLogger(__name__)
 
 ADAPTER = "default"
 RELORA_STATE_NAME = "relora_state.safetensors"
-
-
-def validate_relora(relora: ReLoRAConfig, max_steps: int, lr_warmup_steps: int) -> list[str]:
-    """Problems with a `training.relora` block, each naming its key (empty when it is off or sound)."""
-    if not relora.enabled:
-        return []
-    key = "training.relora"
-    if importlib.util.find_spec("peft") is None:
-        return [f'{key}.enabled needs peft, which is not installed: pip install "pico-hf[relora]"']
-    problems = []
-    if relora.r < 1:
-        problems.append(f"{key}.r must be at least 1, got {relora.r}")
-    if relora.lora_alpha <= 0:
-        problems.append(f"{key}.lora_alpha must be positive, got {relora.lora_alpha}")
-    if not 0 <= relora.lora_dropout < 1:
-        problems.append(f"{key}.lora_dropout must be in [0, 1), got {relora.lora_dropout}")
-    if not relora.target_modules:
-        problems.append(f"{key}.target_modules must name at least one module")
-    if relora.optimizer_reset not in DEFAULT_RESET_RATIO:
-        problems.append(
-            f"{key}.optimizer_reset must be one of {sorted(DEFAULT_RESET_RATIO)}, got '{relora.optimizer_reset}'"
-        )
-    if relora.optimizer_reset_ratio is not None and not 0 <= relora.optimizer_reset_ratio < 1:
-        problems.append(f"{key}.optimizer_reset_ratio must be in [0, 1), got {relora.optimizer_reset_ratio}")
-    if relora.restart_warmup_steps < 0:
-        problems.append(f"{key}.restart_warmup_steps must not be negative, got {relora.restart_warmup_steps}")
-    if relora.reset_frequency <= relora.restart_warmup_steps:
-        problems.append(
-            f"{key}.reset_frequency ({relora.reset_frequency}) must be greater than "
-            f"{key}.restart_warmup_steps ({relora.restart_warmup_steps})"
-        )
-    if not 0 < relora.min_lr_ratio <= 1:
-        problems.append(f"{key}.min_lr_ratio must be in (0, 1], got {relora.min_lr_ratio}")
-    if relora.warm_start_steps < 0 or relora.warm_start_steps >= max_steps:
-        problems.append(
-            f"{key}.warm_start_steps must be in [0, training.max_steps={max_steps}), got {relora.warm_start_steps}"
-        )
-    if relora.warm_start_steps and relora.warm_start_checkpoint:
-        problems.append(f"{key}: set warm_start_steps or warm_start_checkpoint, not both")
-    if lr_warmup_steps > relora.warm_start_steps + relora.reset_frequency:
-        problems.append(
-            f"training.optimization.lr_warmup_steps ({lr_warmup_steps}) must end by the first reset, at step "
-            f"{relora.warm_start_steps + relora.reset_frequency} ({key}.warm_start_steps + reset_frequency)"
-        )
-    return problems
 
 
 # --- the schedule ---------------------------------------------------------------------------------------
@@ -270,83 +224,87 @@ def load_warm_start(model: nn.Module, source: str) -> None:
         ) from error
 
 
-# --- the trainer ----------------------------------------------------------------------------------------
+# --- the mode -------------------------------------------------------------------------------------------
 
 
-class ReLoRATrainer(PicoTrainer):
-    """PicoTrainer for a LoRA-wrapped model: jagged cosine schedule, resets, merged checkpoints, exact resume."""
+class ReLoRAMode(ReLoRA):
+    """The jagged cosine schedule, resets, merged checkpoints and exact resume of a LoRA-wrapped model."""
 
-    def __init__(self, *args: Any, relora: ReLoRAConfig, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.relora = relora
-        self.add_callback(ReLoRACallback(self))
+    section: ReLoRAConfig
+
+    def prepare_model(
+        self, model: nn.Module, *, tokenizer: Any, micro_batch: int, world_size: int
+    ) -> nn.Module:
+        """Warm-start and wrap `model`."""
+        from .config import ConfigError
+
+        relora = self.section
+        if relora.warm_start_steps and world_size > 1:
+            # DDP registers the parameters that need gradients once; the warm start's switch would change them.
+            raise ConfigError(
+                "training.relora.warm_start_steps needs a single process; with several, warm-start from a "
+                "full-rank checkpoint with training.relora.warm_start_checkpoint"
+            )
+        if relora.warm_start_checkpoint:
+            load_warm_start(model, relora.warm_start_checkpoint)
+        return wrap_model(model, relora)
+
+    def callbacks(self) -> list[TrainerCallback]:
+        return [ReLoRACallback(self)]
 
     def lora_parameters(self) -> list[nn.Parameter]:
-        model = self.accelerator.unwrap_model(self.model)
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
         return [p for n, p in model.named_parameters() if is_lora_parameter(n)]
 
-    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+    def create_optimizer(
+        self, model: nn.Module, create: Callable[[], torch.optim.Optimizer]
+    ) -> torch.optim.Optimizer:
         # Everything that trains in some phase is in the optimizer from the start, so switching phase after a
         # warm start never rebuilds it; parameters without a gradient are skipped by AdamW.
-        target = model if model is not None else self.model
-        frozen = [p for p in target.parameters() if not p.requires_grad]
+        frozen = [p for p in model.parameters() if not p.requires_grad]
         for param in frozen:
             param.requires_grad = True
         try:
-            if self.relora.warm_start_steps == 0:  # base weights never train: keep them out
-                for name, param in target.named_parameters():
+            if self.section.warm_start_steps == 0:  # base weights never train: keep them out
+                for name, param in model.named_parameters():
                     if ".base_layer." in name:
                         param.requires_grad = False
-            return super().create_optimizer(model)
+            return create()
         finally:
             for param in frozen:
                 param.requires_grad = False
 
-    def create_scheduler(
-        self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
-    ) -> torch.optim.lr_scheduler.LRScheduler:
-        if self.lr_scheduler is None:
-            schedule = partial(
-                jagged_cosine,
-                max_steps=num_training_steps,
-                warmup_steps=self.args.get_warmup_steps(num_training_steps),
-                reset_frequency=self.relora.reset_frequency,
-                restart_warmup_steps=self.relora.restart_warmup_steps,
-                min_lr_ratio=self.relora.min_lr_ratio,
-                warm_start_steps=self.relora.warm_start_steps,
-            )
-            self.lr_scheduler = LambdaLR(optimizer if optimizer is not None else self.optimizer, schedule)
-            self._created_lr_scheduler = True
-        return self.lr_scheduler
+    def lr_multiplier(self, num_training_steps: int) -> Callable[[int], float]:
+        return partial(
+            jagged_cosine,
+            max_steps=num_training_steps,
+            warmup_steps=self.trainer.args.get_warmup_steps(num_training_steps),
+            reset_frequency=self.section.reset_frequency,
+            restart_warmup_steps=self.section.restart_warmup_steps,
+            min_lr_ratio=self.section.min_lr_ratio,
+            warm_start_steps=self.section.warm_start_steps,
+        )
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+    def checkpoint_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
         # The checkpoint's model files are the plain model with the effective weights.
-        super()._save(output_dir, state_dict=effective_state_dict(self.accelerator.unwrap_model(self.model)))
+        return effective_state_dict(model)
 
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        super()._save_optimizer_and_scheduler(output_dir)
-        if (
-            self.args.should_save
-        ):  # the wrapped modules' base weights and adapters; the rest is in the model files
-            model = self.accelerator.unwrap_model(self.model)
-            state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if is_wrapped_key(k)}
-            save_file(state, str(Path(output_dir) / RELORA_STATE_NAME))
+    def save_state(self, state_dir: Path) -> None:
+        # The wrapped modules' base weights and adapters; the rest is in the model files.
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if is_wrapped_key(k)}
+        save_file(state, str(Path(state_dir) / RELORA_STATE_NAME))
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        state_dir = Path(resume_from_checkpoint)
+    def resume(
+        self, state_dir: Path, model: nn.Module, weights: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         path = state_dir / RELORA_STATE_NAME
         if not path.is_file():
             raise ValueError(f"{state_dir.parent} is not a ReLoRA checkpoint: {RELORA_STATE_NAME} is missing")
-        target = self.accelerator.unwrap_model(model if model is not None else self.model)
         # Unwrapped parameters from the plain model files (saved as they were), the rest bit for bit from the
         # ReLoRA state: the merged weight of a wrapped module is not its base weight.
-        plain = load_complete_weights(
-            type(target), state_dir.parent, next(target.parameters()).dtype
-        ).state_dict()
         wrapped = load_file(str(path))
-        state = {key: wrapped[key] if is_wrapped_key(key) else plain[key] for key in target.state_dict()}
-        with torch.no_grad():  # in place: Parameter identity (optimizer, DDP) is kept
-            target.load_state_dict(state)
+        return {key: wrapped[key] if is_wrapped_key(key) else weights[key] for key in model.state_dict()}
 
 
 def is_wrapped_key(key: str) -> bool:
@@ -356,19 +314,20 @@ def is_wrapped_key(key: str) -> bool:
 class ReLoRACallback(TrainerCallback):
     """Switches from the warm start to LoRA, and merges, re-initialises and prunes at each reset step."""
 
-    def __init__(self, trainer: ReLoRATrainer) -> None:
-        self.trainer = trainer
+    def __init__(self, mode: ReLoRAMode) -> None:
+        self.mode = mode
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ):
-        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
-        set_phase(model, lora=state.global_step >= self.trainer.relora.warm_start_steps)
+        trainer = self.mode.trainer
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        set_phase(model, lora=state.global_step >= self.mode.section.warm_start_steps)
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ):
-        relora, trainer, step = self.trainer.relora, self.trainer, state.global_step
+        relora, trainer, step = self.mode.section, self.mode.trainer, state.global_step
         model = trainer.accelerator.unwrap_model(trainer.model)
         if relora.warm_start_steps and step == relora.warm_start_steps:
             set_phase(model, lora=True)
@@ -382,24 +341,9 @@ class ReLoRACallback(TrainerCallback):
         seed = args.seed * 100_003 + resets
         merge_and_reinit(model, seed)
         fraction = prune_lora_moments(
-            trainer.optimizer, trainer.lora_parameters(), relora.optimizer_reset, relora.reset_ratio, seed
+            trainer.optimizer, self.mode.lora_parameters(), relora.optimizer_reset, relora.reset_ratio, seed
         )
         lr = trainer.lr_scheduler.get_last_lr()[0]
         should_log = control.should_log  # logging here must not swallow this step's regular log line
         trainer.log({"relora/resets": resets, "relora/fraction_zeroed": round(fraction, 6), "relora/lr": lr})
         control.should_log = should_log
-
-
-def prepare_relora(model: nn.Module, relora: ReLoRAConfig, world_size: int) -> tuple[nn.Module, Any]:
-    """The recipe's hook: warm-start and wrap `model`; returns it and the trainer class to build."""
-    from .config import ConfigError
-
-    if relora.warm_start_steps and world_size > 1:
-        # DDP registers the parameters that need gradients once; the warm start's switch would change them.
-        raise ConfigError(
-            "training.relora.warm_start_steps needs a single process; with several, warm-start from a "
-            "full-rank checkpoint with training.relora.warm_start_checkpoint"
-        )
-    if relora.warm_start_checkpoint:
-        load_warm_start(model, relora.warm_start_checkpoint)
-    return wrap_model(model, relora), partial(ReLoRATrainer, relora=relora)

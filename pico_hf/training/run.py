@@ -21,8 +21,8 @@ from transformers import ProgressCallback, TrainerCallback, TrainingArguments, s
 from transformers.integrations import TensorBoardCallback
 
 from ..evaluation.callback import build_evaluation_callbacks
+from ..hub.callback import build_hub_callbacks, hub_early_uploads, hub_push_error, hub_summary
 from ..hub.cards import build_card_callbacks
-from ..hub.publish import build_hub_callbacks, hub_early_uploads, hub_push_error, hub_summary
 from ..learning_dynamics.callback import build_learning_dynamics_callbacks
 from ..models.pico_decoder import PicoDecoderConfig, PicoDecoderForCausalLM
 from ..tokenization import load_tokenizer
@@ -30,9 +30,9 @@ from .arguments import check_training_arguments
 from .config import PRECISIONS, ConfigError, PicoTrainingConfig
 from .console import interrupts_end_cleanly, log_console
 from .data import BatchLayout, DataError, PretokenizedStream, training_sequences
-from .maml import build_maml
-from .rundir import RunLock, check_existing_run, finished_step, remove_leftovers, write_config
-from .trainer import PicoTrainer, RunLayout, no_clipping
+from .modes import build_mode
+from .rundir import RunLayout, RunLock, check_existing_run, finished_step, remove_leftovers, write_config
+from .trainer import PicoTrainer, no_clipping
 
 logger = logging.getLogger("pico_hf.training")
 
@@ -331,12 +331,12 @@ def _build_job(
     model = build_model(config, tokenizer)
     if config.checkpointing.learning_dynamics.layer_suffixes:
         check_capture_fits(config, capture_bytes(config, model, args.world_size))
-    maml, maml_callbacks = build_maml(config, tokenizer, layout.micro_batch)
-    trainer_class: Any = PicoTrainer
-    if config.training.relora.enabled:
-        from .relora import prepare_relora
-
-        model, trainer_class = prepare_relora(model, config.training.relora, args.world_size)
+    mode = build_mode(config)  # the enabled research mode (pico_hf.training.modes), or None
+    if mode is not None:
+        model = mode.prepare_model(
+            model, tokenizer=tokenizer, micro_batch=layout.micro_batch, world_size=args.world_size
+        )
+    mode_callbacks = mode.callbacks() if mode is not None else []
 
     resume_from = None
     if is_main:
@@ -349,7 +349,7 @@ def _build_job(
     # publisher pushes it once it is complete.
     callbacks: list[TrainerCallback] = [
         LogLastStep(),
-        *maml_callbacks,  # first: its values join each log before it is written
+        *mode_callbacks,  # first: their values join each log before it is written
         MetricsFileCallback(run.logs_dir / "metrics.jsonl"),
         *hub_early_uploads(hub_callbacks),  # the weights upload while the checkpoint is still being evaluated
         *build_learning_dynamics_callbacks(config, run),
@@ -362,13 +362,13 @@ def _build_job(
 
         args.report_to = [r for r in args.report_to if r != "tensorboard"]
         callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(run.logs_dir / "tensorboard"))))
-    trainer = trainer_class(
+    trainer = PicoTrainer(
         model=model,
         args=args,
         processing_class=tokenizer,
         train_sequences=training_sequences(stream, layout),
         run=run,
-        maml=maml,
+        mode=mode,
         callbacks=callbacks + list(extra_callbacks or []),
     )
     trainer.remove_callback(ProgressCallback)

@@ -5,6 +5,7 @@
   started with, and never reused when `auto_resume` is off (`check_existing_run`).
 - A lock file (`run.lock`, held with `fcntl.flock`) names the process training in the directory; the kernel
   releases it when that process dies, so a killed run's lock never blocks its resume (`RunLock`).
+- `RunLayout` names the paths of a run and finds its newest complete checkpoint.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from transformers.trainer import TRAINER_STATE_NAME
 
 from .config import ConfigError, PicoTrainingConfig
 
 CONFIG_NAME = "training_config.yaml"
 LOCK_NAME = "run.lock"
+DATA_POSITION_NAME = "data_position.json"
+LATEST = "latest"
 # What a checkpoint's weights and data position depend on: resuming with any of these changed would mix runs.
 IDENTITY_SECTIONS = ("model", "data")
 IDENTITY_KEYS = ("training.seed",)
@@ -136,3 +140,46 @@ class RunLock:
             fcntl.flock(self._handle, fcntl.LOCK_UN)
             self._handle.close()
             self._handle = None
+
+
+class RunLayout:
+    """Paths of one run, in pico-train's layout."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        checkpoints_dirname: str = "checkpoints",
+        logs_dirname: str = "logs",
+        state_dirname: str = "fabric_state",
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.checkpoints_dir = self.run_dir / checkpoints_dirname
+        self.logs_dir = self.run_dir / logs_dirname
+        self.state_dirname = state_dirname
+
+    def step_dir(self, step: int) -> Path:
+        return self.checkpoints_dir / f"step_{step}"
+
+    def state_dir(self, step_dir: Path) -> Path:
+        return Path(step_dir) / self.state_dirname
+
+    def is_complete(self, step_dir: Path) -> bool:
+        state = self.state_dir(step_dir)
+        return all((step_dir / f).is_file() for f in ("config.json", "model.safetensors")) and all(
+            (state / f).is_file() for f in (TRAINER_STATE_NAME, DATA_POSITION_NAME)
+        )
+
+    def latest_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint: `latest` if it is sound, else the highest complete `step_N`."""
+        latest = self.checkpoints_dir / LATEST
+        if latest.is_symlink() and self.is_complete(latest.resolve()):
+            return latest.resolve()
+        steps = sorted(
+            (p for p in self.checkpoints_dir.glob("step_*") if p.name[5:].isdigit() and self.is_complete(p)),
+            key=lambda p: int(p.name[5:]),
+        )
+        return steps[-1] if steps else None
+
+    def remove_partial_checkpoints(self) -> None:
+        for partial in self.checkpoints_dir.glob(".step_*.tmp"):
+            shutil.rmtree(partial, ignore_errors=True)

@@ -32,6 +32,7 @@ from accelerate.utils import parse_flag_from_env
 from accelerate.utils.constants import FSDP_MODEL_NAME
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import FSDPModule
+from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
@@ -39,12 +40,11 @@ from transformers.trainer_callback import ExportableState
 
 from .config import ConfigError
 from .data import TrainingSequences, load_position, save_position
+from .rundir import DATA_POSITION_NAME, LATEST, RunLayout
+from .weights import load_complete_weights
 
 if TYPE_CHECKING:
-    from .maml import MAMLObjective
-
-DATA_POSITION_NAME = "data_position.json"
-LATEST = "latest"
+    from .modes import TrainingMode
 
 
 class CheckpointContributor(TrainerCallback):
@@ -87,62 +87,6 @@ class PendingCheckpoint:
     waiting: list[CheckpointContributor]
 
 
-class RunLayout:
-    """Paths of one run, in pico-train's layout."""
-
-    def __init__(
-        self,
-        run_dir: Path,
-        checkpoints_dirname: str = "checkpoints",
-        logs_dirname: str = "logs",
-        state_dirname: str = "fabric_state",
-    ) -> None:
-        self.run_dir = Path(run_dir)
-        self.checkpoints_dir = self.run_dir / checkpoints_dirname
-        self.logs_dir = self.run_dir / logs_dirname
-        self.state_dirname = state_dirname
-
-    def step_dir(self, step: int) -> Path:
-        return self.checkpoints_dir / f"step_{step}"
-
-    def state_dir(self, step_dir: Path) -> Path:
-        return Path(step_dir) / self.state_dirname
-
-    def is_complete(self, step_dir: Path) -> bool:
-        state = self.state_dir(step_dir)
-        return all((step_dir / f).is_file() for f in ("config.json", "model.safetensors")) and all(
-            (state / f).is_file() for f in (TRAINER_STATE_NAME, DATA_POSITION_NAME)
-        )
-
-    def latest_checkpoint(self) -> Path | None:
-        """The newest complete checkpoint: `latest` if it is sound, else the highest complete `step_N`."""
-        latest = self.checkpoints_dir / LATEST
-        if latest.is_symlink() and self.is_complete(latest.resolve()):
-            return latest.resolve()
-        steps = sorted(
-            (p for p in self.checkpoints_dir.glob("step_*") if p.name[5:].isdigit() and self.is_complete(p)),
-            key=lambda p: int(p.name[5:]),
-        )
-        return steps[-1] if steps else None
-
-    def remove_partial_checkpoints(self) -> None:
-        for partial in self.checkpoints_dir.glob(".step_*.tmp"):
-            shutil.rmtree(partial, ignore_errors=True)
-
-
-def load_complete_weights(model_class: type, source: str | Path, dtype: torch.dtype) -> torch.nn.Module:
-    """`model_class.from_pretrained(source)`, refusing a checkpoint that lacks tensors: from_pretrained would
-    initialise them afresh, which is right for putting a head on a backbone but not for continuing a run."""
-    model, info = model_class.from_pretrained(source, dtype=dtype, output_loading_info=True)
-    if info["missing_keys"]:
-        missing = sorted(info["missing_keys"])
-        raise ValueError(
-            f"Checkpoint {source} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}: its weights "
-            "file does not match its config.json"
-        )
-    return model
-
-
 def _fsync_tree(path: Path) -> None:
     for file in path.rglob("*"):
         if file.is_file():
@@ -176,15 +120,15 @@ class PicoTrainer(Trainer):
         *args: Any,
         train_sequences: TrainingSequences,
         run: RunLayout,
-        maml: MAMLObjective | None = None,
+        mode: TrainingMode | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.train_sequences = train_sequences
         self.run = run
-        self.maml = maml  # MAML pretraining: meta steps on its schedule (pico_hf.training.maml)
-        if maml is not None:
-            maml.head.to(self.args.device)
+        self.mode = mode  # a research mode (pico_hf.training.modes), whose hooks this trainer calls
+        if mode is not None:
+            mode.attach(self)
         self.add_callback(_CheckpointScheduling(self))
         self._pending: PendingCheckpoint | None = None
         self._nonfinite_losses = 0
@@ -232,12 +176,22 @@ class PicoTrainer(Trainer):
         return batch_samples, num_items_in_batch
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
-        optimizer = super().create_optimizer(model)
-        if self.maml is not None:  # the meta head trains with the model, in the same optimizer
-            optimizer.add_param_group(
-                {"params": list(self.maml.head.parameters()), "weight_decay": self.args.weight_decay}
-            )
-        return optimizer
+        if self.mode is None:
+            return super().create_optimizer(model)
+        target = model if model is not None else self.model
+        return self.mode.create_optimizer(target, lambda: super(PicoTrainer, self).create_optimizer(model))
+
+    def create_scheduler(
+        self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
+    ) -> torch.optim.lr_scheduler.LRScheduler:
+        schedule = None
+        if self.lr_scheduler is None and self.mode is not None:
+            schedule = self.mode.lr_multiplier(num_training_steps)
+        if schedule is None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        self.lr_scheduler = LambdaLR(optimizer if optimizer is not None else self.optimizer, schedule)
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
 
     # --- training step and logging ------------------------------------------------------------------------
 
@@ -248,14 +202,11 @@ class PicoTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ) -> Any:
-        episode = None
-        if self.maml is not None and self.maml.meta and model.training and not return_outputs:
-            episode = self.maml.episode_for(
-                inputs["input_ids"], self.args.process_index, self.args.world_size
-            )
-        if episode is None:
+        loss = None
+        if self.mode is not None and model.training and not return_outputs:
+            loss = self.mode.compute_loss(model, inputs)  # a mean over this micro-batch
+        if loss is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss = self.maml.meta_loss(model, inputs, episode)  # a mean over this micro-batch's episode
         # The Trainer divides by the accumulation steps only when no `num_items_in_batch` normalised the loss.
         return loss if num_items_in_batch is None else loss / self.current_gradient_accumulation_steps
 
@@ -313,6 +264,8 @@ class PicoTrainer(Trainer):
                     self.state.stateful_callbacks[callback.__class__.__name__] = callback.state()
             self.state.save_to_json(str(state_dir / TRAINER_STATE_NAME))
             save_position(state_dir / DATA_POSITION_NAME, step, self.train_sequences.position_after(step))
+            if self.mode is not None:
+                self.mode.save_state(state_dir)
 
         for contributor in self.contributors:
             contributor.on_checkpoint(
@@ -329,6 +282,8 @@ class PicoTrainer(Trainer):
         # class in `auto_map` (copying torch's FSDP sources beside the model) and miss the key renaming registered
         # under the model's own class name: save as the plain class (the full state dict is already gathered).
         model = self.accelerator.unwrap_model(self.model)
+        if self.mode is not None:  # a mode may save other weights than the live model's (a plain model's)
+            state_dict = self.mode.checkpoint_weights(model) or state_dict
         sharded_class = type(model)
         if isinstance(model, FSDPModule):
             model.__class__ = next(c for c in sharded_class.__mro__ if not issubclass(c, FSDPModule))
@@ -392,9 +347,10 @@ class PicoTrainer(Trainer):
         target = self.accelerator.unwrap_model(model if model is not None else self.model)
         plain_class = next(c for c in type(target).__mro__ if not issubclass(c, FSDPModule))
         loaded = load_complete_weights(plain_class, step_dir, next(target.parameters()).dtype)
-        set_model_state_dict(target, loaded.state_dict(), options=StateDictOptions(full_state_dict=True))
-        if self.maml is not None:
-            self.maml.load(Path(resume_from_checkpoint))
+        weights = loaded.state_dict()
+        if self.mode is not None:
+            weights = self.mode.resume(Path(resume_from_checkpoint), target, weights)
+        set_model_state_dict(target, weights, options=StateDictOptions(full_state_dict=True))
 
 
 class _CheckpointScheduling(TrainerCallback):

@@ -1,6 +1,6 @@
 """Data loaders and document processing for pico-hf's lm-eval tasks.
 
-The offline tasks read copies that ship with the repository (`pico_hf/evaluation/data/`, built by `eval/build_data.py`)
+The offline tasks read copies that ship with the repository (`pico_hf/evaluation/data/`, built by `tools/build_eval_data.py`)
 and the embedded held-out corpus of the `pico_hf` package, so they run without the Hugging Face Hub.
 Prompts and preprocessing are lm-eval's own: HellaSwag documents go through the installed
 `lm_eval/tasks/hellaswag/utils.py`, so `pico_hellaswag` and lm-eval's `hellaswag` score the same requests.
@@ -20,7 +20,7 @@ def _parquet(filename: str, split: str) -> datasets.DatasetDict:
     path = DATA_DIR / filename
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path} is missing; rebuild the offline evaluation data with eval/build_data.py"
+            f"{path} is missing; rebuild the offline evaluation data with tools/build_eval_data.py"
         )
     return datasets.DatasetDict({split: datasets.Dataset.from_parquet(str(path))})
 

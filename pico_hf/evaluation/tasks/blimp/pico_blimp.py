@@ -16,7 +16,7 @@ def load_blimp(uid: str, **kwargs: Any) -> datasets.DatasetDict:
     them (split `train`). Read in memory: a 67-task group would otherwise fill the `datasets` cache 67 times."""
     if not BLIMP_FILE.is_file():
         raise FileNotFoundError(
-            f"{BLIMP_FILE} is missing; rebuild the offline evaluation data with eval/build_data.py"
+            f"{BLIMP_FILE} is missing; rebuild the offline evaluation data with tools/build_eval_data.py"
         )
     table = pq.read_table(BLIMP_FILE, filters=[("UID", "==", uid)])
     if table.num_rows == 0:

