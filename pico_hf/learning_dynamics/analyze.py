@@ -55,7 +55,7 @@ from typing import Any
 import torch
 import yaml
 
-from ..configuration import ConfigError, check_keys, from_dict, load_yaml, unknown_keys_listed
+from ..configuration import ConfigError, check_keys, from_dict, load_yaml, unknown_keys_listed, wandb_problem
 from .capture import DATA_TYPES, STATE_SUFFIXES, load_states
 from .components import ModelShape, component_data_types
 from .metrics import MetricSpec, compute_metrics, parse_metric_specs
@@ -544,14 +544,8 @@ class _WandbLog:
         self.run = None
         if not config.monitoring.save_to_wandb:
             return
-        try:
-            import wandb
-        except ImportError:
-            logger.warning(
-                "monitoring.save_to_wandb is true but wandb is not installed (pip install wandb); "
-                "results are written to disk only"
-            )
-            return
+        import wandb  # installed: the config check says so
+
         settings = config.monitoring.wandb
         self.run = wandb.init(name=name, project=settings.project, entity=settings.entity)
 
@@ -591,6 +585,8 @@ def run_analysis(
     the run. `progress` wraps the step loop (e.g. a rich progress bar). An existing, non-empty output folder
     is an error unless `overwrite`, which empties it first: one folder never mixes two analyses.
     """
+    if config.monitoring.save_to_wandb and (problem := wandb_problem()):  # as in training: before any work
+        raise ConfigError(problem)
     name, default_dir = analysis_output_dir(config, source)
     output_dir = Path(output_dir) if output_dir is not None else default_dir
     # Only a log (of an analysis that failed) may be replaced without asking.
