@@ -194,7 +194,7 @@ def test_jagged_cosine_at_the_turning_points():
         ({"training.relora.optimizer_reset": "zero"}, "optimizer_reset must be one of"),
         ({"training.relora.min_lr_ratio": 0}, "min_lr_ratio must be in"),
         ({"training.relora.lora_dropout": 1}, "lora_dropout must be in"),
-        ({"training.relora.warm_start_steps": 8}, "warm_start_steps must be in"),
+        ({"training.relora.warm_start_steps": -1}, "warm_start_steps must not be negative, got -1"),
         ({"training.optimization.lr_warmup_steps": 4}, "lr_warmup_steps .* must end by the first reset"),
         ({"training.maml.enabled": "true"}, "training.relora and training.maml cannot both be enabled"),
         (
