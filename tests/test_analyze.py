@@ -496,6 +496,14 @@ def test_report_and_plots(trained_run, tmp_path):
     assert f"- **source**: run {trained_run}" in md
     assert "| norm_nuclear_val | norm | norm_type=nuclear | val | - |" in md
     assert "Values at step 6:" in md and "Values at step 4:" in md  # train splits end at step 4
+    # CKA compares every step with step 6: its plot and its table say so (at step 6 itself it is 1).
+    cka = md[md.index("### cka_val") :].split("\n### ", 1)[0]
+    assert "| component | value vs step 6 |" in cka
+    assert "| component | value |" in md[md.index("### norm_nuclear_val") :]
+    with Image.open(out / "plots" / "cka_val.png") as image:
+        assert image.info["Title"] == "cka_val, compared with step 6"
+    with Image.open(out / "plots" / "norm_nuclear_val.png") as image:
+        assert image.info["Title"] == "norm_nuclear_val"
     last = json.loads((out / "step_6" / "norm_frobenius_val.json").read_text())
     assert f"| layers.1.ov_circuit.weights | {last['layers.1.ov_circuit.weights']:.6g} |" in md
     html = (out / "report.html").read_text()
