@@ -87,7 +87,7 @@ def test_cuda_asked_on_a_machine_without_it_records_what_ran(tmp_path, caplog):
     # One line: what ran instead, and how long a step takes here by a timed forward pass.
     assert re.fullmatch(
         r"Note: training.fabric asks for cuda / bf16-mixed but CUDA is not available: training on cpu / 32-true; "
-        r"a timed forward pass puts a step of 128 tokens at about [\d.]+ s here, the 1 steps at about [\d.]+ s",
+        r"timed forward passes put a step of 128 tokens at about [\d.]+ s here, the 1 steps at about [\d.]+ s",
         notices[0],
     ), notices[0]
     saved = yaml.safe_load((tmp_path / "runs" / "tiny" / "training_config.yaml").read_text())
@@ -156,12 +156,12 @@ def test_a_gpu_sized_config_on_cpu_gets_one_line_saying_so():
     config, _ = load_config(None, ["data.dataloader.batch_size=32", "training.max_steps=100"])
     # pico-train's demo: 32 sequences of 2048 tokens a step; a probe measuring 3.5 minutes a step on CPU.
     assert cpu_estimate(config, 210.0) == (
-        "this config is sized for a GPU: a timed forward pass puts a step of 65,536 tokens at about 4 min here, "
+        "this config is sized for a GPU: timed forward passes put a step of 65,536 tokens at about 4 min here, "
         "the 100 steps at about 5.8 h; for a CPU run lower data.dataloader.batch_size, model.max_seq_len or "
         "training.max_steps"
     )
     assert cpu_estimate(config, 0.5) == (
-        "a timed forward pass puts a step of 65,536 tokens at about 0.5 s here, the 100 steps at about 50 s"
+        "timed forward passes put a step of 65,536 tokens at about 0.5 s here, the 100 steps at about 50 s"
     )
 
 
@@ -174,7 +174,7 @@ def test_the_timed_probe_leaves_weights_gradients_and_random_state_alone():
     model = PicoDecoderForCausalLM(PicoDecoderConfig(**shape)).train()
     weights = {name: p.detach().clone() for name, p in model.named_parameters()}
     rng = torch.get_rng_state()
-    assert probe_step_seconds(model, config) > 0
+    assert probe_step_seconds(model, config, micro_batch=4) > 0
     assert model.training and torch.equal(torch.get_rng_state(), rng)
     for name, parameter in model.named_parameters():
         assert parameter.grad is None and torch.equal(parameter, weights[name])

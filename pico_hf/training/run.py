@@ -248,24 +248,35 @@ def format_duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def probe_step_seconds(model: torch.nn.Module, config: PicoTrainingConfig, probe_tokens: int = 32) -> float:
-    """Seconds one optimizer step would take, from a timed forward pass over `probe_tokens` tokens scaled to
-    the step's tokens (a backward pass costs about two forwards). Eval mode, no gradients and its own random
-    generator: the run's weights, gradients and random state are untouched."""
-    length = min(config.model.max_seq_len, probe_tokens)
+def probe_step_seconds(
+    model: torch.nn.Module, config: PicoTrainingConfig, micro_batch: int, lengths: tuple[int, int] = (32, 256)
+) -> float:
+    """Seconds one optimizer step would take here, from timed forward passes of two lengths: their difference
+    gives the cost per token, the rest is the fixed cost of a forward pass, paid once per micro-batch. A backward
+    pass costs about two forwards. Eval mode, no gradients, its own random generator: the run's weights,
+    gradients and random state are untouched."""
+    short, long = (min(config.model.max_seq_len, length) for length in lengths)
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(config.model.vocab_size, (1, length), generator=generator)
+    ids = torch.randint(config.model.vocab_size, (1, long), generator=generator)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            model(input_ids=ids)  # the first call pays one-time costs
-            start = time.perf_counter()
-            model(input_ids=ids)
-            elapsed = time.perf_counter() - start
+            model(input_ids=ids[:, :short])  # the first call pays one-time costs
+
+            def timed(length: int) -> float:
+                start = time.perf_counter()
+                model(input_ids=ids[:, :length])
+                return time.perf_counter() - start
+
+            short_seconds, long_seconds = timed(short), timed(long)
     finally:
         model.train(was_training)
-    return 3 * elapsed * tokens_per_step(config) / length
+    per_token = max(0.0, long_seconds - short_seconds) / max(1, long - short)
+    fixed = max(0.0, short_seconds - per_token * short)
+    micro_tokens = micro_batch * config.model.max_seq_len
+    accumulation = config.training.optimization.gradient_accumulation_steps
+    return 3 * accumulation * (fixed + per_token * micro_tokens)
 
 
 # A run estimated to take longer than this on CPU is called sized for a GPU.
@@ -276,7 +287,7 @@ def cpu_estimate(config: PicoTrainingConfig, step_seconds: float) -> str:
     """How long a config written for CUDA takes on this CPU, and what to lower when that is hours."""
     steps = config.training.max_steps
     estimate = (
-        f"a timed forward pass puts a step of {tokens_per_step(config):,} tokens at about "
+        f"timed forward passes put a step of {tokens_per_step(config):,} tokens at about "
         f"{format_duration(step_seconds)} here, the {steps} steps at about {format_duration(step_seconds * steps)}"
     )
     if step_seconds * steps < GPU_SIZED_SECONDS:
@@ -505,7 +516,8 @@ def _build_job(
     problems.raise_any()
     assert layout is not None and stream is not None  # both were built, or a problem was raised
     if device_notice and is_main:  # a config written for CUDA, training on CPU: say how long it will take
-        logger.info("Note: %s; %s", device_notice, cpu_estimate(config, probe_step_seconds(model, config)))
+        step_seconds = probe_step_seconds(model, config, layout.micro_batch)
+        logger.info("Note: %s; %s", device_notice, cpu_estimate(config, step_seconds))
     trainer_class: Any = PicoTrainer
     if config.training.relora.enabled:
         from .relora import prepare_relora
