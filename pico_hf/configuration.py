@@ -11,9 +11,11 @@ configs would do the building, but neither reports pico's key paths and suggesti
 from __future__ import annotations
 
 import collections.abc
+import contextlib
 import copy
 import dataclasses
 import difflib
+import importlib.util
 import types
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -24,7 +26,63 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A configuration problem, reported before any work starts."""
+    """A configuration problem, reported before any work starts.
+
+    One error can carry several problems (`ConfigError.of(problems)`), each naming the key that fixes it: the
+    recipes print one `error:` line per problem."""
+
+    @classmethod
+    def of(cls, problems: Sequence[str]) -> ConfigError:
+        error = cls("\n".join(problems))
+        error.problems = list(problems)
+        return error
+
+    @property
+    def problems(self) -> list[str]:
+        return self.__dict__.get("problems") or [str(self)]
+
+    @problems.setter
+    def problems(self, problems: list[str]) -> None:
+        self.__dict__["problems"] = problems
+
+
+def error_lines(error: ConfigError) -> str:
+    """What the recipes print for a config error: one `error:` line per problem."""
+    return "\n".join(f"error: {problem}" for problem in error.problems)
+
+
+class Problems:
+    """Collects config problems so that every one found before training is reported together.
+
+    problems = Problems()
+    with problems.check():
+        open_dataset(...)  # a ConfigError here is recorded, and the next check still runs
+    problems.raise_any()
+    """
+
+    def __init__(self) -> None:
+        self.found: list[str] = []
+
+    def add(self, problem: str) -> None:
+        self.found.append(problem)
+
+    @contextlib.contextmanager
+    def check(self) -> Iterator[None]:
+        try:
+            yield
+        except ConfigError as error:
+            self.found.extend(error.problems)
+
+    def raise_any(self) -> None:
+        if self.found:
+            raise ConfigError.of(self.found)
+
+
+def wandb_problem(key: str = "monitoring.save_to_wandb") -> str | None:
+    """Weights & Biases logging asked for without the wandb package: one behaviour for training and analysis."""
+    if importlib.util.find_spec("wandb") is None:
+        return f"{key} is true but the wandb package is not installed: pip install wandb, or set {key}=false"
+    return None
 
 
 def config_fields(cls: type) -> dict[str, Any]:

@@ -190,6 +190,10 @@ def main(argv: list[str] | None = None) -> None:
         converted = llama_to_pico(LlamaForCausalLM.from_pretrained(args.source))
     converted.save_pretrained(tmp)
     _copy_tokenizer(args.source, tmp)
+    if args.direction == "to-llama":  # a Llama export is a model of its own: it gets a card saying what it is
+        from .hub.cards import CARD_FILE, llama_export_card
+
+        llama_export_card(args.source, args.destination, converted).save(tmp / CARD_FILE)
     # Written whole or not at all: a failed conversion leaves no half-written destination.
     if args.destination.exists():
         args.destination.rmdir()

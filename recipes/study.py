@@ -18,9 +18,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from pico_hf.configuration import ConfigError, error_lines
 from pico_hf.study import StudyError, load_study_config, run_study, write_study_report
 from pico_hf.study.runner import is_main_process
-from pico_hf.training.config import ConfigError
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
 
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
         end_process_group()
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(error_lines(error), file=sys.stderr)
         return 2
     except StudyError as error:
         print(f"error: {error}", file=sys.stderr)

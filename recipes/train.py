@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from pico_hf.configuration import error_lines
 from pico_hf.training.config import ConfigError, describe_config, load_config
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
@@ -46,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
             if error.command:
                 print(error.command, file=sys.stderr)
             return 1
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
+    except ConfigError as error:  # one `error:` line per problem, every problem found before step 1
+        print(error_lines(error), file=sys.stderr)
         return 2
     return 0
 

@@ -349,14 +349,19 @@ def test_pico_analyze_configs_load(tmp_path):
         assert load_analysis_config(path).metrics
 
 
-def test_wandb_setting_without_wandb_installed_warns_and_writes_to_disk(trained_run, tmp_path, capsys):
+def test_wandb_setting_without_wandb_installed_is_a_config_error(trained_run, tmp_path, capsys):
+    """As in training: one `error:` line naming the package and the key, exit 2, nothing written."""
     if importlib.util.find_spec("wandb") is not None:
         pytest.skip("wandb is installed")
     monitoring = {"output_dir": str(tmp_path / "out"), "save_to_wandb": True, "wandb": {"project": "p"}}
     config = write_config(tmp_path / "w.yaml", tmp_path / "out", steps=[2], monitoring=monitoring)
-    assert CLI.main(["--config", str(config), "--run_path", str(trained_run), "--no_report"]) == 0
-    assert "wandb is not installed" in capsys.readouterr().err
-    assert (tmp_path / "out" / "analysis" / "step_2" / "cka_val.json").is_file()
+    assert CLI.main(["--config", str(config), "--run_path", str(trained_run), "--no_report"]) == 2
+    err = capsys.readouterr().err
+    assert " ".join(err.split()) == (
+        "error: monitoring.save_to_wandb is true but the wandb package is not installed: pip install wandb, "
+        "or set monitoring.save_to_wandb=false"
+    )
+    assert not (tmp_path / "out").exists()
 
 
 # --- pico-train runs ---------------------------------------------------------------------------------------
@@ -486,6 +491,14 @@ def test_report_and_plots(trained_run, tmp_path):
     assert f"- **source**: run {trained_run}" in md
     assert "| norm_nuclear_val | norm | norm_type=nuclear | val | - |" in md
     assert "Values at step 6:" in md and "Values at step 4:" in md  # train splits end at step 4
+    # CKA compares every step with step 6: its plot and its table say so (at step 6 itself it is 1).
+    cka = md[md.index("### cka_val") :].split("\n### ", 1)[0]
+    assert "| component | value vs step 6 |" in cka
+    assert "| component | value |" in md[md.index("### norm_nuclear_val") :]
+    with Image.open(out / "plots" / "cka_val.png") as image:
+        assert image.info["Title"] == "cka_val, compared with step 6"
+    with Image.open(out / "plots" / "norm_nuclear_val.png") as image:
+        assert image.info["Title"] == "norm_nuclear_val"
     last = json.loads((out / "step_6" / "norm_frobenius_val.json").read_text())
     assert f"| layers.1.ov_circuit.weights | {last['layers.1.ov_circuit.weights']:.6g} |" in md
     html = (out / "report.html").read_text()

@@ -104,7 +104,7 @@ def test_a_crash_leaves_its_traceback_in_the_log(tmp_path):
         ("training.optimization.lr=-1", "error: training.optimization.lr must be positive, got -1.0"),
         (
             "data.dataset.name=/nowhere/data.parquet",
-            "error: Dataset path /nowhere/data.parquet does not exist",
+            "error: data.dataset.name: dataset path /nowhere/data.parquet does not exist",
         ),
     ],
 )
@@ -119,6 +119,63 @@ def test_a_failed_start_says_why_before_the_banner_and_creates_nothing(tmp_path,
     assert result.returncode == 2
     assert result.stderr.strip().split("\n")[-1] == message
     assert "Training tiny" not in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_bad_model_shape_is_one_error_line_like_any_bad_value(tmp_path):
+    result = subprocess.run(
+        [*train_command(), *tiny_training_overrides(tmp_path), "model.d_model=97"],
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == "error: model.d_model (97) must be divisible by model.attention_n_heads (4)\n"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_every_problem_of_a_pico_train_config_offline_is_reported_before_step_1(tmp_path):
+    """pico-train's demo.yaml offline without wandb: the Hub push, W&B, the training data and the
+    learning-dynamics eval set are four problems, named together, each with the key that fixes it."""
+    import importlib.util
+
+    from test_training_config import PICO_TRAIN_DEMO
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed")
+    config = tmp_path / "demo.yaml"
+    config.write_text(PICO_TRAIN_DEMO)
+    result = subprocess.run(
+        [*train_command(), "--config", str(config), f"checkpointing.runs_dir={tmp_path / 'runs'}"],
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    expected = [
+        "error: monitoring.save_to_wandb is true but the wandb package is not installed: pip install wandb, or "
+        "set monitoring.save_to_wandb=false",
+        "error: checkpointing.save_to_hf is true but Hugging Face Hub access is switched off (HF_HUB_OFFLINE or "
+        "TRANSFORMERS_OFFLINE is set): unset it, or set checkpointing.save_to_hf=false and push the run later "
+        "with `python -m pico_hf.hub.publish`",
+        "error: data.dataset.name: dataset 'pico-lm/pretokenized-dolma' is neither a local path nor a reachable "
+        "Hub dataset (",
+        "error: checkpointing.learning_dynamics.eval_data: dataset 'pico-lm/pretokenized-paloma-tinsy' is "
+        "neither a local path nor a reachable Hub dataset (",
+    ]
+    assert len(errors) == len(expected)
+    for line, start in zip(errors, expected, strict=True):
+        assert line.startswith(start)
+    assert errors[2].endswith("Offline, use data.dataset.name=embedded or a local path.")
+    assert errors[3].endswith(
+        "Offline, use checkpointing.learning_dynamics.eval_data=embedded or a local path."
+    )
+    assert result.stderr.rstrip().endswith(
+        errors[-1]
+    )  # the errors are the last lines: nothing ran after them
     assert not (tmp_path / "runs").exists()
 
 

@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 from conftest import REFERENCE_CHECKPOINT, tiny_config
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -88,6 +89,14 @@ def test_cli_round_trip(tmp_path):
     to_llama = convert("to-llama", REFERENCE_CHECKPOINT, tmp_path / "llama")
     assert to_llama.returncode == 0, to_llama.stderr
     assert "Wrote LlamaForCausalLM" in to_llama.stdout
+    # The export is a model of its own: its card names it, its source, and loads it with transformers alone.
+    card = ModelCard.load(tmp_path / "llama" / "README.md")
+    assert card.text.lstrip().startswith("# llama\n")
+    assert f"pico-decoder checkpoint `{REFERENCE_CHECKPOINT}`" in card.text
+    assert f'AutoModelForCausalLM.from_pretrained("{(tmp_path / "llama").as_posix()}")' in card.text
+    assert "trust_remote_code" not in card.text
+    assert card.data.library_name == "transformers" and "llama" in card.data.tags
+    assert card.data.base_model is None  # a local source is no Hub model to link
     assert convert("from-llama", tmp_path / "llama", tmp_path / "pico").returncode == 0
     original, round_trip = (
         load_file(REFERENCE_CHECKPOINT / "model.safetensors"),

@@ -285,7 +285,7 @@ def test_the_embedded_split_is_recorded_and_logged_under_its_own_name(tmp_path):
         ),
         (
             {"evaluation.paloma.dataset_name": "/nowhere/eval.parquet"},
-            r"Dataset path /nowhere/eval.parquet does not exist",
+            r"^evaluation.paloma.dataset_name: dataset path /nowhere/eval.parquet does not exist$",
         ),
     ],
 )

@@ -282,6 +282,7 @@ def test_plain_lm_eval_cli_on_a_checkpoint(checkpoint, manager, tmp_path):
         env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=900, cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "Custom kwargs can be passed to `--metadata`" not in result.stderr + result.stdout
     (written,) = (tmp_path / "out").rglob("results_*.json")
     model, tokenizer = load_model(str(checkpoint), device="cpu")
     report = evaluate(model, tokenizer, ["pico_paloma", "pico_arc_easy"], manager, limit=3)
@@ -290,6 +291,30 @@ def test_plain_lm_eval_cli_on_a_checkpoint(checkpoint, manager, tmp_path):
             assert json.loads(written.read_text())["results"][task][f"{metric},none"] == pytest.approx(
                 value, rel=1e-5
             )
+
+
+def test_pico_tasks_load_under_plain_lm_eval_without_the_metadata_notice(tmp_path):
+    """lm-eval's own TaskManager (as its CLI builds it, in a fresh process) loads our tasks without its
+    once-per-task `--metadata` notice: our loaders take no kwargs. Other tasks keep their warnings."""
+    code = f"""
+import logging
+from lm_eval.tasks import TaskManager, get_task_dict
+tasks = get_task_dict(["pico_arc_easy", "pico_hellaswag"], TaskManager(include_path={str(TASKS_DIR)!r}, include_defaults=False))
+print(sorted(tasks))
+logging.getLogger("lm_eval.api.task").warning("other_task: Custom kwargs can be passed to `--metadata` here")
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "['pico_arc_easy', 'pico_hellaswag']"
+    notices = [line for line in result.stderr.splitlines() if "Custom kwargs" in line]
+    assert len(notices) == 1 and "other_task:" in notices[0]
 
 
 # --- errors -----------------------------------------------------------------------------------------------

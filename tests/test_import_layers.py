@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pico_hf"
 # A module belongs to the layer of the longest name below that it starts with.
 LAYERS = [
     ("core", ["pico_hf.configuration", "pico_hf.assets", "pico_hf.hub_access", "pico_hf.tokenization"]),
-    ("models", ["pico_hf", "pico_hf._auto", "pico_hf.models", "pico_hf.convert"]),
+    ("models", ["pico_hf", "pico_hf._auto", "pico_hf.models"]),
     ("learning-dynamics measures", ["pico_hf.learning_dynamics", "pico_hf.learning_dynamics.components",
                                     "pico_hf.learning_dynamics.metrics", "pico_hf.learning_dynamics.capture",
                                     "pico_hf.learning_dynamics.tracker"]),
@@ -22,7 +22,7 @@ LAYERS = [
                                                    "pico_hf.learning_dynamics.analysis_sources",
                                                    "pico_hf.learning_dynamics.analyze",
                                                    "pico_hf.learning_dynamics.report"]),
-    ("hub", ["pico_hf.hub"]),
+    ("hub", ["pico_hf.hub", "pico_hf.convert"]),  # convert's CLI writes the export's card
     ("the run builder", ["pico_hf.training.run"]),
     ("study", ["pico_hf.study"]),
 ]  # fmt: skip

@@ -100,3 +100,49 @@ def test_fake_hub_validation_checks_the_model_index(fake_hub, tmp_path):  # noqa
     assert answer.status_code == 400
     assert '"model-index[0].results[0].dataset" needs "type" and "name"' in answer.text
     assert '"model-index[0].results[0].metrics" must be a non-empty array' in answer.text
+
+
+def _code_after(text: str, marker: str) -> str:
+    """The first ```python block after `marker` in a card."""
+    return text.split(marker, 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_checkpoint_card_title_and_how_to_use(tmp_path):
+    """The title survives the model-index (which consumes `model_name`); "How to use" loads the checkpoint
+    from where it is: its folder for a local run, the repo's run branch once it has a repo id."""
+    import subprocess
+    import sys
+
+    from conftest import train
+
+    train(tmp_path, **{"training.max_steps": 2})
+    run_dir = tmp_path / "runs" / "tiny"
+    (run_dir / "eval_results").mkdir(exist_ok=True)
+    (run_dir / "eval_results" / "step_2.json").write_text(json.dumps({"paloma": 99.5, "dataset": "a/b"}))
+    card = cards.checkpoint_card(run_dir, 2)
+    assert card.data.to_dict()["model-index"][0]["name"] == "tiny"
+    assert "\n# tiny\n" in card.text
+    step_dir = (run_dir / "checkpoints" / "step_2").as_posix()
+    assert f'AutoModelForCausalLM.from_pretrained("{step_dir}")' in card.text
+    assert "path/to" not in card.text and "revision=" not in card.text
+    on_hub = cards.checkpoint_card(run_dir, 2, repo_id="someone/tiny")
+    assert 'AutoModelForCausalLM.from_pretrained("someone/tiny", revision="tiny")' in on_hub.text
+
+    # The card's own no-pico-hf snippet, run as written in a process that never imports pico_hf, with no
+    # terminal to answer a prompt: no trust_remote_code prompt, no config-class warning.
+    snippet = _code_after(card.text, "Or without pico-hf")
+    assert snippet.count("trust_remote_code=True") == 1  # the model's line only
+    check = snippet + "import sys\nprint(type(model).__module__.split('.')[0], type(tokenizer).__name__, "
+    check += "'pico_hf' in sys.modules, tokenizer('a b').input_ids)\n"
+    result = subprocess.run(
+        [sys.executable, "-c", check],
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[:3] == ["transformers_modules", "TokenizersBackend", "False"]
+    assert "custom code" not in result.stderr and "model of type" not in result.stderr

@@ -20,6 +20,7 @@ from conftest import (
     tiny_config,
     tiny_training_overrides,
     train,
+    train_command,
 )
 from safetensors.torch import load_file
 from transformers import TrainerCallback
@@ -195,7 +196,7 @@ def test_jagged_cosine_at_the_turning_points():
         ({"training.relora.optimizer_reset": "zero"}, "optimizer_reset must be one of"),
         ({"training.relora.min_lr_ratio": 0}, "min_lr_ratio must be in"),
         ({"training.relora.lora_dropout": 1}, "lora_dropout must be in"),
-        ({"training.relora.warm_start_steps": 8}, "warm_start_steps must be in"),
+        ({"training.relora.warm_start_steps": -1}, "warm_start_steps must not be negative, got -1"),
         ({"training.optimization.lr_warmup_steps": 4}, "lr_warmup_steps .* must end by the first reset"),
         ({"training.maml.enabled": "true"}, "training.relora and training.maml cannot both be enabled"),
         (
@@ -252,6 +253,32 @@ def test_peft_is_the_relora_extra_and_the_dev_extra_includes_it():
         Requirement(r) for r in project["optional-dependencies"]["dev"] if Requirement(r).name == "pico-hf"
     ]
     assert own.extras == {"relora"}
+
+
+def test_the_relora_demo_shortened_names_the_warm_start_value_that_fits(tmp_path):
+    """`relora-demo.yaml training.max_steps=20`: its 25-step warm start no longer fits; one line says which key
+    to set to what, exit 2, no traceback; with that value the config loads."""
+    demo = REPO / "recipes" / "configs" / "relora-demo.yaml"
+    result = subprocess.run(
+        [
+            *train_command(),
+            "--config",
+            str(demo),
+            "training.max_steps=20",
+            f"checkpointing.runs_dir={tmp_path}",
+        ],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        "error: training.relora.warm_start_steps (25) must end before training.max_steps (20): set "
+        "training.relora.warm_start_steps=19 or lower, or raise training.max_steps\n"
+    )
+    config, _ = load_config(demo, ["training.max_steps=20", "training.relora.warm_start_steps=3"])
+    assert (config.training.max_steps, config.training.relora.warm_start_steps) == (20, 3)
 
 
 def test_target_modules_that_match_nothing_fail_before_training(tmp_path):

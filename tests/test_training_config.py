@@ -205,3 +205,66 @@ def test_help_lists_every_section():
         "checkpointing.learning_dynamics.layer_suffixes",
     ]:
         assert key in text
+
+
+@pytest.mark.parametrize(
+    ("overrides", "problems"),
+    [
+        (["model.d_model=97"], ["model.d_model (97) must be divisible by model.attention_n_heads (12)"]),
+        (
+            ["model.d_model=36"],
+            [
+                "RoPE rotates pairs of dimensions, so the head dim model.d_model / model.attention_n_heads "
+                "(36 / 12 = 3) must be even"
+            ],
+        ),
+        (
+            ["model.attention_n_kv_heads=5", "model.n_layers=0"],
+            ["model.n_layers must be positive, got 0"],
+        ),
+        (
+            ["model.attention_n_kv_heads=5"],
+            ["model.attention_n_heads (12) must be divisible by model.attention_n_kv_heads (5)"],
+        ),
+        (
+            ["model.d_model=97", "training.optimization.lr=-1", "training.max_steps=0"],
+            [
+                "training.max_steps must be positive, got 0",
+                "training.optimization.lr must be positive, got -1.0",
+                "model.d_model (97) must be divisible by model.attention_n_heads (12)",
+            ],
+        ),
+    ],
+)
+def test_model_shapes_are_checked_with_the_other_values_all_reported_at_once(overrides, problems):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, overrides)
+    assert error.value.problems == problems
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        {"d_model": 97},
+        {"d_model": 36},
+        {"d_model": 48, "attention_n_heads": 6, "attention_n_kv_heads": 4},
+        {"n_layers": 0},
+        {"vocab_size": -1},
+        {"attention_n_kv_heads": 0},
+        {"d_model": 64, "attention_n_heads": 8, "attention_n_kv_heads": 2},
+        {},
+    ],
+)
+def test_the_config_shape_checks_agree_with_the_model_config(model):
+    """`model_shape_problems` repeats `PicoDecoderConfig.check_shapes` (which travels as remote code)."""
+    from pico_hf.models.pico_decoder import PicoDecoderConfig
+    from pico_hf.training.config import ModelConfig, model_shape_problems
+
+    section = ModelConfig(**model)
+    fields = {k: v for k, v in vars(section).items() if k != "model_type"}
+    try:
+        PicoDecoderConfig(**fields)
+        model_accepts = True
+    except ValueError:
+        model_accepts = False
+    assert (model_shape_problems(section) == []) == model_accepts

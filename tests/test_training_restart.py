@@ -185,3 +185,44 @@ def test_streamed_data_is_checked_before_step_1(tmp_path):
     with pytest.raises(ConfigError, match="holds 6 sequences of 16 tokens, fewer than one global batch"):
         train(tmp_path, **{"data.dataset.name": str(small), "data.dataset.streaming": "true"})
     assert not (tmp_path / "runs" / "tiny" / "checkpoints" / "step_0").exists()
+
+
+def test_a_max_steps_below_the_current_step_is_an_error_naming_it(tmp_path):
+    train(tmp_path, **{"training.max_steps": 4})
+    run_dir = tmp_path / "runs" / "tiny"
+    before = tree(run_dir)
+    with pytest.raises(ConfigError) as error:
+        train(tmp_path, **{"training.max_steps": 2})
+    assert str(error.value) == (
+        "training.max_steps=2 is below the run's current step 4 (its latest checkpoint is step_4): set "
+        "training.max_steps=4 or more to keep this run, or use another checkpointing.run_name"
+    )
+    assert tree(run_dir) == before
+
+
+def test_resuming_with_another_schedule_names_the_change_and_the_learning_rate_jump(tmp_path, caplog):
+    caplog.set_level("INFO", logger="pico_hf.training")
+
+    def notes():
+        found = [r.getMessage() for r in caplog.records if "learning-rate schedule" in r.getMessage()]
+        caplog.clear()
+        return found
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path, callbacks=[StopAfter(5)], **{"training.max_steps": 12})  # checkpoint step_4
+    assert notes() == []
+    with pytest.raises(KeyboardInterrupt):  # the same schedule: nothing to say
+        train(tmp_path, callbacks=[StopAfter(5)], **{"training.max_steps": 12})
+    assert notes() == []
+    # lr 0.01, 2 warmup steps, then linear decay to 0 at max_steps: step N trains with 0.01 * (max_steps -
+    # N + 1) / (max_steps - 2). Step 5 keeps the rate the checkpoint's optimizer holds (12 steps: 0.008); step
+    # 6 has 0.007 under 12 steps and 0.0025 under 6.
+    summary, _ = train(tmp_path, **{"training.max_steps": 6})
+    assert notes() == [
+        "Note: resuming after step 4 with training.max_steps 12 -> 6: the learning-rate schedule is recomputed, "
+        "the rate of step 6 goes from 0.007 to 0.0025"
+    ]
+    rows = metrics_rows(tmp_path / "runs" / "tiny")
+    logged = {row["step"]: row["learning_rate"] for row in rows if "loss" in row}
+    assert (logged[5], logged[6]) == (pytest.approx(0.008), pytest.approx(0.0025))  # as the log shows them
+    assert summary["steps"] == 6

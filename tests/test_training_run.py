@@ -137,7 +137,7 @@ def expect_config_error(tmp_path, message, **overrides):
 def test_missing_data_path(tmp_path):
     expect_config_error(
         tmp_path,
-        r"Dataset path .*nowhere.parquet does not exist",
+        r"^data.dataset.name: dataset path .*nowhere.parquet does not exist$",
         **{"data.dataset.name": str(tmp_path / "nowhere.parquet")},
     )
 

@@ -2,6 +2,7 @@
 batch, and the device that actually ran."""
 
 import os
+import re
 
 import pytest
 import torch
@@ -82,9 +83,13 @@ def test_cuda_asked_on_a_machine_without_it_records_what_ran(tmp_path, caplog):
     overrides = {"training.max_steps": 1, "training.fabric.accelerator": "cuda"}
     train(tmp_path, **overrides, **{"training.fabric.precision": "bf16-mixed"})
     notices = [r.getMessage() for r in caplog.records if "CUDA is not available" in r.getMessage()]
-    assert notices == [
-        "Note: training.fabric asks for cuda / bf16-mixed but CUDA is not available: training on cpu / 32-true"
-    ]
+    assert len(notices) == 1
+    # One line: what ran instead, and how long a step takes here by a timed forward pass.
+    assert re.fullmatch(
+        r"Note: training.fabric asks for cuda / bf16-mixed but CUDA is not available: training on cpu / 32-true; "
+        r"timed forward passes put a step of 128 tokens at about [\d.]+ s here, the 1 steps at about [\d.]+ s",
+        notices[0],
+    ), notices[0]
     saved = yaml.safe_load((tmp_path / "runs" / "tiny" / "training_config.yaml").read_text())
     assert saved["training"]["fabric"] == {
         "accelerator": "cpu",
@@ -129,3 +134,47 @@ def test_capture_size_counts_the_whole_global_batch():
     ids, rows = 1024 * 2049 * 8 * 2, 1024 * 2 * (16 + 32 + 32) * 4 * 2
     weights = 2 * (32 * 16 + 32 * 32 + 64 * 32) * 4 * 2
     assert capture_bytes(config, model, num_processes=1) == ids + rows + weights
+
+
+def test_tokens_per_step_before_step_1_and_a_duration_estimate_after_it(tmp_path, caplog, capsys):
+    caplog.set_level("INFO", logger="pico_hf.training")
+    train(tmp_path, **{"training.max_steps": 3})
+    (banner,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Training tiny")]
+    assert banner.endswith("global batch 8 = 1 process x 2 accumulation x 4, 128 tokens per step")
+    estimates = [line for line in capsys.readouterr().err.splitlines() if line.startswith("Step ")]
+    assert len(estimates) == 1
+    assert re.fullmatch(
+        r"Step 1 took [\d.]+ s: the 2 steps left take about [\d.]+ s at that pace \(checkpoints and evaluation "
+        r"not counted\)",
+        estimates[0],
+    ), estimates[0]
+
+
+def test_a_gpu_sized_config_on_cpu_gets_one_line_saying_so():
+    from pico_hf.training.run import cpu_estimate
+
+    config, _ = load_config(None, ["data.dataloader.batch_size=32", "training.max_steps=100"])
+    # pico-train's demo: 32 sequences of 2048 tokens a step; a probe measuring 3.5 minutes a step on CPU.
+    assert cpu_estimate(config, 210.0) == (
+        "this config is sized for a GPU: timed forward passes put a step of 65,536 tokens at about 4 min here, "
+        "the 100 steps at about 5.8 h; for a CPU run lower data.dataloader.batch_size, model.max_seq_len or "
+        "training.max_steps"
+    )
+    assert cpu_estimate(config, 0.5) == (
+        "timed forward passes put a step of 65,536 tokens at about 0.5 s here, the 100 steps at about 50 s"
+    )
+
+
+def test_the_timed_probe_leaves_weights_gradients_and_random_state_alone():
+    from pico_hf.models.pico_decoder import PicoDecoderConfig, PicoDecoderForCausalLM
+    from pico_hf.training.run import probe_step_seconds
+
+    shape = dict(d_model=32, n_layers=2, vocab_size=128, attention_n_heads=4, attention_n_kv_heads=2)
+    config, _ = load_config(None, [f"model.{key}={value}" for key, value in shape.items()])
+    model = PicoDecoderForCausalLM(PicoDecoderConfig(**shape)).train()
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    rng = torch.get_rng_state()
+    assert probe_step_seconds(model, config, micro_batch=4) > 0
+    assert model.training and torch.equal(torch.get_rng_state(), rng)
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is None and torch.equal(parameter, weights[name])

@@ -307,7 +307,9 @@ def build_evaluation_callbacks(config: PicoTrainingConfig, run: RunLayout) -> li
         try:
             texts = load_texts(name, paloma.dataset_split, paloma.max_samples)
             token_ids = encode_texts(tokenizer, texts, paloma.max_length)
-        except ValueError as error:  # includes ConfigError from the data loader
+        except ConfigError:  # the data loader's own message names evaluation.paloma.dataset_name
+            raise
+        except ValueError as error:
             raise ConfigError(f"evaluation.paloma (dataset '{name}'): {error}") from error
     return [
         EvaluationCallback(

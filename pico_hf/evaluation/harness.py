@@ -377,7 +377,7 @@ def paloma_perplexity(
     embedded held-out split when the Hub is unreachable, recorded then as `embedded_heldout_perplexity`
     (`metric`), never as `paloma`."""
     name = resolve_dataset(dataset)
-    texts = load_texts(name, split)
+    texts = load_texts(name, split, key="--paloma")
     if limit is not None:
         texts = texts[: int(limit) if limit >= 1 else math.ceil(limit * len(texts))]
     model_max = getattr(model.config, "max_position_embeddings", None) or 2048

@@ -226,14 +226,16 @@ def resolve_dataset(name: str, warn: bool = True) -> str:
     return name
 
 
-def load_texts(name: str, split: str = "val", max_samples: int | None = None) -> list[str]:
+def load_texts(
+    name: str, split: str = "val", max_samples: int | None = None, key: str = "evaluation.paloma.dataset_name"
+) -> list[str]:
     """The `text` column of an evaluation set in the `pico-lm/pretokenized-paloma` layout: a Hub id, a local
     path, or "embedded" (pico-hf's held-out split); the first `max_samples` rows when given."""
     from ..training.data import open_pretokenized
 
     if max_samples is not None and max_samples < 1:
         raise ValueError(f"max_samples must be positive or None, got {max_samples}")
-    dataset = open_pretokenized(name, split)
+    dataset = open_pretokenized(name, split, key=key)
     columns = dataset.column_names
     if columns is None:  # a streamed dataset without declared features: read the first row's keys
         columns = list(next(iter(dataset), {}))

@@ -150,7 +150,8 @@ def _is_hub_id(name: str) -> bool:
 
 
 def _render(data: ModelCardData, **facts: Any) -> ModelCard:
-    return ModelCard.from_template(data, template_path=str(TEMPLATE), **facts)
+    # ModelCardData moves model_name into the model-index when there are eval results: the title needs it too.
+    return ModelCard.from_template(data, template_path=str(TEMPLATE), model_name=data.model_name, **facts)
 
 
 def suite_card(config_path: Path) -> ModelCard:
@@ -309,7 +310,8 @@ def checkpoint_card(
         if ld_dir.is_dir()
         else []
     )
-    load_id = repo_id or f"path/to/{name}"
+    # Loaded from the Hub (the run's branch) when the run has a repo, else from the checkpoint's own folder.
+    load_id = repo_id or step_dir.as_posix()
     return _render(
         _card_data(name, [tree["data"]["dataset"]["name"]], evaluations),
         summary=(
@@ -323,7 +325,7 @@ def checkpoint_card(
         evaluations=evaluations,
         no_evaluation="No evaluation was run at this checkpoint.",
         load_id=load_id,
-        revision_arg=f', revision="{branch}"',
+        revision_arg=f', revision="{branch}"' if repo_id else "",
         learning_dynamics=(
             "This checkpoint's activations, weights and gradients of the configured layers "
             f"(`{checkpointing['learning_dynamics_dir']}/`) are committed as `Saving Learning Dynamics Data "
@@ -386,6 +388,56 @@ def build_card_callbacks(config: Any, run: Any) -> list[ModelCardCallback]:
     ]
 
 
+# --- the card of a Llama export (python -m pico_hf.convert to-llama) ---------------------------------------
+
+
+def llama_export_card(source: str, destination: Path, model: Any) -> ModelCard:
+    """The README.md of a pico-decoder checkpoint converted to `LlamaForCausalLM`: where it came from, its
+    shape, and how to load it with transformers alone."""
+    config = model.config
+    data = ModelCardData(
+        language="en",
+        license="apache-2.0",
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["pico", "llama", "causal-lm"],
+        base_model=source if _is_hub_id(source) else None,
+    )
+    kv_heads = config.num_key_value_heads or config.num_attention_heads
+    text = f"""---
+{data.to_yaml()}
+---
+
+# {Path(destination).name}
+
+A `LlamaForCausalLM` converted from the pico-decoder checkpoint `{source}` with
+`python -m pico_hf.convert to-llama`. The conversion is exact: pico-decoder and Llama are the same function up
+to parameter names and the layout of rotary dimensions (each head's q and k rows are permuted), so the two
+compute the same logits to float precision. Training recipe, evaluation and learning dynamics are described by
+the source checkpoint's own card.
+
+## Architecture
+
+| hidden size | layers | attention heads | KV heads | intermediate size | vocabulary | context | parameters |
+|---|---|---|---|---|---|---|---|
+| {config.hidden_size} | {config.num_hidden_layers} | {config.num_attention_heads} | {kv_heads} | {config.intermediate_size} | {config.vocab_size} | {config.max_position_embeddings} | {_human_count(model.num_parameters())} |
+
+## How to use
+
+With transformers alone (no pico-hf, no remote code):
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{Path(destination).as_posix()}")
+tokenizer = AutoTokenizer.from_pretrained("{Path(destination).as_posix()}")
+```
+
+Back to pico-decoder: `python -m pico_hf.convert from-llama {Path(destination).as_posix()} <output folder>`.
+"""
+    return ModelCard(text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pico_hf.hub.cards", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -435,6 +487,7 @@ __all__ = [
     "ModelCardCallback",
     "architecture",
     "checkpoint_card",
+    "llama_export_card",
     "read_analysis",
     "read_evaluation",
     "suite_card",

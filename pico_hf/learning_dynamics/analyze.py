@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from ..configuration import ConfigError
+from ..configuration import ConfigError, wandb_problem
 from .analysis_config import AnalysisConfig, _data_types, result_stem
 from .analysis_sources import AnalysisError, AnalysisExists, CheckpointSource, States, StatesUnavailable
 from .components import ModelShape
@@ -174,14 +174,8 @@ class _WandbLog:
         self.run = None
         if not config.monitoring.save_to_wandb:
             return
-        try:
-            import wandb
-        except ImportError:
-            logger.warning(
-                "monitoring.save_to_wandb is true but wandb is not installed (pip install wandb); "
-                "results are written to disk only"
-            )
-            return
+        import wandb  # installed: the config check says so
+
         settings = config.monitoring.wandb
         self.run = wandb.init(name=name, project=settings.project, entity=settings.entity)
 
@@ -221,6 +215,8 @@ def run_analysis(
     the run. `progress` wraps the step loop (e.g. a rich progress bar). An existing, non-empty output folder
     is an error unless `overwrite`, which empties it first: one folder never mixes two analyses.
     """
+    if config.monitoring.save_to_wandb and (problem := wandb_problem()):  # as in training: before any work
+        raise ConfigError(problem)
     name, default_dir = analysis_output_dir(config, source)
     output_dir = Path(output_dir) if output_dir is not None else default_dir
     # Only a log (of an analysis that failed) may be replaced without asking.

@@ -57,7 +57,9 @@ def load_eval_rows(name: str, max_samples: int | None, max_seq_len: int) -> list
         )
         name = EMBEDDED
     split = "val" if name != EMBEDDED and not Path(name).exists() else "validation"
-    dataset = open_pretokenized(name, split=split, streaming=False)
+    dataset = open_pretokenized(
+        name, split=split, streaming=False, key="checkpointing.learning_dynamics.eval_data"
+    )
     check_columns(dataset, name)
     if max_samples is not None:
         dataset = dataset.select(range(min(max_samples, len(dataset))))

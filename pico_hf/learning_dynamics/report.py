@@ -60,8 +60,11 @@ def _layer_colours(layers: Sequence[int]) -> dict[int, tuple]:
     return {layer: palette(i / max(len(layers) - 1, 1) * 0.92) for i, layer in enumerate(layers)}
 
 
-def plot_result(stem: str, by_step: Mapping[int, Mapping[str, float]], path: Path) -> Path:
-    """Plot one result's values against step; returns the PNG's path."""
+def plot_result(
+    stem: str, by_step: Mapping[int, Mapping[str, float]], path: Path, target: int | None = None
+) -> Path:
+    """Plot one result's values against step; returns the PNG's path. `target`: the step a comparative
+    metric compares with, named in the title."""
     steps = sorted(by_step)
     keys = list(dict.fromkeys(key for step in steps for key in by_step[step]))
     parsed = {key: parse_key(key) for key in keys}
@@ -111,7 +114,8 @@ def plot_result(stem: str, by_step: Mapping[int, Mapping[str, float]], path: Pat
         ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel(stem.rsplit("_", 1)[0])
-    ax.set_title(stem)
+    title = stem if target is None else f"{stem}, compared with step {target}"
+    ax.set_title(title)
     ax.grid(True, alpha=0.3)
     if len(steps) == 1:
         ax.set_xticks(steps)
@@ -137,14 +141,24 @@ def plot_result(stem: str, by_step: Mapping[int, Mapping[str, float]], path: Pat
             ncol=2 if len(handles) > 16 else 1,
         )
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight")
+    fig.savefig(path, bbox_inches="tight", metadata={"Title": title})  # the title is readable from the file
     return path
+
+
+def comparison_targets(result: AnalysisResult) -> dict[str, int]:
+    """result stem -> the step its comparative metric (CKA, PWCCA) compares every step with."""
+    return {
+        result_stem(spec): spec.target_checkpoint
+        for spec in result.config.metrics
+        if spec.target_checkpoint is not None and spec.build().comparative
+    }
 
 
 def plot_results(result: AnalysisResult) -> dict[str, Path]:
     """A PNG per result under `<output_dir>/plots/`."""
+    targets = comparison_targets(result)
     return {
-        stem: plot_result(stem, by_step, result.output_dir / PLOTS_DIR / f"{stem}.png")
+        stem: plot_result(stem, by_step, result.output_dir / PLOTS_DIR / f"{stem}.png", targets.get(stem))
         for stem, by_step in result.results.items()
     }
 
@@ -287,20 +301,22 @@ def write_report(
         md.append("")
     md += ["## Results", ""]
     html_sections = []
+    targets = comparison_targets(result)
     for stem, by_step in result.results.items():
         last = max(by_step)
         rows = last_step_rows(by_step[last])
+        # A comparative value is against its target step: at the target itself it is 1 by definition.
+        header = ["component", "value" if stem not in targets else f"value vs step {targets[stem]}"]
         md += [f"### {stem}", ""]
         if stem in plots:
             md += [f"![{stem}]({plots[stem].relative_to(out).as_posix()})", ""]
-        md += [f"Values at step {last}:", "", _md_table(["component", "value"], rows), ""]
+        md += [f"Values at step {last}:", "", _md_table(header, rows), ""]
         image = ""
         if stem in plots:
             encoded = base64.b64encode(plots[stem].read_bytes()).decode()
             image = f'<img alt="{html.escape(stem)}" src="data:image/png;base64,{encoded}">'
         html_sections.append(
-            f"<h3>{html.escape(stem)}</h3>{image}<p>Values at step {last}:</p>"
-            + _html_table(["component", "value"], rows)
+            f"<h3>{html.escape(stem)}</h3>{image}<p>Values at step {last}:</p>" + _html_table(header, rows)
         )
     if evaluations:
         md += ["## Evaluation", ""]

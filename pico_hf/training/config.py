@@ -21,6 +21,7 @@ import yaml
 # ConfigError and parse_override are imported from here across pico_hf (and by the recipes).
 from ..configuration import (
     ConfigError,
+    Problems,
     apply_overrides,
     as_dict,
     config_fields,
@@ -325,12 +326,13 @@ def load_config(
 
 
 def validate(config: PicoTrainingConfig) -> None:
-    """Value checks that need no data, model or process group."""
+    """Value checks that need no data, model or process group; every problem found is reported at once."""
+    problems = Problems()
     optimization = config.training.optimization
     if optimization.optimizer.lower() != "adamw":
-        raise ConfigError(f"training.optimization.optimizer must be 'adamw', got '{optimization.optimizer}'")
+        problems.add(f"training.optimization.optimizer must be 'adamw', got '{optimization.optimizer}'")
     if optimization.lr_scheduler != "linear_with_warmup":
-        raise ConfigError(
+        problems.add(
             f"training.optimization.lr_scheduler must be 'linear_with_warmup', got '{optimization.lr_scheduler}'"
         )
     positive = {
@@ -343,31 +345,33 @@ def validate(config: PicoTrainingConfig) -> None:
     }
     for key, value in positive.items():
         if value <= 0:
-            raise ConfigError(f"{key} must be positive, got {value}")
+            problems.add(f"{key} must be positive, got {value}")
     if optimization.lr_warmup_steps < 0:
-        raise ConfigError(
+        problems.add(
             f"training.optimization.lr_warmup_steps must be 0 or more, got {optimization.lr_warmup_steps}"
         )
     if config.training.fabric.precision not in PRECISIONS:
-        raise ConfigError(
+        problems.add(
             f"training.fabric.precision must be one of {sorted(PRECISIONS)}, got '{config.training.fabric.precision}'"
         )
     if config.checkpointing.save_to_hf and not config.checkpointing.hf_checkpoint.repo_id:
-        raise ConfigError("checkpointing.save_to_hf is true but checkpointing.hf_checkpoint.repo_id is empty")
+        problems.add("checkpointing.save_to_hf is true but checkpointing.hf_checkpoint.repo_id is empty")
     if config.model.model_type != "pico_decoder":
-        raise ConfigError(f"model.model_type must be 'pico_decoder', got '{config.model.model_type}'")
-    mode_problems = check_modes(config)
-    if mode_problems:
-        raise ConfigError(mode_problems[0])
+        problems.add(f"model.model_type must be 'pico_decoder', got '{config.model.model_type}'")
+    for problem in model_shape_problems(config.model):
+        problems.add(problem)
+    if config.training.max_steps > 0:  # the modes' checks (a warm start) are made against a valid max_steps
+        for problem in check_modes(config):
+            problems.add(problem)
     learning_dynamics = config.checkpointing.learning_dynamics
     from ..learning_dynamics.capture import FILE_FORMATS
 
     if learning_dynamics.file_format not in FILE_FORMATS:
-        raise ConfigError(
+        problems.add(
             f"checkpointing.learning_dynamics.file_format must be one of {list(FILE_FORMATS)}, "
             f"got '{learning_dynamics.file_format}'"
         )
-    if learning_dynamics.metrics:
+    if learning_dynamics.metrics and config.model.n_layers > 0:
         from ..learning_dynamics.tracker import check_metrics_capturable
 
         splits = ["train", "val"] if learning_dynamics.eval_data else ["train"]
@@ -376,7 +380,38 @@ def validate(config: PicoTrainingConfig) -> None:
                 learning_dynamics.metrics, learning_dynamics.layer_suffixes, config.model.n_layers, splits
             )
         except ValueError as error:
-            raise ConfigError(f"checkpointing.learning_dynamics.{error}") from error
+            problems.add(f"checkpointing.learning_dynamics.{error}")
+    problems.raise_any()
+
+
+def model_shape_problems(model: ModelConfig) -> list[str]:
+    """pico-decoder's shape constraints, every one broken, naming the `model.` keys. `PicoDecoderConfig`
+    checks the same at construction (its file travels with each checkpoint as remote code, so it cannot import
+    this one; a test keeps the two in step); here they run with the other value checks, before torch loads."""
+    problems = []
+    sizes = ("d_model", "n_layers", "vocab_size", "attention_n_heads", "activation_hidden_dim", "max_seq_len")
+    for name in (*sizes, "attention_n_kv_heads"):
+        value = getattr(model, name)
+        if value is not None and value <= 0:
+            problems.append(f"model.{name} must be positive, got {value}")
+    if problems:
+        return problems
+    heads = model.attention_n_heads
+    kv_heads = model.attention_n_kv_heads or heads
+    if model.d_model % heads:
+        problems.append(
+            f"model.d_model ({model.d_model}) must be divisible by model.attention_n_heads ({heads})"
+        )
+    elif (model.d_model // heads) % 2:
+        problems.append(
+            "RoPE rotates pairs of dimensions, so the head dim model.d_model / model.attention_n_heads "
+            f"({model.d_model} / {heads} = {model.d_model // heads}) must be even"
+        )
+    if heads % kv_heads:
+        problems.append(
+            f"model.attention_n_heads ({heads}) must be divisible by model.attention_n_kv_heads ({kv_heads})"
+        )
+    return problems
 
 
 # Lightning precision strings -> (mixed-precision mode for accelerate, parameter dtype).

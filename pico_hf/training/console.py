@@ -69,6 +69,7 @@ def log_console(path: Path | None) -> Iterator[None]:
     if path is None:
         yield
         return
+    from ..configuration import error_lines
     from .config import ConfigError  # light: no torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -89,7 +90,8 @@ def log_console(path: Path | None) -> Iterator[None]:
         except Interrupted:
             raise  # its line was already printed, through the tee
         except ConfigError as error:
-            _write_line(log, f"error: {error}")
+            for line in error_lines(error).split("\n"):
+                _write_line(log, line)
             raise
         except BaseException:
             for line in traceback.format_exc().rstrip("\n").split("\n"):

@@ -64,20 +64,23 @@ class DataError(ConfigError):
     """A bad row found mid-run in streamed data: the run stops after checkpointing the steps it completed."""
 
 
-def open_pretokenized(name: str, split: str = "train", streaming: bool | None = None):
-    """A pretokenized dataset by Hub id, local path (directory, parquet file or glob), or `"embedded"`.
+def open_pretokenized(
+    name: str, split: str = "train", streaming: bool | None = None, key: str = "data.dataset.name"
+):
+    """A pretokenized dataset by Hub id, local path (directory, parquet file or glob), or `"embedded"`; `key`
+    is the config key that names it (errors say which key to change).
 
     Returns a `datasets.Dataset` (memory-mapped) or, for streamed Hub data, a `datasets.IterableDataset`."""
     shown = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # "Generating train split" for a local file is noise next to our own count
     try:
-        return _open_pretokenized(name, split, streaming)
+        return _open_pretokenized(name, split, streaming, key)
     finally:
         if shown:
             datasets.enable_progress_bars()
 
 
-def _open_pretokenized(name: str, split: str, streaming: bool | None):
+def _open_pretokenized(name: str, split: str, streaming: bool | None, key: str):
     if name == EMBEDDED:
         folder = CORPUS_DIR / ("train" if split == "train" else "validation")
         return datasets.load_dataset(
@@ -90,25 +93,25 @@ def _open_pretokenized(name: str, split: str, streaming: bool | None):
         if path.is_dir():
             files = sorted(map(str, path.rglob("*.parquet")))
             if not files:
-                raise ConfigError(f"Dataset directory {path} holds no parquet files")
+                raise ConfigError(f"{key}: dataset directory {path} holds no parquet files")
         else:
             files = sorted(glob.glob(name)) if glob.has_magic(name) else [str(path)]
             if not files:
-                raise ConfigError(f"No files match dataset pattern {name}")
+                raise ConfigError(f"{key}: no files match dataset pattern {name}")
         return datasets.load_dataset("parquet", data_files=files, split="train", streaming=bool(streaming))
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise ConfigError(f"Dataset path {name} does not exist")
+        raise ConfigError(f"{key}: dataset path {name} does not exist")
     if not hub_reachable() and not offline_requested():
         raise ConfigError(
-            f"Dataset '{name}' is not a local path and the Hugging Face Hub is unreachable. Offline, use "
-            "data.dataset.name=embedded or a local path (or set HF_HUB_OFFLINE=1 to use a cached copy)."
+            f"{key}: dataset '{name}' is not a local path and the Hugging Face Hub is unreachable. Offline, use "
+            f"{key}=embedded or a local path (or set HF_HUB_OFFLINE=1 to use a cached copy)."
         )
     try:
         return datasets.load_dataset(name, split=split, streaming=True if streaming is None else streaming)
     except Exception as error:  # datasets raises several types for unreachable or unknown repos
         raise ConfigError(
-            f"Dataset '{name}' is neither a local path nor a reachable Hub dataset ({type(error).__name__}: "
-            f"{error}). Offline, use data.dataset.name=embedded or a local path."
+            f"{key}: dataset '{name}' is neither a local path nor a reachable Hub dataset "
+            f"({type(error).__name__}: {error}). Offline, use {key}=embedded or a local path."
         ) from error
 
 

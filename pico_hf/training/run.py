@@ -20,6 +20,7 @@ import transformers
 from transformers import ProgressCallback, TrainerCallback, TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
 
+from ..configuration import Problems, wandb_problem
 from ..evaluation.callback import build_evaluation_callbacks
 from ..hub.callback import build_hub_callbacks, hub_early_uploads, hub_push_error, hub_summary
 from ..hub.cards import build_card_callbacks
@@ -31,7 +32,16 @@ from .config import PRECISIONS, ConfigError, PicoTrainingConfig
 from .console import interrupts_end_cleanly, log_console
 from .data import BatchLayout, DataError, PretokenizedStream, training_sequences
 from .modes import build_mode
-from .rundir import RunLayout, RunLock, check_existing_run, finished_step, remove_leftovers, write_config
+from .rundir import (
+    RunLayout,
+    RunLock,
+    check_existing_run,
+    checkpoint_step,
+    finished_step,
+    remove_leftovers,
+    saved_config,
+    write_config,
+)
 from .trainer import PicoTrainer, no_clipping
 
 logger = logging.getLogger("pico_hf.training")
@@ -104,6 +114,65 @@ def apply_wandb_settings(config: PicoTrainingConfig) -> None:
             os.environ["WANDB_ENTITY"] = wandb.entity
 
 
+# The keys that shape the learning-rate schedule, besides ReLoRA's.
+SCHEDULE_KEYS = ("training.max_steps", "training.optimization.lr", "training.optimization.lr_warmup_steps")
+
+
+def learning_rate_at(config: PicoTrainingConfig, step: int) -> float:
+    """The learning rate optimizer step `step` (1-based, as the log counts) trains with: linear decay after a
+    linear warmup, as `lr_scheduler_type="linear"`, or ReLoRA's jagged cosine."""
+    training, optimization = config.training, config.training.optimization
+    max_steps, warmup = training.max_steps, optimization.lr_warmup_steps
+    step -= 1  # the schedules count the steps taken before this one
+    if training.relora.enabled:
+        from .relora import jagged_cosine
+
+        relora = training.relora
+        multiplier = jagged_cosine(
+            step,
+            max_steps=max_steps,
+            warmup_steps=warmup,
+            reset_frequency=relora.reset_frequency,
+            restart_warmup_steps=relora.restart_warmup_steps,
+            min_lr_ratio=relora.min_lr_ratio,
+            warm_start_steps=relora.warm_start_steps,
+        )
+    elif step < warmup:
+        multiplier = step / max(1, warmup)
+    else:
+        multiplier = max(0.0, (max_steps - step) / max(1, max_steps - warmup))
+    return optimization.lr * multiplier
+
+
+def schedule_change(saved: PicoTrainingConfig, config: PicoTrainingConfig, step: int) -> str | None:
+    """One line when resuming after `step` with other schedule settings than the run had: the keys that
+    changed and the learning rate's jump (the schedule is recomputed from the new settings). Step `step + 1`
+    still trains with the rate the checkpoint's optimizer holds; the recomputed schedule sets the next one's."""
+    changed = step + 2
+    if changed > config.training.max_steps:
+        return None
+    before, after = learning_rate_at(saved, changed), learning_rate_at(config, changed)
+    if math.isclose(before, after, rel_tol=1e-9, abs_tol=0.0):
+        return None
+    old, new = saved.to_dict(), config.to_dict()
+
+    def value(tree: dict[str, Any], key: str) -> Any:
+        for part in key.split("."):
+            tree = tree[part]
+        return tree
+
+    keys = [*SCHEDULE_KEYS, *(f"training.relora.{name}" for name in new["training"]["relora"])]
+    changes = ", ".join(
+        f"{key} {value(old, key)!r} -> {value(new, key)!r}"
+        for key in keys
+        if value(old, key) != value(new, key)
+    )
+    return (
+        f"resuming after step {step} with {changes}: the learning-rate schedule is recomputed, the rate of "
+        f"step {changed} goes from {before:.4g} to {after:.4g}"
+    )
+
+
 def build_model(config: PicoTrainingConfig, tokenizer: Any) -> PicoDecoderForCausalLM:
     fields = {f.name: getattr(config.model, f.name) for f in dataclasses.fields(config.model)}
     fields.pop("model_type")
@@ -166,6 +235,95 @@ def check_run_dir_writable(run_dir: Path) -> None:
         probe.unlink()
     except OSError as error:
         raise ConfigError(f"Run directory {run_dir} is not writable: {error}") from error
+
+
+def tokens_per_step(config: PicoTrainingConfig) -> int:
+    return config.data.dataloader.batch_size * config.model.max_seq_len
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def probe_step_seconds(
+    model: torch.nn.Module, config: PicoTrainingConfig, micro_batch: int, lengths: tuple[int, int] = (32, 256)
+) -> float:
+    """Seconds one optimizer step would take here, from timed forward passes of two lengths: their difference
+    gives the cost per token, the rest is the fixed cost of a forward pass, paid once per micro-batch. A backward
+    pass costs about two forwards. Eval mode, no gradients, its own random generator: the run's weights,
+    gradients and random state are untouched."""
+    short, long = (min(config.model.max_seq_len, length) for length in lengths)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(config.model.vocab_size, (1, long), generator=generator)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(input_ids=ids[:, :short])  # the first call pays one-time costs
+
+            def timed(length: int) -> float:
+                start = time.perf_counter()
+                model(input_ids=ids[:, :length])
+                return time.perf_counter() - start
+
+            short_seconds, long_seconds = timed(short), timed(long)
+    finally:
+        model.train(was_training)
+    per_token = max(0.0, long_seconds - short_seconds) / max(1, long - short)
+    fixed = max(0.0, short_seconds - per_token * short)
+    micro_tokens = micro_batch * config.model.max_seq_len
+    accumulation = config.training.optimization.gradient_accumulation_steps
+    return 3 * accumulation * (fixed + per_token * micro_tokens)
+
+
+# A run estimated to take longer than this on CPU is called sized for a GPU.
+GPU_SIZED_SECONDS = 3600
+
+
+def cpu_estimate(config: PicoTrainingConfig, step_seconds: float) -> str:
+    """How long a config written for CUDA takes on this CPU, and what to lower when that is hours."""
+    steps = config.training.max_steps
+    estimate = (
+        f"timed forward passes put a step of {tokens_per_step(config):,} tokens at about "
+        f"{format_duration(step_seconds)} here, the {steps} steps at about {format_duration(step_seconds * steps)}"
+    )
+    if step_seconds * steps < GPU_SIZED_SECONDS:
+        return estimate
+    return (
+        f"this config is sized for a GPU: {estimate}; for a CPU run lower data.dataloader.batch_size, "
+        "model.max_seq_len or training.max_steps"
+    )
+
+
+class DurationEstimate(TrainerCallback):
+    """After the first step of a start, one line: how long the step took and the rest of the run at that pace."""
+
+    def __init__(self) -> None:
+        self.started: float | None = None
+        self.done = False
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.started is None:
+            self.started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.done or self.started is None:
+            return
+        self.done = True
+        seconds = time.perf_counter() - self.started
+        left = state.max_steps - state.global_step
+        if state.is_world_process_zero and left > 0:
+            from tqdm.auto import tqdm
+
+            tqdm.write(
+                f"Step {state.global_step} took {format_duration(seconds)}: the {left} steps left take about "
+                f"{format_duration(seconds * left)} at that pace (checkpoints and evaluation not counted)",
+                file=sys.stderr,
+            )
 
 
 class PicoProgressCallback(ProgressCallback):
@@ -241,6 +399,7 @@ class TrainingJob:
     resume_from: Path | None
     log_file: Path | None
     lock: RunLock | None = None
+    schedule_notice: str | None = None  # how resuming changes the learning rate, if it does
 
 
 @dataclass
@@ -268,16 +427,22 @@ def build_job(
     is_main = args.process_index == 0
     # Nothing is written before these checks: a finished run stays as it is, and two runs never mix.
     check_existing_run(config, run.checkpoints_dir)
+    schedule_notice = None
     if config.checkpointing.training.auto_resume:
-        step = finished_step(run.latest_checkpoint(), run.state_dirname, config.training.max_steps)
+        latest = run.latest_checkpoint()
+        step = finished_step(latest, run.state_dirname, config.training.max_steps)
         if step is not None:
             return CompleteRun(run, step, is_main)
+        saved = saved_config(run.run_dir) if latest is not None else None
+        if saved is not None:
+            schedule_notice = schedule_change(saved, config, checkpoint_step(latest, run.state_dirname))
     lock = None
     if is_main:
         check_run_dir_writable(run.run_dir)
         lock = RunLock(run.run_dir).acquire()
     try:
         job = _build_job(config, run, args, extra_callbacks, device_notice)
+        job.schedule_notice = schedule_notice
     except BaseException:
         if lock is not None:
             lock.release()
@@ -297,45 +462,65 @@ def _build_job(
     if is_main:
         run.checkpoints_dir.mkdir(parents=True, exist_ok=True)
     log_file = setup_logging(run, config.monitoring.logging.log_level, is_main)
-    if is_main and device_notice:
-        logger.info("Note: %s", device_notice)
 
-    layout = BatchLayout(
-        global_batch=config.data.dataloader.batch_size,
-        gradient_accumulation_steps=config.training.optimization.gradient_accumulation_steps,
-        num_processes=args.world_size,
-        process_index=args.process_index,
-    )
-    args.per_device_train_batch_size = layout.micro_batch
-
-    hub_callbacks = build_hub_callbacks(config, run)  # fails fast when pushes could not work
+    # Every input is checked before the first step, and every problem found is reported together: a check
+    # that fails records its problem and the next one still runs.
+    problems = Problems()
+    layout = None
+    with problems.check():
+        layout = BatchLayout(
+            global_batch=config.data.dataloader.batch_size,
+            gradient_accumulation_steps=config.training.optimization.gradient_accumulation_steps,
+            num_processes=args.world_size,
+            process_index=args.process_index,
+        )
+        args.per_device_train_batch_size = layout.micro_batch
+    if config.monitoring.save_to_wandb and (problem := wandb_problem()):
+        problems.add(problem)
+    hub_callbacks: list[TrainerCallback] = []
+    with problems.check():
+        hub_callbacks = build_hub_callbacks(config, run)  # fails fast when pushes could not work
     tokenizer = load_tokenizer(config.data.tokenizer.name)
     if len(tokenizer) > config.model.vocab_size:
-        raise ConfigError(
+        problems.add(
             f"Tokenizer '{config.data.tokenizer.name}' has {len(tokenizer)} tokens but model.vocab_size is "
             f"{config.model.vocab_size}: the model cannot embed every token"
         )
     if config.data.tokenizer.vocab_size != config.model.vocab_size:
-        raise ConfigError(
+        problems.add(
             f"data.tokenizer.vocab_size ({config.data.tokenizer.vocab_size}) and model.vocab_size "
             f"({config.model.vocab_size}) must agree"
         )
-    stream = PretokenizedStream(
-        config.data.dataset.name,
-        config.model.max_seq_len,
-        config.model.vocab_size,
-        config.data.dataset.streaming,
-        seed=config.training.seed if config.data.dataloader.shuffle else None,
-    )
-    check_data_fits(config, stream)
+    stream = None
+    with problems.check():
+        stream = PretokenizedStream(
+            config.data.dataset.name,
+            config.model.max_seq_len,
+            config.model.vocab_size,
+            config.data.dataset.streaming,
+            seed=config.training.seed if config.data.dataloader.shuffle else None,
+        )
+        check_data_fits(config, stream)
     model = build_model(config, tokenizer)
     if config.checkpointing.learning_dynamics.layer_suffixes:
-        check_capture_fits(config, capture_bytes(config, model, args.world_size))
+        with problems.check():
+            check_capture_fits(config, capture_bytes(config, model, args.world_size))
     mode = build_mode(config)  # the enabled research mode (pico_hf.training.modes), or None
-    if mode is not None:
-        model = mode.prepare_model(
-            model, tokenizer=tokenizer, micro_batch=layout.micro_batch, world_size=args.world_size
-        )
+    if mode is not None and layout is not None:
+        with problems.check():
+            model = mode.prepare_model(
+                model, tokenizer=tokenizer, micro_batch=layout.micro_batch, world_size=args.world_size
+            )
+    learning_dynamics_callbacks, evaluation_callbacks = [], []
+    with problems.check():
+        learning_dynamics_callbacks = build_learning_dynamics_callbacks(config, run)
+    with problems.check():
+        evaluation_callbacks = build_evaluation_callbacks(config, run)
+    problems.raise_any()
+    assert layout is not None and stream is not None  # both were built, or a problem was raised
+    if device_notice and is_main:  # a config written for CUDA, training on CPU: say how long it will take
+        step_seconds = probe_step_seconds(model, config, layout.micro_batch)
+        logger.info("Note: %s; %s", device_notice, cpu_estimate(config, step_seconds))
     mode_callbacks = mode.callbacks() if mode is not None else []
 
     resume_from = None
@@ -350,10 +535,11 @@ def _build_job(
     callbacks: list[TrainerCallback] = [
         LogLastStep(),
         *mode_callbacks,  # first: their values join each log before it is written
+        DurationEstimate(),
         MetricsFileCallback(run.logs_dir / "metrics.jsonl"),
         *hub_early_uploads(hub_callbacks),  # the weights upload while the checkpoint is still being evaluated
-        *build_learning_dynamics_callbacks(config, run),
-        *build_evaluation_callbacks(config, run),
+        *learning_dynamics_callbacks,
+        *evaluation_callbacks,
         *build_card_callbacks(config, run),  # README.md of each checkpoint, before it is pushed
         *hub_callbacks,
     ]
@@ -431,7 +617,7 @@ def _train(job: TrainingJob, config: PicoTrainingConfig, notes: list[str] | None
         stream = trainer.train_sequences.stream
         logger.info(
             "Training %s (%.1fM parameters) on '%s' (%s sequences of %d tokens) for %d steps, global batch %d "
-            "= %d process%s x %d accumulation x %d",
+            "= %d process%s x %d accumulation x %d, %s tokens per step",
             run.run_dir.name,
             trainer.model.num_parameters() / 1e6,
             stream.name,
@@ -443,9 +629,12 @@ def _train(job: TrainingJob, config: PicoTrainingConfig, notes: list[str] | None
             "" if trainer.args.world_size == 1 else "es",
             trainer.args.gradient_accumulation_steps,
             trainer.args.per_device_train_batch_size,
+            f"{tokens_per_step(config):,}",
         )
         if job.resume_from is not None:
             logger.info("Resuming from %s", job.resume_from)
+        if job.schedule_notice:
+            logger.info("Note: %s", job.schedule_notice)
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(job.resume_from) if job.resume_from else None)
     summary = summarize(job, time.perf_counter() - start)

@@ -84,13 +84,38 @@ def check_existing_run(config: PicoTrainingConfig, checkpoints_dir: Path) -> Non
         )
 
 
+def checkpoint_step(checkpoint: Path, state_dirname: str) -> int:
+    """The optimizer step a checkpoint was saved at."""
+    position = checkpoint / state_dirname / "data_position.json"
+    return json.loads(position.read_text())["step"] if position.exists() else int(checkpoint.name[5:])
+
+
 def finished_step(latest: Path | None, state_dirname: str, max_steps: int) -> int | None:
-    """The step of `latest` when it is at or past `max_steps` (the run is complete), else None."""
+    """The step of `latest` when it is `max_steps` (the run is complete), else None. A `max_steps` below the
+    run's step is an error: the run cannot be shortened to a step it is already past."""
     if latest is None:
         return None
-    position = latest / state_dirname / "data_position.json"
-    step = json.loads(position.read_text())["step"] if position.exists() else int(latest.name[5:])
-    return step if step >= max_steps else None
+    step = checkpoint_step(latest, state_dirname)
+    if step > max_steps:
+        raise ConfigError(
+            f"training.max_steps={max_steps} is below the run's current step {step} (its latest checkpoint is "
+            f"{latest.name}): set training.max_steps={step} or more to keep this run, or use another "
+            "checkpointing.run_name"
+        )
+    return step if step == max_steps else None
+
+
+def saved_config(run_dir: Path) -> PicoTrainingConfig | None:
+    """The config the run in `run_dir` last trained with (its training_config.yaml), if it has one."""
+    from .config import load_config
+
+    saved = run_dir / CONFIG_NAME
+    if not saved.exists():
+        return None
+    try:
+        return load_config(saved, check=False)[0]
+    except ConfigError:  # written by another version of pico-hf: nothing to compare with
+        return None
 
 
 def write_config(config: PicoTrainingConfig, run_dir: Path) -> None:

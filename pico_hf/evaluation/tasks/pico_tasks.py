@@ -8,12 +8,28 @@ Prompts and preprocessing are lm-eval's own: HellaSwag documents go through the 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import datasets
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+
+
+class _NoMetadataNotice(logging.Filter):
+    """lm-eval warns, once per task, that a task loading its data with `custom_dataset` takes kwargs from
+    `--metadata`. These loaders take none: the notice is dropped for pico tasks, also under the `lm_eval` CLI
+    (which imports this file when it reads the tasks)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("pico_") and "Custom kwargs can be passed to `--metadata`" in message)
+
+
+_task_logger = logging.getLogger("lm_eval.api.task")
+if not any(isinstance(f, _NoMetadataNotice) for f in _task_logger.filters):
+    _task_logger.addFilter(_NoMetadataNotice())
 
 
 def _parquet(filename: str, split: str) -> datasets.DatasetDict:

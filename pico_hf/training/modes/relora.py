@@ -76,9 +76,12 @@ def validate_relora(relora: ReLoRAConfig, max_steps: int, lr_warmup_steps: int) 
         )
     if not 0 < relora.min_lr_ratio <= 1:
         problems.append(f"{key}.min_lr_ratio must be in (0, 1], got {relora.min_lr_ratio}")
-    if relora.warm_start_steps < 0 or relora.warm_start_steps >= max_steps:
+    if relora.warm_start_steps < 0:
+        problems.append(f"{key}.warm_start_steps must not be negative, got {relora.warm_start_steps}")
+    elif relora.warm_start_steps >= max_steps:  # e.g. a demo shortened with training.max_steps alone
         problems.append(
-            f"{key}.warm_start_steps must be in [0, training.max_steps={max_steps}), got {relora.warm_start_steps}"
+            f"{key}.warm_start_steps ({relora.warm_start_steps}) must end before training.max_steps "
+            f"({max_steps}): set {key}.warm_start_steps={max(0, max_steps - 1)} or lower, or raise training.max_steps"
         )
     if relora.warm_start_steps and relora.warm_start_checkpoint:
         problems.append(f"{key}: set warm_start_steps or warm_start_checkpoint, not both")
