@@ -538,6 +538,13 @@ def test_resuming_a_run_without_a_head_names_the_file(tmp_path):
         train(tmp_path, **MAML, **{"training.max_steps": 4})
 
 
+def test_resuming_with_another_objective_names_the_head_shapes(tmp_path):
+    small_vocab_data(tmp_path)
+    train(tmp_path, **MAML, **{"training.maml.objective": "smlmt", "training.max_steps": 2})
+    with pytest.raises(ConfigError, match=r"holds a head of other shapes .* another training.maml.objective"):
+        train(tmp_path, **MAML, **{"training.max_steps": 4})
+
+
 # --- end to end --------------------------------------------------------------------------------------------
 
 

@@ -384,82 +384,64 @@ class MAMLObjective:
     ) -> torch.Tensor:
         """The mean over the micro-batch's groups of each group's loss: an LM group's mean next-token loss, a meta
         group's query loss (+ `lm_loss_weight` x its masked LM loss for smlmt). Every group weighs the same in
-        the step's gradient whatever the layout."""
+        the step's gradient whatever the layout.
+
+        One forward per group, meta or LM: every process makes as many forwards per micro-batch (DDP broadcasts
+        buffers and FSDP gathers weights at each), and a group's computation is the same in any layout."""
         input_ids, targets = inputs["input_ids"], inputs["shift_labels"]
         size = self.config.episode_sequences
         groups = input_ids.shape[0] // size
         # The micro-batch's place in the global batch (BatchLayout's order), then its groups'.
         first = (self.micro_step * num_processes + process_index) * groups
         self.micro_step += 1
-        episodes: dict[int, Episode] = {}
-        for j in range(groups):
-            if self.meta_groups[first + j]:
-                episode = self._episode(input_ids[j * size : (j + 1) * size], first + j)
-                if episode is not None:
-                    episodes[j] = episode
-        lm = [j for j in range(groups) if j not in episodes]
         total = torch.zeros((), device=input_ids.device)
-        if lm:
-            rows = (
-                input_ids if not episodes else torch.cat([input_ids[j * size : (j + 1) * size] for j in lm])
-            )
-            row_targets = (
-                targets if not episodes else torch.cat([targets[j * size : (j + 1) * size] for j in lm])
-            )
-            loss = model(
-                input_ids=rows, shift_labels=row_targets
-            ).loss  # the mean over LM groups (equal lengths)
-            total = total + loss * len(lm)
-            self._step_totals["lm_loss"] = self._step_totals["lm_loss"] + loss.detach() * len(lm)
-            self._step_totals["lm_groups"] += len(lm)
-        if episodes:
-            meta_targets = torch.cat([targets[j * size : (j + 1) * size] for j in episodes])
-            total = total + self._meta_loss(model, list(episodes.values()), meta_targets, with_lm=bool(lm))
+        trained_lm = False
+        for j in range(groups):
+            rows = slice(j * size, (j + 1) * size)
+            episode = self._episode(input_ids[rows], first + j) if self.meta_groups[first + j] else None
+            if episode is None:
+                loss = model(input_ids=input_ids[rows], shift_labels=targets[rows]).loss
+                total = total + loss
+                self._step_totals["lm_loss"] = self._step_totals["lm_loss"] + loss.detach()
+                self._step_totals["lm_groups"] += 1
+                trained_lm = True
+            else:
+                total = total + self._meta_loss(model, episode, targets[rows])
+        if not trained_lm and self.config.objective == "paper":
+            # DDP (without find_unused_parameters) waits for a gradient of every parameter: a zero one for the
+            # output layer, which no query loss reaches.
+            unwrapped = model.module if hasattr(model, "module") else model
+            total = total + 0.0 * sum(p.sum() for p in unwrapped.get_output_embeddings().parameters())
         return total / groups
 
-    def _meta_loss(
-        self, model: nn.Module, episodes: list[Episode], targets: torch.Tensor, with_lm: bool
-    ) -> torch.Tensor:
-        """The summed meta loss of episodes: one backbone forward on their masked groups, the inner loop on each
-        episode's detached support features and its query loss."""
+    def _meta_loss(self, model: nn.Module, episode: Episode, targets: torch.Tensor) -> torch.Tensor:
+        """One backbone forward on the masked group, the inner loop on the detached support features, and the
+        query loss (+ `lm_loss_weight` x the masked group's LM loss for smlmt)."""
         c = self.config
         # The forward gets the targets: learning-dynamics capture records the rows the model trained on, and the
-        # smlmt objective trains on the masked groups' LM loss (the paper objective leaves it out).
-        outputs = model(
-            input_ids=torch.cat([e.input_ids for e in episodes]),
-            shift_labels=targets,
-            output_hidden_states=True,
-        )
-        features = outputs.hidden_states[-1]  # (rows, T, d_model), the final (normed) hidden state
-        size = c.episode_sequences
-        total = torch.zeros((), device=features.device)
-        for i, episode in enumerate(episodes):
-            group = features[i * size : (i + 1) * size].reshape(-1, features.shape[-1]).float()
-            with torch.autocast(group.device.type, enabled=False):  # the small head adapts in float32
-                result = adapt_and_query(
-                    self.head,
-                    group[episode.support].detach(),
-                    episode.support_labels,
-                    group[episode.query],
-                    episode.query_labels,
-                    c.inner_steps,
-                    c.inner_lr,
-                    c.first_order,
-                    classes=episode.classes if c.objective == "paper" else None,
-                )
-            total = total + result.query_loss
-            for key in self.STATS:
-                value = result.query_loss.item() if key == "query_loss" else getattr(result, key)
-                self._step_totals[key] += value
-            self._step_totals["episodes"] += 1
+        # smlmt objective trains on the masked group's LM loss (the paper objective leaves it out).
+        outputs = model(input_ids=episode.input_ids, shift_labels=targets, output_hidden_states=True)
+        features = outputs.hidden_states[-1]  # (S, T, d_model), the final (normed) hidden state
+        features = features.reshape(-1, features.shape[-1]).float()
+        with torch.autocast(features.device.type, enabled=False):  # the small head adapts in float32
+            result = adapt_and_query(
+                self.head,
+                features[episode.support].detach(),
+                episode.support_labels,
+                features[episode.query],
+                episode.query_labels,
+                c.inner_steps,
+                c.inner_lr,
+                c.first_order,
+                classes=episode.classes if c.objective == "paper" else None,
+            )
+        for key in self.STATS:
+            value = result.query_loss.item() if key == "query_loss" else getattr(result, key)
+            self._step_totals[key] += value
+        self._step_totals["episodes"] += 1
         if c.objective == "smlmt":
-            return total + c.lm_loss_weight * outputs.loss * len(episodes)
-        if not with_lm:
-            # DDP (without find_unused_parameters) waits for a gradient of every parameter: a zero one for the
-            # output layer, which the query loss does not reach.
-            output_layer = model.module if hasattr(model, "module") else model
-            total = total + 0.0 * sum(p.sum() for p in output_layer.get_output_embeddings().parameters())
-        return total
+            return result.query_loss + c.lm_loss_weight * outputs.loss
+        return result.query_loss
 
     # --- optimizer, gradients, checkpoints and logs -------------------------------------------------------
 
@@ -518,9 +500,10 @@ class MAMLObjective:
         """A training log line: `loss` becomes the mean LM loss of the LM groups since the last log (absent when
         there were none), and the `maml/*` counts and per-episode means (over every process's episodes)."""
         totals = self._log_totals
-        logs.pop("loss", None)
-        if totals["lm_groups"]:
+        if totals["lm_groups"]:  # replaced in place: `loss` keeps its position in the line
             logs["loss"] = round(totals["lm_loss"] / totals["lm_groups"], 4)
+        else:
+            logs.pop("loss", None)
         logs.update({f"maml/{k}": v for k, v in self.counts.items()})
         if totals["episodes"]:
             logs.update({f"maml/{k}": round(totals[k] / totals["episodes"], 4) for k in self.STATS})
