@@ -266,10 +266,12 @@ def test_paper_episode_leaves_out_other_tokens_and_never_pads_classes():
     # Two sequences of 3 distinct tokens each, K = every position but 0: 4 distinct support tokens.
     input_ids = torch.tensor([[9, 2, 3, 2, 3], [9, 4, 5, 4, 5]])
     assert sample_paper_episode(input_ids, 5, 3, mask_token=1, seed=0, step=0, group=0) is None
+    formed = 0
     for seed in range(20):
         episode = sample_paper_episode(input_ids, 2, 3, mask_token=1, seed=seed, step=0, group=0)
         if episode is None:  # e.g. the one free position of each sequence holds no class token
             continue
+        formed += 1
         flat = input_ids.reshape(-1)
         classes = set(episode.classes.tolist())
         assert set(flat[episode.support].tolist()) <= classes  # no label clamped to a class
@@ -279,6 +281,7 @@ def test_paper_episode_leaves_out_other_tokens_and_never_pads_classes():
         )
         assert len(masked) == 6 and len(episode.support) == sum(flat[p].item() in classes for p in masked) < 6
         assert set(flat[episode.query].tolist()) <= classes
+    assert formed >= 5, formed
     # The mask token is never a class, and a sequence whose free positions hold no class has no query: here
     # either fewer than 2 classes or no query at all, so never an episode.
     ids = torch.tensor([[9, 1, 1, 1, 2], [9, 1, 1, 3, 1]])
