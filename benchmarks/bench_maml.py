@@ -1,14 +1,15 @@
 """MAML pretraining's cost: a meta step vs an LM step, and a hybrid run vs a baseline run.
 
-The MAML demo config (recipes/configs/maml-demo.yaml: demo model and data, 16-way 4-shot episodes, 10 inner
-steps) trained by PicoTrainer in one process, with and without `training.maml`, alternating rounds; the first
+The MAML demo config (recipes/configs/maml-demo.yaml: demo model and data, one group of 8 sequences a step,
+16-way episodes with 4 support positions per sequence, 10 inner steps; `--objective smlmt` for Bansal et al.'s
+episodes) trained by PicoTrainer in one process, with and without `training.maml`, alternating rounds; the first
 steps of each run are warm-up. Prints one JSON object:
 
-- meta_vs_lm_step: median wall time of a meta step / of an LM step in the same hybrid run (goal < 1.3;
-  `meta_vs_lm_step_mean` is the same with means);
+- meta_vs_lm_step: median wall time of a meta step (every group a meta episode) / of an LM step (none) in the same
+  hybrid run (goal < 1.3; `meta_vs_lm_step_mean` is the same with means);
 - hybrid_vs_baseline: tokens/s of the hybrid run / tokens/s of the baseline run.
 
-    python benchmarks/bench_maml.py [--steps 20] [--rounds 2]
+    python benchmarks/bench_maml.py [--steps 20] [--rounds 2] [--objective paper|smlmt]
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from transformers import TrainerCallback, set_seed
 
 from pico_hf.training.config import load_config
-from pico_hf.training.maml import is_meta_step
+from pico_hf.training.maml import is_meta_group, is_meta_step
 from pico_hf.training.run import build_job
 
 CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "maml-demo.yaml"
@@ -44,12 +45,13 @@ class StepTimes(TrainerCallback):
         self.durations[state.global_step - 1] = time.perf_counter() - self.start
 
 
-def run(steps: int, runs_dir: str, maml: bool) -> dict[int, float]:
+def run(steps: int, runs_dir: str, maml: bool, objective: str) -> dict[int, float]:
     config, _ = load_config(
         CONFIG,
         [
             f"training.max_steps={steps}",
             f"training.maml.enabled={str(maml).lower()}",
+            f"training.maml.objective={objective}",
             f"checkpointing.runs_dir={runs_dir}",
             f"checkpointing.save_every_n_steps={steps * 10}",
             "checkpointing.learning_dynamics.layer_suffixes=[]",
@@ -72,21 +74,32 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--objective", choices=["paper", "smlmt"], default="paper")
     args = parser.parse_args()
 
     config, _ = load_config(CONFIG)
     seed, ratio = config.training.seed, config.training.maml.hybrid_ratio
+    groups = config.data.dataloader.batch_size // config.training.maml.episode_sequences
+
+    def meta_groups(step: int) -> list[bool]:
+        if args.objective == "smlmt":
+            return [is_meta_step(seed, step, ratio)] * groups
+        return [is_meta_group(seed, step, g, ratio) for g in range(groups)]
+
     tokens_per_step = config.data.dataloader.batch_size * config.model.max_seq_len
     meta, lm, hybrid_rates, baseline_rates = [], [], [], []
     for round_idx in range(args.rounds):
         for maml in [True, False] if round_idx % 2 == 0 else [False, True]:
             with tempfile.TemporaryDirectory() as runs_dir:
-                durations = run(args.steps, runs_dir, maml)
+                durations = run(args.steps, runs_dir, maml, args.objective)
             rate = tokens_per_step * len(durations) / sum(durations.values())
             if maml:
                 hybrid_rates.append(rate)
                 for step, seconds in durations.items():
-                    (meta if is_meta_step(seed, step, ratio) else lm).append(seconds)
+                    if all(meta_groups(step)):
+                        meta.append(seconds)
+                    elif not any(meta_groups(step)):
+                        lm.append(seconds)
             else:
                 baseline_rates.append(rate)
 
@@ -95,6 +108,7 @@ def main() -> None:
     print(
         json.dumps(
             {
+                "objective": args.objective,
                 "threads": torch.get_num_threads(),
                 "steps_timed": {"meta": len(meta), "lm": len(lm)},
                 "median_step_seconds": {"meta": round(meta_step, 4), "lm": round(lm_step, 4)},

@@ -218,7 +218,10 @@ class PicoTrainer(Trainer):
         return loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:  # a training log, not the end-of-training summary
+        training_log = "loss" in logs  # a training log, not the end-of-training summary
+        if training_log and self.mode is not None:
+            self.mode.update_training_log(logs)
+        if training_log:
             now, tokens = time.perf_counter(), self.state.num_input_tokens_seen
             if self._last_log is not None and now > self._last_log[0]:
                 logs["tokens_per_second"] = round((tokens - self._last_log[1]) / (now - self._last_log[0]), 1)

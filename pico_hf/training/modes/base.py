@@ -57,8 +57,8 @@ class TrainingMode:
 
     def callbacks(self) -> list[TrainerCallback]:
         """The mode's Trainer callbacks, placed ahead of the run's loggers and checkpoint contributors (the values
-        they add to a log line reach every logger). The series a mode logs are its callbacks' (e.g. `maml/*`
-        on every training log line, `relora/*` at each reset)."""
+        they add to a log line reach every logger). The series a mode logs are its callbacks' or
+        `update_training_log`'s (e.g. `maml/*` on every training log line, `relora/*` at each reset)."""
         return []
 
     def attach(self, trainer: PicoTrainer) -> None:
@@ -81,6 +81,10 @@ class TrainingMode:
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor | None:
         """The loss of a training micro-batch, a mean over it, or None for the language-modelling loss."""
         return None
+
+    def update_training_log(self, logs: dict[str, float]) -> None:
+        """A training log line (the Trainer's `loss` and the rest) before it is recorded and reaches the loggers,
+        on every process (collectives are allowed): the mode may replace or remove `loss` and add its series."""
 
     # --- checkpoints --------------------------------------------------------------------------------------
 
