@@ -89,7 +89,6 @@ def assert_equals_lm_eval(model, tokenizer, uids, limit, tmp_path):
         assert ours_uid == pytest.approx(reference_uid, abs=1e-4), uid
 
 
-
 def test_scores_equal_lm_evals_blimp_tasks(model, tokenizer, tmp_path):
     assert_equals_lm_eval(
         model, tokenizer, ["anaphor_number_agreement", "wh_island", "passive_1"], 20, tmp_path

@@ -156,19 +156,19 @@ def batch_loglikelihoods(
     if split is not None:
         decoder, head = split
         hidden = decoder(input_ids=input_ids[:, :-1].to(device), use_cache=False).last_hidden_state
-        hidden = hidden[torch.tensor(first_row, device=device), torch.tensor(first_position, device=device)]
+        features = hidden[torch.tensor(first_row, device=device), torch.tensor(first_position, device=device)]
         project = head
-    else:  # the whole forward, its logits read at the contexts' positions
+    else:  # the whole forward (logits at every position of the batch), read at the contexts' positions
         logits = model(input_ids=input_ids[:, :-1].to(device), use_cache=False).logits
-        hidden = logits[torch.tensor(first_row, device=device), torch.tensor(first_position, device=device)]
+        features = logits[torch.tensor(first_row, device=device), torch.tensor(first_position, device=device)]
         del logits
         project = torch.nn.Identity()
 
     logprobs = torch.empty(len(context_of), dtype=torch.float32, device=device)
     chunk = max(1, max_logits_elements // _vocab_size(model))
-    for start in range(0, hidden.shape[0], chunk):
+    for start in range(0, features.shape[0], chunk):
         # lm-eval's arithmetic: float32 log-softmax over the vocabulary, the targets' values gathered.
-        table = F.log_softmax(project(hidden[start : start + chunk]).float(), dim=-1)
+        table = F.log_softmax(project(features[start : start + chunk]).float(), dim=-1)
         reads = (context_of_t >= start) & (context_of_t < start + chunk)
         logprobs[reads] = table[context_of_t[reads] - start, targets[reads]]
         del table
