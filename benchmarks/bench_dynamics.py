@@ -538,10 +538,13 @@ def bench_val_capture(repeats: int) -> dict:
     batch = callback.eval_batch_size
     lengths = [len(row) - 1 for row in rows]
 
-    def computed(ordered: list[int]) -> int:
+    def computed(padded: list[int]) -> int:  # token positions of the sub-batches, each padded to its longest
         return sum(
-            max(ordered[i : i + batch]) * len(ordered[i : i + batch]) for i in range(0, len(ordered), batch)
+            max(padded[i : i + batch]) * len(padded[i : i + batch]) for i in range(0, len(padded), batch)
         )
+
+    count = -(-len(lengths) // batch) * batch  # rows padded to whole sub-batches, as the capture pads them
+    shortest_last = sorted(lengths, reverse=True)
 
     seconds = []
     for _ in range(repeats):
@@ -555,8 +558,8 @@ def bench_val_capture(repeats: int) -> dict:
         "batch_size": batch,
         "real_tokens": sum(lengths),
         "computed_tokens": {
-            "stored_order": computed(lengths),
-            "longest_first": computed(sorted(lengths, reverse=True)),
+            "stored_order": computed([lengths[i % len(lengths)] for i in range(count)]),
+            "longest_first": computed([shortest_last[min(i, len(lengths) - 1)] for i in range(count)]),
         },
         "seconds": [round(s, 2) for s in seconds],
         "threads": torch.get_num_threads(),

@@ -199,8 +199,9 @@ class LearningDynamicsCallback(CheckpointContributor):
         rows = [self.eval_rows[i] for i in order]
         chunk = micro * processes
         padded_len = -(-len(rows) // chunk) * chunk
-        # Processes need equal shares: pad with repeated rows that carry no loss and are dropped afterwards.
-        extended = [(rows[i % len(rows)], i < len(rows)) for i in range(padded_len)]
+        # Processes need equal shares: pad with copies of the shortest row that carry no loss and are dropped
+        # afterwards.
+        extended = [(rows[min(i, len(rows) - 1)], i < len(rows)) for i in range(padded_len)]
         mine = [
             extended[(g * processes + rank) * micro : (g * processes + rank + 1) * micro]
             for g in range(padded_len // chunk)
