@@ -16,7 +16,7 @@ with them, so `metric_for_best_model` (e.g. `eval_paloma`, with `greater_is_bett
 `blimp` is lm-eval's blimp group scored by `pico_hf.evaluation.blimp` on the live model: the shipped pairs,
 the first `evaluation.blimp.max_pairs_per_task` of each of the 67 sub-tasks (all 1,000 when null), sorted by
 length into batches of `evaluation.blimp.batch_size` sentences, one forward each; the same per-sub-task `acc`
-as lm-eval's `blimp_<uid>` tasks, several times faster. It goes to `step_N.json` as `{"blimp": {"acc": 0.61},
+as lm-eval's `blimp_<uid>` tasks, at less cost (docs/performance.md). It goes to `step_N.json` as `{"blimp": {"acc": 0.61},
 "blimp_adjunct_island": {"acc": 0.55}, ...}` (logged as `eval_blimp/acc`, ...); with several processes the
 batches are shared out and the scores are those of one process.
 
