@@ -19,7 +19,14 @@ metrics   pico-hf's metrics library on a pico-decoder-small-shaped checkpoint (1
           NumPy matrix by matrix. Also the offline analysis end to end (`run_analysis`: reading the
           safetensors, computing, writing the JSON files) on the same states saved as a run.
 
-    python benchmarks/bench_dynamics.py [overhead|metrics|all] [--steps 30] [--rounds 2] [--repeats 3]
+val_capture  The step-0 `val` capture of pico-train's own demo config (configs/demo.yaml there: d_model 96,
+          SwiGLU hidden 384, learning_dynamics.batch_size 16, the default 2048 context and eval data, which
+          offline is the embedded held-out split): one forward and backward over the split, as
+          `LearningDynamicsCallback._eval_states` runs it at every checkpoint. Prints the seconds, the real
+          tokens and the tokens computed (rows padded to the longest of their sub-batch). Run it on an older
+          checkout (PYTHONPATH=<checkout>) for the before/after comparison.
+
+    python benchmarks/bench_dynamics.py [overhead|metrics|val_capture|all] [--steps 30] [--rounds 2]
 
 On a busy machine pin every thread pool to the same count for stable numbers, e.g. `OMP_NUM_THREADS=2
 MKL_NUM_THREADS=2 OPENBLAS_NUM_THREADS=2` (NumPy's BLAS reads these at import).
@@ -28,6 +35,7 @@ MKL_NUM_THREADS=2 OPENBLAS_NUM_THREADS=2` (NumPy's BLAS reads these at import).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import logging
@@ -488,11 +496,85 @@ def bench_metrics(n_layers: int, n_samples: int, repeats: int, seed: int) -> dic
     }
 
 
+PICO_TRAIN_DEMO = [  # pico-train's configs/demo.yaml, in pico-hf's keys (Hub and W&B settings left out)
+    "data.dataset.name=embedded",  # offline: the training data is not read here, only checked
+    "checkpointing.learning_dynamics.eval_data=embedded",  # offline stand-in for paloma-tinsy's val split
+    "data.dataloader.batch_size=32",
+    "checkpointing.save_every_n_steps=50",
+    "checkpointing.learning_dynamics.batch_size=16",
+    "model.d_model=96",
+    "model.activation_hidden_dim=384",
+    "evaluation.paloma.batch_size=32",
+    "training.max_steps=100",
+    "training.optimization.lr=0.001",
+    "training.optimization.lr_warmup_steps=30",
+    "training.optimization.gradient_accumulation_steps=2",
+    "training.fabric.accelerator=cpu",
+]
+
+
+def bench_val_capture(repeats: int) -> dict:
+    """Seconds of the `val` capture at step 0 of pico-train's demo config; see the module docstring."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from pico_hf.learning_dynamics.callback import build_learning_dynamics_callbacks
+    from pico_hf.tokenization import load_tokenizer
+    from pico_hf.training.config import load_config
+    from pico_hf.training.run import build_model
+    from pico_hf.training.rundir import RunLayout
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config, _ = load_config(None, [f"checkpointing.runs_dir={tmp}", *PICO_TRAIN_DEMO])
+        (callback,) = build_learning_dynamics_callbacks(config, RunLayout(config.run_dir))
+    model = build_model(config, load_tokenizer(config.data.tokenizer.name)).train()  # the step-0 weights
+    args = SimpleNamespace(device=torch.device("cpu"))
+    callback.on_train_begin(args, None, None, model=model)
+    trainer = SimpleNamespace(
+        accelerator=Accelerator(cpu=True),
+        args=args,
+        autocast_smart_context_manager=contextlib.nullcontext,
+    )
+    rows = callback.eval_rows
+    batch = callback.eval_batch_size
+    lengths = [len(row) - 1 for row in rows]
+
+    def computed(padded: list[int]) -> int:  # token positions of the sub-batches, each padded to its longest
+        return sum(
+            max(padded[i : i + batch]) * len(padded[i : i + batch]) for i in range(0, len(padded), batch)
+        )
+
+    count = -(-len(lengths) // batch) * batch  # rows padded to whole sub-batches, as the capture pads them
+    shortest_last = sorted(lengths, reverse=True)
+
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        callback._eval_states(model, trainer)
+        seconds.append(time.perf_counter() - start)
+    return {
+        "config": "pico-train configs/demo.yaml",
+        "eval_data": config.checkpointing.learning_dynamics.eval_data,
+        "rows": len(rows),
+        "batch_size": batch,
+        "real_tokens": sum(lengths),
+        "computed_tokens": {
+            "stored_order": computed([lengths[i % len(lengths)] for i in range(count)]),
+            "longest_first": computed([shortest_last[min(i, len(lengths) - 1)] for i in range(count)]),
+        },
+        "seconds": [round(s, 2) for s in seconds],
+        "threads": torch.get_num_threads(),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("which", nargs="?", choices=("overhead", "metrics", "all"), default="all")
+    parser.add_argument(
+        "which", nargs="?", choices=("overhead", "metrics", "val_capture", "all"), default="all"
+    )
     parser.add_argument("--steps", type=int, default=30, help="overhead: training steps (demo: 150)")
     parser.add_argument("--rounds", type=int, default=2, help="overhead: (base, LD) pairs, order alternating")
     parser.add_argument(
@@ -515,6 +597,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.which in ("metrics", "all"):
         print(json.dumps(bench_metrics(args.n_layers, args.n_samples, args.repeats, args.seed)), flush=True)
+    if args.which == "val_capture":
+        print(json.dumps(bench_val_capture(args.repeats)), flush=True)
     if args.which in ("overhead", "all"):
         print(json.dumps(bench_overhead(args.steps, args.rounds, args.with_eval, args.runs_dir)), flush=True)
 

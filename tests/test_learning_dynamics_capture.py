@@ -33,8 +33,8 @@ def ld_overrides(tmp_path, **extra):
         **{
             "checkpointing.learning_dynamics.eval_data": str(val),
             "checkpointing.learning_dynamics.batch_size": 4,
+            **extra,
         },
-        **extra,
     )
 
 
@@ -139,6 +139,36 @@ def test_val_states_equal_a_direct_computation(run):
     for name in activations:
         torch.testing.assert_close(
             states["activations"][name], activations[name][:10], rtol=1e-5, atol=1e-6, msg=name
+        )
+        torch.testing.assert_close(states["gradients"][name], gradients[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_val_rows_of_mixed_lengths_run_sorted_and_are_stored_in_their_order(tmp_path):
+    """The `val` rows run longest first (sub-batches padded to rows of their own length); the stored
+    activations are in the split's order and equal, as the gradients (the same mean over the split's tokens),
+    each row run alone without padding."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    generator = torch.Generator().manual_seed(3)
+    lengths = [5, 17, 9, 3, 17, 12, 6, 15, 4, 11]
+    rows = [torch.randint(2, 100, (n,), generator=generator).tolist() for n in lengths]
+    val = tmp_path / "mixed" / "val.parquet"
+    val.parent.mkdir(parents=True)
+    pq.write_table(pa.table({"input_ids": rows}), val)
+    config = train(
+        tmp_path, **{"checkpointing.learning_dynamics.eval_data": str(val), "training.max_steps": 2}
+    )
+    directory = checkpoint(config, 2) / LD
+    saved = datasets.load_from_disk(str(directory / "val_data"))["input_ids"]
+    assert [list(row) for row in saved] == rows  # the split's order
+    states = load_states(directory, "val")
+    model = AutoModelForCausalLM.from_pretrained(checkpoint(config, 2)).eval()
+    alone = [(torch.tensor([row[:-1]]), torch.tensor([row[1:]]), None) for row in rows]
+    activations, _, gradients = recompute(model, alone)
+    for name in activations:
+        torch.testing.assert_close(
+            states["activations"][name], activations[name], rtol=1e-5, atol=1e-6, msg=name
         )
         torch.testing.assert_close(states["gradients"][name], gradients[name], rtol=1e-4, atol=1e-7, msg=name)
 

@@ -13,6 +13,13 @@ main process, with the dataset actually measured: `{"paloma": 41.2, "dataset": "
 transformers' own evaluation logs them, `eval_<name>` (trackers show `eval/<name>`), and `on_evaluate` fires
 with them, so `metric_for_best_model` (e.g. `eval_paloma`, with `greater_is_better: false`) and callbacks such as early stopping see them.
 
+`blimp` is lm-eval's blimp group scored by `pico_hf.evaluation.blimp` on the live model: the shipped pairs,
+the first `evaluation.blimp.max_pairs_per_task` of each of the 67 sub-tasks (all 1,000 when null), sorted by
+length into batches of `evaluation.blimp.batch_size` sentences, one forward each; the same per-sub-task `acc`
+as lm-eval's `blimp_<uid>` tasks, at less cost (docs/performance.md). It goes to `step_N.json` as `{"blimp": {"acc": 0.61},
+"blimp_adjunct_island": {"acc": 0.55}, ...}` (logged as `eval_blimp/acc`, ...); with several processes the
+batches are shared out and the scores are those of one process.
+
 Any other name in `evaluation.metrics` is an lm-eval task, group or tag (e.g. `[paloma, pico_blimp,
 pico_arc_easy]`), run through `pico_hf.evaluation.harness.evaluate` on the live model (lm-eval's HFLM wraps the
 model object itself: no reload, no copy of the weights), with `evaluation.lm_eval.limit` documents per task and
@@ -52,6 +59,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from ..training.config import ConfigError, PicoTrainingConfig
 from ..training.rundir import RunLayout
 from ..training.trainer import CheckpointContributor
+from .blimp import BLIMP, BlimpPairs, blimp_scores, load_blimp_pairs
 from .perplexity import (
     encode_texts,
     load_texts,
@@ -116,6 +124,8 @@ class EvaluationCallback(CheckpointContributor):
         lm_eval_limit: float | None = None,
         lm_eval_batch_size: int = 8,
         lm_eval_data_parallel: bool = True,
+        blimp_pairs: BlimpPairs | None = None,
+        blimp_batch_size: int = 128,
     ) -> None:
         self.metrics = metrics
         self.token_ids = token_ids  # the evaluation texts, tokenized and truncated once
@@ -130,6 +140,8 @@ class EvaluationCallback(CheckpointContributor):
         # Several processes share the lm-eval documents out (faster than process 0 alone, see the README's
         # benchmarks), unless a task is few-shot: its examples would then differ from a 1-process run's.
         self.lm_eval_data_parallel = lm_eval_data_parallel
+        self.blimp_pairs = blimp_pairs  # the `blimp` metric's tokenized pairs (pico_hf.evaluation.blimp)
+        self.blimp_batch_size = blimp_batch_size
         # (step, seconds) of every evaluation this process ran: what evaluation costs the run.
         self.timings: list[tuple[int, float]] = []
 
@@ -159,9 +171,23 @@ class EvaluationCallback(CheckpointContributor):
             if PALOMA in self.metrics:
                 results[perplexity_metric_name(self.dataset_name)] = self.paloma(model, args)
                 results["dataset"] = self.dataset_name
+            if self.blimp_pairs is not None:
+                results.update(self.blimp(model, args))
             if self.tasks:
                 results.update(self.lm_eval(model, args))
         return results
+
+    def blimp(self, model: torch.nn.Module, args: TrainingArguments) -> dict[str, dict[str, float]]:
+        """lm-eval's blimp scores (`blimp` and `blimp_<uid>`, {"acc": ...}) from the batched scorer; every
+        process scores its share of the batches and gets the merged scores."""
+        return blimp_scores(
+            model,
+            self.blimp_pairs,
+            self.blimp_batch_size,
+            self.pad_token_id,
+            process_index=args.process_index,
+            num_processes=args.world_size,
+        )
 
     def lm_eval(self, model: torch.nn.Module, args: TrainingArguments) -> dict[str, dict[str, float]]:
         """{task: {metric: value}}, the same on every process. With several processes and
@@ -235,7 +261,7 @@ def _lm_eval_selection(config: PicoTrainingConfig, warn: bool = True) -> TaskSel
     """The lm-eval tasks of `evaluation.metrics` and which of them can run; unknown names are config errors."""
     from .harness import EvaluationError, TaskSelection, resolve_tasks, task_manager_for
 
-    names = [m for m in config.evaluation.metrics or [] if m != PALOMA]
+    names = [m for m in config.evaluation.metrics or [] if m not in (PALOMA, BLIMP)]
     if not names:
         return TaskSelection(runnable=[])
 
@@ -247,7 +273,9 @@ def _lm_eval_selection(config: PicoTrainingConfig, warn: bool = True) -> TaskSel
     try:
         selection = resolve_tasks(names, task_manager_for(names))
     except EvaluationError as error:
-        raise ConfigError(f"evaluation.metrics: {error} ('{PALOMA}' is the published perplexity)") from error
+        raise ConfigError(
+            f"evaluation.metrics: {error} ('{PALOMA}' is the published perplexity, '{BLIMP}' the batched BLiMP)"
+        ) from error
     for task, reason in selection.skipped.items():
         if warn:
             logger.warning("Evaluation skips %s at every checkpoint: %s", task, reason)
@@ -265,6 +293,15 @@ def _checked_evaluation(config: PicoTrainingConfig, warn: bool) -> tuple[list[st
     once: indexing lm-eval's task files takes seconds)."""
     metrics = list(config.evaluation.metrics or [])
     selection = _lm_eval_selection(config, warn)
+    if BLIMP in metrics:
+        blimp = config.evaluation.blimp
+        if blimp.max_pairs_per_task is not None and not 1 <= blimp.max_pairs_per_task <= 1000:
+            raise ConfigError(
+                "evaluation.blimp.max_pairs_per_task must be between 1 and 1000 (the pairs of a BLiMP sub-task) "
+                f"or null, got {blimp.max_pairs_per_task}"
+            )
+        if blimp.batch_size < 1:
+            raise ConfigError(f"evaluation.blimp.batch_size must be positive, got {blimp.batch_size}")
     if PALOMA not in metrics:
         return metrics, selection
     paloma = config.evaluation.paloma
@@ -311,6 +348,12 @@ def build_evaluation_callbacks(config: PicoTrainingConfig, run: RunLayout) -> li
             raise
         except ValueError as error:
             raise ConfigError(f"evaluation.paloma (dataset '{name}'): {error}") from error
+    blimp_pairs = None
+    if BLIMP in metrics:
+        try:
+            blimp_pairs = load_blimp_pairs(tokenizer, config.evaluation.blimp.max_pairs_per_task)
+        except ValueError as error:  # e.g. a tokenizer without the bos/eos token lm-eval conditions on
+            raise ConfigError(f"evaluation.metrics: {BLIMP}: {error}") from error
     return [
         EvaluationCallback(
             metrics,
@@ -324,6 +367,8 @@ def build_evaluation_callbacks(config: PicoTrainingConfig, run: RunLayout) -> li
             lm_eval_limit=config.evaluation.lm_eval.limit,
             lm_eval_batch_size=config.evaluation.lm_eval.batch_size,
             lm_eval_data_parallel=not selection.few_shot,
+            blimp_pairs=blimp_pairs,
+            blimp_batch_size=config.evaluation.blimp.batch_size,
         )
     ]
 

@@ -196,11 +196,15 @@ class LearningDynamicsCallback(CheckpointContributor):
         unwrapped = trainer.accelerator.unwrap_model(model)
         processes, rank = trainer.accelerator.num_processes, trainer.accelerator.process_index
         micro = max(1, self.eval_batch_size // processes)
-        rows = self.eval_rows
+        # Longest rows first, so each sub-batch pads to rows of about its own length (in stored order a
+        # 2048-token split computes several times its real tokens); activations go back to stored order below.
+        order = sorted(range(len(self.eval_rows)), key=lambda i: (-len(self.eval_rows[i]), i))
+        rows = [self.eval_rows[i] for i in order]
         chunk = micro * processes
         padded_len = -(-len(rows) // chunk) * chunk
-        # Processes need equal shares: pad with repeated rows that carry no loss and are dropped afterwards.
-        extended = [(rows[i % len(rows)], i < len(rows)) for i in range(padded_len)]
+        # Processes need equal shares: pad with copies of the shortest row that carry no loss and are dropped
+        # afterwards.
+        extended = [(rows[min(i, len(rows) - 1)], i < len(rows)) for i in range(padded_len)]
         mine = [
             extended[(g * processes + rank) * micro : (g * processes + rank + 1) * micro]
             for g in range(padded_len // chunk)
@@ -261,8 +265,12 @@ class LearningDynamicsCallback(CheckpointContributor):
                 moved = tensor.to(device)
                 dist.all_reduce(moved)
                 tensor.copy_(moved.cpu() / (processes if sharded else 1))  # undo the loss scaling above
+        # Row i of the split is row stored_order[i] of the sorted ones.
+        stored_order = torch.empty(len(order), dtype=torch.long)
+        stored_order[torch.tensor(order)] = torch.arange(len(order))
         activations = {
-            name: self._gather(outputs, trainer, micro)[: len(rows)] for name, outputs in recorded.items()
+            name: self._gather(outputs, trainer, micro)[: len(rows)][stored_order]
+            for name, outputs in recorded.items()
         }
         return activations, gradients
 

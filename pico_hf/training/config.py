@@ -159,11 +159,20 @@ class LmEvalEvaluationConfig:
 
 
 @dataclass
+class BlimpEvaluationConfig:
+    # For `blimp` in `evaluation.metrics` (pico_hf.evaluation.blimp): the first N pairs of each of the 67
+    # sub-tasks (all 1,000 when null), and sentences per forward pass.
+    max_pairs_per_task: int | None = None
+    batch_size: int = 128
+
+
+@dataclass
 class EvaluationConfig:
-    # `paloma` and/or lm-eval task or group names (e.g. pico_blimp, pico_arc_easy).
+    # `paloma`, `blimp` and/or lm-eval task or group names (e.g. pico_blimp, pico_arc_easy).
     metrics: list[str] | None = field(default_factory=lambda: ["paloma"])
     paloma: PalomaEvaluationConfig = field(default_factory=PalomaEvaluationConfig)
     lm_eval: LmEvalEvaluationConfig = field(default_factory=LmEvalEvaluationConfig)
+    blimp: BlimpEvaluationConfig = field(default_factory=BlimpEvaluationConfig)
 
 
 # --- monitoring -----------------------------------------------------------------------------------------
