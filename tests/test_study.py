@@ -93,6 +93,7 @@ def write_study(tmp_path, **changes):
         "evaluation": {
             "metrics": ["paloma"],
             "paloma": {"dataset_name": "embedded", "max_samples": 4, "max_length": 32},
+            "heldout_max_samples": 4,
         },
         "analysis": TINY_ANALYSIS,
     }
@@ -146,6 +147,21 @@ def load(tmp_path, **changes):
             "analysis: metrics[0] (nope)",
         ),
         ({"colour": "red"}, "unknown key(s) ['colour']"),
+        (
+            {"variants": {"baseline": {}, "long": {"training.max_steps": 8}}},
+            "variant 'long': training.max_steps=8 changes the training budget (the baseline 'baseline' has 4); "
+            "set `allow_unequal_budget: true` to compare at equal tokens",
+        ),
+        (
+            {"variants": {"baseline": {}, "wide": {"model.max_seq_len": 64}}},
+            "variant 'wide': model.max_seq_len=64 changes the training budget",
+        ),
+        ({"primary": []}, "primary must be a non-empty list of quantity names, got []"),
+        ({"allow_unequal_budget": "yes"}, "allow_unequal_budget must be true or false, got 'yes'"),
+        (
+            {"evaluation": {"metrics": [], "heldout_every_n_steps": 0}},
+            "evaluation.heldout_every_n_steps must be a positive integer or null, got 0",
+        ),
     ],
 )
 def test_config_errors_name_the_problem(tmp_path, changes, message):
@@ -168,6 +184,36 @@ def test_recipe_reports_config_errors_before_training(tmp_path, capsys):
     assert recipe.main(["--config", str(path), "--output_dir", str(tmp_path / "out")]) == 2
     assert "Unknown config key 'model.norm_epz'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # nothing trained, nothing written
+
+
+def test_quick_overrides_apply_last_and_unequal_budgets_may_be_allowed(tmp_path):
+    quick = {"overrides": {"model.norm_eps": 0.5, "training.max_steps": 2}}
+    path = write_study(tmp_path, quick=quick)
+    study = load_study_config(path, quick=True, output_dir=tmp_path / "studies")
+    # The variant sets norm_eps 0.01, --quick 0.5: the quick run trains with --quick's value.
+    assert {run.config.model.norm_eps for run in study.runs} == {0.5}
+    assert study.quick_overrides == ("model.norm_eps=0.5", "training.max_steps=2")
+    assert study.set_keys() == [
+        "evaluation.metrics",
+        "evaluation.paloma.dataset_name",
+        "evaluation.paloma.max_samples",
+        "evaluation.paloma.max_length",
+        "evaluation.heldout_max_samples",
+        "evaluation.heldout_every_n_steps",
+        "model.norm_eps",
+        "training.max_steps",
+    ]
+    # Every study logs the shared held-out curve, every 10 steps unless it says otherwise.
+    assert {run.config.evaluation.heldout_every_n_steps for run in study.runs} == {10}
+    own = load(tmp_path, evaluation={"metrics": [], "heldout_every_n_steps": 3, "paloma": {"max_length": 32}})
+    assert own.runs[0].config.evaluation.heldout_every_n_steps == 3
+    unequal = load(
+        tmp_path,
+        allow_unequal_budget=True,
+        variants={"baseline": {}, "big": {"data.dataloader.batch_size": 8, "training.max_steps": 2}},
+    )
+    assert unequal.allow_unequal_budget and unequal.runs[2].config.data.dataloader.batch_size == 8
+    assert load(tmp_path).primary == ("eval_heldout_loss",)
 
 
 def test_runs_seeds_and_overrides(tmp_path):
@@ -291,8 +337,9 @@ def test_every_run_trained_with_the_same_data_order_per_seed(tiny_study):
 
 
 def _table(md: str, title: str) -> list[list[str]]:
-    """The rows of the Markdown table under `### title`."""
-    section = md.split(f"### {title}\n", 1)[1].strip("\n").split("\n\n", 1)[0]
+    """The rows of the first Markdown table under `### title`."""
+    blocks = md.split(f"### {title}\n", 1)[1].strip("\n").split("\n\n")
+    section = next(block for block in blocks if block.startswith("|"))
     return [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()[2:]]
 
 
@@ -364,6 +411,35 @@ def test_report_numbers_are_the_runs_files(tiny_study):
             row = next(r for r in rows if r[0] == str(step) and r[1] == "eps")
             assert row[5].startswith(f"{sum(differences) / 2:.5g} [")
 
+    # The verdict table comes first; with 2 seeds it says that no verdict is possible.
+    assert md.index("## Verdicts") < md.index("## Configuration") < md.index("## Exploratory")
+    assert "- **power**: With 2 seed(s) no verdict is possible" in md.split("## Verdicts")[0]
+
+    def heldout(spec):
+        return json.loads((spec.run_dir / "eval_results" / "heldout_loss.json").read_text())
+
+    assert heldout(study.runs[0])["loss"].keys() == {"0", "4"}  # step 0 and the last step (every 10)
+    assert heldout(study.runs[0])["texts"] == 4 and heldout(study.runs[0])["dataset"] == "embedded"
+    (verdict,) = summary["verdicts"]
+    base = [heldout(s)["loss"]["4"] for s in study.runs[:2]]
+    mine = [heldout(s)["loss"]["4"] for s in study.runs[2:]]
+    reference = stats.ttest_rel(mine, base)
+    assert verdict["variant"] == "eps" and verdict["metric"] == "eval_heldout_loss" and verdict["step"] == 4
+    assert verdict["baseline_mean"] == pytest.approx(sum(base) / 2)
+    assert verdict["variant_mean"] == pytest.approx(sum(mine) / 2)
+    assert verdict["p"] == pytest.approx(reference.pvalue) and verdict["p_holm"] == verdict["p"]
+    assert verdict["verdict"] == "too few seeds"
+    (row,) = _table(md.replace("## Verdicts", "### Verdicts"), "Verdicts")
+    assert row[:5] == ["eps", "eval_heldout_loss", "step 4", f"{sum(base) / 2:.5g}", f"{sum(mine) / 2:.5g}"]
+    assert row[-1] == "**too few seeds**"
+    # The configuration table: each run's effective values, from its training_config.yaml.
+    config_table = _table(md, "Effective configuration")
+    norm = next(r for r in config_table if r[0] == "model.norm_eps")
+    assert norm[1:] == ["1e-06", "1e-06", "0.01", "0.01"]
+    heldout_row = next(r for r in config_table if r[0] == "evaluation.heldout_every_n_steps")
+    assert heldout_row[1:] == ["10"] * 4
+    assert "Exploratory: " in md and " intervals below exclude 0, where chance alone would give about " in md
+
     # Wall time and tokens/s per run come from study_timing.json and metrics.jsonl.
     for run in summary["runs"]:
         timing = json.loads((Path(run["run_dir"]) / "study_timing.json").read_text())
@@ -374,9 +450,15 @@ def test_report_numbers_are_the_runs_files(tiny_study):
     for heading in ("## Variants", "## Runs", "## Training loss", "## Evaluation", "## Learning dynamics"):
         assert heading in md
     plots = sorted(p.name for p in (study.study_dir / "plots").glob("*.png"))
-    assert plots == ["cka_val.png", "eval_embedded_heldout_perplexity.png", "per_val.png", "train_loss.png"]
+    assert plots == [
+        "cka_val.png",
+        "eval_embedded_heldout_perplexity.png",
+        "eval_heldout_loss.png",
+        "per_val.png",
+        "train_loss.png",
+    ]
     page = html_path.read_text()
-    assert page.count('src="data:image/png;base64,') == 4
+    assert page.count('src="data:image/png;base64,') == 5
     assert not re.search(r'(src|href)="(?!data:)', page)
     assert page.count("<details><summary>") == 4  # every run's resolved config
 
@@ -433,6 +515,9 @@ def test_interrupted_study_resumes_the_unfinished_run_only(tiny_study, tmp_path)
     for spec in study.runs[:3]:
         assert snapshot(spec.run_dir) == others[spec.name]
     assert_bitwise_equal(final_weights(run_dir), reference)  # resumed exactly
+    heldout = run_dir / "eval_results" / "heldout_loss.json"
+    original = tiny_study[0].runs[3].run_dir / "eval_results" / "heldout_loss.json"
+    assert heldout.read_text() == original.read_text()  # the held-out curve too, to the last digit
     attempts = json.loads((run_dir / "study_timing.json").read_text())["attempts"]
     assert attempts[-1]["resumed_from"].endswith("step_2") and attempts[-1]["completed"]
     assert (run_dir / "analysis" / "step_4").is_dir()

@@ -27,13 +27,24 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import yaml
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from .config import RunSpec, StudyConfig
-from .runner import ANALYSIS_DIR, TIMING_FILE, RunOutcome
+from ..evaluation.heldout import HELDOUT_FILE, read_heldout_losses
+from . import stats
+from .config import RunSpec, StudyConfig, dotted
+from .runner import ANALYSIS_DIR, FAILED, TIMING_FILE, RunOutcome
+from .verdicts import (
+    StepsToTarget,
+    Verdict,
+    compare_at_end,
+    find_quantity,
+    mark_exploratory,
+    steps_to_target,
+)
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
@@ -41,6 +52,10 @@ SUMMARY_JSON = "summary.json"
 PLOTS_DIR = "plots"
 CONFIDENCE = 0.95
 TRAIN_LOSS = "train/loss"
+HELDOUT = "eval/heldout_loss"
+# Logged series plotted beside the compared quantities: the schedule, the gradient and each mode's own values.
+LOGGED_KEYS = ("learning_rate", "grad_norm")
+LOGGED_PREFIXES = ("maml/", "relora/")
 _STEP = re.compile(r"^step_(\d+)(?:\.json)?$")
 
 Series = dict[int, float]  # step -> value
@@ -67,6 +82,24 @@ def read_training_log(run_dir: Path) -> tuple[Series, list[float], int]:
                     speeds[step] = float(entry["tokens_per_second"])
             tokens = max(tokens, int(entry.get("num_input_tokens_seen", 0) or 0))
     return dict(sorted(loss.items())), [speeds[s] for s in sorted(speeds)], tokens
+
+
+def read_logged_series(run_dir: Path) -> dict[str, Series]:
+    """The learning rate, grad norm, `maml/*` and `relora/*` values of `logs/metrics.jsonl` by step (the last
+    line of a step wins, as for the loss)."""
+    series: dict[str, Series] = {}
+    path = run_dir / "logs" / "metrics.jsonl"
+    if not path.is_file():
+        return series
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        entry = json.loads(line)
+        step = int(entry.get("step", 0))
+        for key, value in entry.items():
+            if (key in LOGGED_KEYS or key.startswith(LOGGED_PREFIXES)) and isinstance(value, (int, float)):
+                series.setdefault(key, {})[step] = float(value)
+    return {key: dict(sorted(by_step.items())) for key, by_step in sorted(series.items())}
 
 
 def _flatten_numbers(tree: Mapping[str, Any], prefix: str = "") -> tuple[dict[str, float], str | None]:
@@ -144,6 +177,14 @@ class RunData:
     tokens: int
     tokens_per_second: float | None  # median of the logged intervals
     wall_seconds: float | None
+    heldout: Series = field(default_factory=dict)  # eval_heldout_loss by step
+    logged: dict[str, Series] = field(default_factory=dict)  # learning rate, grad norm, maml/*, relora/*
+    saved_config: dict[str, Any] | None = None  # the run's training_config.yaml: what it really trained with
+
+    @property
+    def tokens_per_step(self) -> int:
+        config = self.spec.config
+        return config.data.dataloader.batch_size * config.model.max_seq_len
 
 
 def read_run(spec: RunSpec, status: str = "reused") -> RunData:
@@ -152,6 +193,7 @@ def read_run(spec: RunSpec, status: str = "reused") -> RunData:
     evals, datasets = read_eval_results(run_dir / spec.config.checkpointing.evaluation.eval_results_dir)
     if "paloma" in evals and "paloma" not in datasets:  # files without a `dataset` field: the run's config
         datasets["paloma"] = spec.config.evaluation.paloma.dataset_name
+    saved = run_dir / "training_config.yaml"
     checkpoints_dir = run_dir / spec.config.checkpointing.checkpoints_dir
     steps = sorted(
         int(m[1])
@@ -169,6 +211,11 @@ def read_run(spec: RunSpec, status: str = "reused") -> RunData:
         tokens=tokens,
         tokens_per_second=statistics.median(speeds) if speeds else None,
         wall_seconds=read_wall_seconds(run_dir),
+        heldout=read_heldout_losses(
+            run_dir / spec.config.checkpointing.evaluation.eval_results_dir / HELDOUT_FILE
+        ),
+        logged=read_logged_series(run_dir),
+        saved_config=yaml.safe_load(saved.read_text()) if saved.is_file() else None,
     )
 
 
@@ -220,6 +267,8 @@ class Cell:
     mean: float
     std: float
     difference: PairedDifference | None = None
+    p: float = math.nan  # paired t-test against the baseline
+    q: float = math.nan  # Benjamini-Hochberg q-value among the exploratory comparisons
 
 
 @dataclass
@@ -246,6 +295,8 @@ def compare(quantity: Quantity, baseline: str, confidence: float = CONFIDENCE) -
         for variant, cell in row.items():
             if variant != baseline and base is not None:
                 cell.difference = paired_difference(cell.values, base.values, confidence)
+                test = stats.paired_t(cell.values, base.values, confidence)
+                cell.p = test.p if test is not None else math.nan
         if row:
             quantity.cells[step] = row
     return quantity
@@ -267,6 +318,12 @@ def build_quantities(study: StudyConfig, runs: Sequence[RunData]) -> list[Quanti
     quantities = [
         Quantity(TRAIN_LOSS, "training loss", "training", collect(lambda r: r.loss), checkpoint_steps)
     ]
+    heldout = collect(lambda r: r.heldout)
+    heldout_steps = sorted({step for by_seed in heldout.values() for s in by_seed.values() for step in s})
+    # The dense curve is kept for plots and steps-to-target; its tables show the checkpoints and the last step.
+    shown = [step for step in heldout_steps if step in checkpoint_steps or step == heldout_steps[-1]]
+    dataset = next((r.spec.config.evaluation.paloma.dataset_name for r in runs if r.heldout), None)
+    quantities.append(Quantity(HELDOUT, f"heldout_loss ({dataset})", "evaluation", heldout, shown))
     eval_names = list(dict.fromkeys(name for run in runs for name in run.evals))
     for name in eval_names:
         dataset = next((run.datasets[name] for run in runs if name in run.datasets), None)
@@ -379,9 +436,17 @@ def quantity_rows(quantity: Quantity, baseline: str) -> list[list[str]]:
                     _num(cell.mean),
                     _num(cell.std),
                     _difference(cell, baseline, variant),
+                    _p(cell.p),
+                    _p(cell.q),
                 ]
             )
     return rows
+
+
+def _p(value: float) -> str:
+    if math.isnan(value):
+        return "-"
+    return f"{value:.2g}" if value >= 1e-4 else f"{value:.1e}"
 
 
 def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -447,11 +512,166 @@ def _shown_path(path: Path) -> str:
 
 
 def _table_header(confidence: float) -> list[str]:
-    return ["step", "variant", "seeds", "mean", "std", f"- baseline [{confidence:.0%} CI, paired]"]
+    return [
+        "step",
+        "variant",
+        "seeds",
+        "mean",
+        "std",
+        f"- baseline [{confidence:.0%} CI, paired]",
+        "p",
+        "q (BH)",
+    ]
+
+
+VERDICT_HEADER = [
+    "variant",
+    "metric",
+    "at",
+    "baseline mean",
+    "variant mean",
+    "difference",
+    "relative",
+    "95% CI",
+    "p",
+    "p (Holm)",
+    "verdict",
+]
+POWER_HEADER = [
+    "variant",
+    "metric",
+    "seeds",
+    "paired sd",
+    "detectable at 80% power",
+    "seeds to detect the difference",
+]
+TARGET_HEADER = ["variant", "metric", "target", "steps (tokens) per seed", "speed-up [95% CI]", "reached"]
+
+
+def _verdict_rows(verdicts: Sequence[Verdict]) -> list[list[str]]:
+    return [
+        [
+            v.variant,
+            v.metric,
+            f"step {v.step}" if v.step is not None else f"{v.tokens} tokens",
+            _num(v.baseline_mean),
+            _num(v.variant_mean),
+            _num(v.difference),
+            f"{v.relative:+.2%}" if math.isfinite(v.relative) else "-",
+            f"[{_num(v.ci[0])}, {_num(v.ci[1])}]",
+            _p(v.p),
+            _p(v.p_holm),
+            f"**{v.verdict}**",
+        ]
+        for v in verdicts
+    ]
+
+
+def _power_rows(verdicts: Sequence[Verdict]) -> list[list[str]]:
+    return [
+        [
+            v.variant,
+            v.metric,
+            str(v.seeds),
+            _num(v.sd),
+            _num(v.minimum_detectable),
+            str(v.seeds_needed)
+            if v.seeds_needed is not None
+            else f"more than {stats.MAX_SEEDS} (or no spread)",
+        ]
+        for v in verdicts
+    ]
+
+
+def _target_rows(targets: Sequence[StepsToTarget]) -> list[list[str]]:
+    rows = []
+    for t in targets:
+        per_seed = ", ".join(
+            f"{seed}: "
+            + (f"{step:.4g} ({step * t.tokens_per_step:.4g})" if step is not None else "not reached")
+            for seed, step in t.variant_steps.items()
+        )
+        ratio = f"{_num(t.ratio)} [{_num(t.ci[0])}, {_num(t.ci[1])}]" if t.reached_seeds else "not reached"
+        rows.append([t.variant, t.metric, _num(t.target), per_seed, ratio, f"{t.reached_seeds}/{t.seeds}"])
+    return rows
+
+
+def config_rows(study: StudyConfig, runs: Sequence[RunData]) -> tuple[list[str], list[list[str]]]:
+    """Each key the study, a variant or --quick sets, as each run's `training_config.yaml` has it."""
+    header = ["key", *[run.spec.name for run in runs]]
+    rows = []
+    for key in study.set_keys():
+        row = [key]
+        for run in runs:
+            if run.saved_config is None:
+                row.append("(not trained)")
+                continue
+            try:
+                row.append(json.dumps(dotted(run.saved_config, key)))
+            except KeyError:
+                row.append("(absent)")
+        rows.append(row)
+    return header, rows
+
+
+def idle_modes(runs: Sequence[RunData]) -> list[str]:
+    """Runs whose training mode did nothing: ReLoRA that never merged, MAML without a meta step."""
+    flags = []
+    for run in runs:
+        config = run.saved_config
+        if config is None:
+            continue
+        training = config.get("training", {})
+        if training.get("relora", {}).get("enabled") and not run.logged.get("relora/resets"):
+            relora = training["relora"]
+            flags.append(
+                f"{run.spec.name}: ReLoRA never merged in {training['max_steps']} steps (warm start "
+                f"{relora.get('warm_start_steps')}, a merge every {relora.get('reset_frequency')} steps): "
+                "it trained as LoRA adapters, not ReLoRA"
+            )
+        if training.get("maml", {}).get("enabled"):
+            meta = run.logged.get("maml/meta_steps", {})
+            if not meta or max(meta.values()) == 0:
+                flags.append(f"{run.spec.name}: MAML made no meta step: it trained as the baseline does")
+    return flags
+
+
+@dataclass
+class Conclusions:
+    """What the report says first: verdicts, power, steps-to-target, runs to distrust, failures."""
+
+    verdicts: list[Verdict]
+    missing_primary: list[str]
+    targets: list[StepsToTarget]
+    idle: list[str]
+    failures: list[RunOutcome]
+    exploratory: tuple[int, int, int]  # intervals, those excluding 0, those with q < 0.05
+
+
+def conclude(
+    study: StudyConfig,
+    runs: Sequence[RunData],
+    quantities: Sequence[Quantity],
+    failures: Sequence[RunOutcome],
+) -> Conclusions:
+    verdicts, missing = compare_at_end(study, quantities, runs)
+    names = {m: q.name for m in study.primary if (q := find_quantity(m, quantities)) is not None}
+    return Conclusions(
+        verdicts=verdicts,
+        missing_primary=missing,
+        targets=steps_to_target(study, quantities, runs),
+        idle=idle_modes(runs),
+        failures=list(failures),
+        exploratory=mark_exploratory(quantities, verdicts, names),
+    )
 
 
 def summary_dict(
-    study: StudyConfig, runs: Sequence[RunData], quantities: Sequence[Quantity], confidence: float
+    study: StudyConfig,
+    runs: Sequence[RunData],
+    quantities: Sequence[Quantity],
+    confidence: float,
+    conclusions: Conclusions | None = None,
 ) -> dict[str, Any]:
     def cell(c: Cell) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -460,34 +680,96 @@ def summary_dict(
             "std": c.std,
         }
         if c.difference is not None:
-            out["difference"] = vars(c.difference)
+            out["difference"] = {**vars(c.difference), "p": c.p, "q": c.q}
         return out
 
-    return {
+    status = {o.spec.name: o for o in (conclusions.failures if conclusions else [])}
+    summary: dict[str, Any] = {
         "study": study.describe(),
         "confidence": confidence,
-        "runs": [
-            {
-                "variant": r.spec.variant,
-                "seed": r.spec.seed,
-                "status": r.status,
-                "run_dir": str(r.spec.run_dir),
-                "overrides": list(r.spec.overrides),
-                "wall_seconds": r.wall_seconds,
-                "tokens": r.tokens,
-                "tokens_per_second": r.tokens_per_second,
-            }
-            for r in runs
-        ],
-        "quantities": {
-            q.name: {
-                "label": q.label,
-                "kind": q.kind,
-                "steps": {str(step): {v: cell(c) for v, c in row.items()} for step, row in q.cells.items()},
-            }
-            for q in quantities
-        },
     }
+    if conclusions is not None:
+        summary["verdicts"] = [v.summary() for v in conclusions.verdicts]
+        summary["steps_to_target"] = [t.summary() for t in conclusions.targets]
+        summary["idle_modes"] = conclusions.idle
+        summary["failures"] = [
+            {"run": o.spec.name, "exit_status": o.exit_status, "log_tail": o.log_tail}
+            for o in conclusions.failures
+        ]
+    summary["runs"] = [
+        {
+            "variant": r.spec.variant,
+            "seed": r.spec.seed,
+            "status": r.status,
+            "run_dir": str(r.spec.run_dir),
+            "overrides": list(r.spec.overrides),
+            "wall_seconds": r.wall_seconds,
+            "tokens": r.tokens,
+            "tokens_per_second": r.tokens_per_second,
+            **({"exit_status": status[r.spec.name].exit_status} if r.spec.name in status else {}),
+        }
+        for r in runs
+    ]
+    summary["quantities"] = {
+        q.name: {
+            "label": q.label,
+            "kind": q.kind,
+            "steps": {str(step): {v: cell(c) for v, c in row.items()} for step, row in q.cells.items()},
+        }
+        for q in quantities
+    }
+    return summary
+
+
+def headline(study: StudyConfig, conclusions: Conclusions) -> list[tuple[str, str]]:
+    """What the reader must know before any number: (kind, sentence) pairs."""
+    lines = []
+    for outcome in conclusions.failures:
+        lines.append(
+            (
+                "failure",
+                f"Run {outcome.spec.name} failed (exit status {outcome.exit_status}); its cells are empty.",
+            )
+        )
+    for flag in conclusions.idle:
+        lines.append(("flag", flag))
+    if len(study.seeds) < stats.MIN_SEEDS:
+        lines.append(
+            (
+                "power",
+                f"With {len(study.seeds)} seed(s) no verdict is possible: a paired comparison needs at least "
+                f"{stats.MIN_SEEDS} seeds (`--seeds {stats.MIN_SEEDS}` trains only the missing ones).",
+            )
+        )
+    for metric in conclusions.missing_primary:
+        lines.append(("missing", f"Primary metric {metric!r}: no run logged it, so it has no verdict."))
+    return lines
+
+
+def _verdict_explanation(study: StudyConfig, confidence: float) -> str:
+    where = (
+        "at the most tokens every compared run trained on (each seed's curve interpolated there)"
+        if study.allow_unequal_budget
+        else "at the last step"
+    )
+    return (
+        f"Each primary metric ({', '.join(study.primary)}) of each variant against the baseline {where}: the "
+        f"per-seed difference (variant - baseline, paired by seed), its {confidence:.0%} Student-t interval, "
+        "the paired t-test's p and Holm's adjustment over every variant x primary comparison. "
+        "`better`/`worse`: Holm-adjusted p < 0.05 in the metric's known direction (losses and perplexities "
+        "lower, accuracies higher); `differs`: p < 0.05 for a metric with no direction; `too few seeds`: "
+        f"fewer than {stats.MIN_SEEDS}."
+    )
+
+
+def _exploratory_sentence(counts: tuple[int, int, int], confidence: float) -> str:
+    intervals, excluding, significant = counts
+    chance = (1 - confidence) * intervals
+    return (
+        f"Exploratory: {excluding} of {intervals} intervals below exclude 0, where chance alone would give about "
+        f"{chance:.1f} ({1 - confidence:.0%} of them) if no variant changed anything; {significant} have a "
+        "Benjamini-Hochberg q below 0.05. Read them as leads for the next study, not as findings."
+    )
 
 
 def write_study_report(
@@ -501,33 +783,62 @@ def write_study_report(
     out = study.study_dir
     out.mkdir(parents=True, exist_ok=True)
     status = {o.spec.name: o.status for o in outcomes or []}
+    failures = [o for o in outcomes or [] if o.status == FAILED]
     runs = [read_run(spec, status.get(spec.name, "reused")) for spec in study.runs]
     quantities = build_quantities(study, runs)
+    conclusions = conclude(study, runs, quantities, failures)
     variants = list(study.variants)
     plots = plot_quantities(quantities, variants, out / PLOTS_DIR)
-    (out / SUMMARY_JSON).write_text(json.dumps(summary_dict(study, runs, quantities, confidence), indent=1))
+    summary = summary_dict(study, runs, quantities, confidence, conclusions)
+    (out / SUMMARY_JSON).write_text(json.dumps(summary, indent=1))
 
     header = _table_header(confidence)
     overview = [
         ("base config", _shown_path(study.base_config)),
         ("variants", ", ".join(variants) + f" (baseline: {study.baseline})"),
         ("seeds", ", ".join(map(str, study.seeds))),
+        ("primary", ", ".join(study.primary)),
         ("common overrides", " ".join(study.overrides) or "none"),
+        ("--quick overrides (applied last)", " ".join(study.quick_overrides) or "none"),
         ("evaluation", " ".join(study.evaluation) or "the base config's"),
         ("generated", datetime.now().strftime("%Y-%m-%d %H:%M:%S")),
     ]
     explanation = (
         "Each table gives, per checkpoint step and variant, the mean and standard deviation over seeds, and "
         "the variant's difference from the baseline paired by seed (same seed: same initial weights and "
-        f"data order): the mean per-seed difference and its {confidence:.0%} Student-t interval."
+        f"data order): the mean per-seed difference and its {confidence:.0%} Student-t interval, the paired "
+        "t-test's p and its Benjamini-Hochberg q over every exploratory comparison."
     )
     sections = [
         ("Training loss", "training"),
         ("Evaluation", "evaluation"),
         ("Learning dynamics", "learning dynamics"),
     ]
+    notes = headline(study, conclusions)
+    verdict_rows = _verdict_rows(conclusions.verdicts)
+    config_header, config_table = config_rows(study, runs)
 
     md = [f"# Study: {study.name}", ""]
+    md += [f"- **{kind}**: {sentence}" for kind, sentence in notes]
+    md += ["", "## Verdicts", "", _verdict_explanation(study, confidence), ""]
+    md += [_md_table(VERDICT_HEADER, verdict_rows) if verdict_rows else "No comparison.", ""]
+    if conclusions.verdicts:
+        md += ["### Power", "", _md_table(POWER_HEADER, _power_rows(conclusions.verdicts)), ""]
+    if conclusions.targets:
+        md += [
+            "### Steps to the baseline's final value",
+            "",
+            "Per seed, the first step (and tokens) at which the variant's curve reaches the baseline's final value "
+            "(linear between measured steps), and the speed-up: the baseline's steps to that value over the "
+            "variant's, mean and 95% interval over the seeds that reached it.",
+            "",
+            _md_table(TARGET_HEADER, _target_rows(conclusions.targets)),
+            "",
+        ]
+    for outcome in failures:
+        md += [f"### Failed: {outcome.spec.name} (exit status {outcome.exit_status})", "", "```text"]
+        md += [*outcome.log_tail, "```", ""]
+    md += ["## Configuration", ""]
     md += [f"- **{k}**: {v}" for k, v in overview]
     md += ["", "## Variants", "", _md_table(VARIANT_HEADER, _variant_rows(study, runs)), ""]
     md += ["## Runs", "", _md_table(RUN_HEADER, _run_rows(runs)), ""]
@@ -535,18 +846,31 @@ def write_study_report(
         "Resolved configs: `<run>/training_config.yaml`. Wall time: the study's training processes, start-up "
         "included; tokens/s: median over the logged intervals.",
         "",
+        "### Effective configuration",
+        "",
+        "Every key the study, a variant or `--quick` sets, as each run's `training_config.yaml` holds it.",
+        "",
+        _md_table(config_header, config_table),
+        "",
     ]
     if warnings:
         md += ["## Warnings", "", *[f"- {w}" for w in warnings], ""]
-    md += [explanation, ""]
+    md += [
+        "## Exploratory",
+        "",
+        _exploratory_sentence(conclusions.exploratory, confidence),
+        "",
+        explanation,
+        "",
+    ]
 
     body_html = []
     for title, kind in sections:
         members = [q for q in quantities if q.kind == kind]
         if not members:
             continue
-        md += [f"## {title}", ""]
-        body_html.append(f"<h2>{html.escape(title)}</h2>")
+        md += [f"### {title}", ""]
+        body_html.append(f"<h3>{html.escape(title)}</h3>")
         shown: set[str] = set()
         for quantity in members:
             group = quantity.name if kind != "learning dynamics" else quantity.name.split("/", 1)[0]
@@ -556,8 +880,8 @@ def write_study_report(
                 encoded = base64.b64encode(plots[group].read_bytes()).decode()
                 body_html.append(f'<img alt="{html.escape(group)}" src="data:image/png;base64,{encoded}">')
             rows = quantity_rows(quantity, study.baseline)
-            md += [f"### {quantity.label}", "", _md_table(header, rows), ""]
-            body_html.append(f"<h3>{html.escape(quantity.label)}</h3>" + _html_table(header, rows))
+            md += [f"#### {quantity.label}", "", _md_table(header, rows), ""]
+            body_html.append(f"<h4>{html.escape(quantity.label)}</h4>" + _html_table(header, rows))
     md_path = out / REPORT_MD
     md_path.write_text("\n".join(md) + "\n")
 
@@ -573,6 +897,29 @@ def write_study_report(
         if warnings
         else ""
     )
+    notes_html = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in notes)
+    verdicts_html = (
+        _html_table(VERDICT_HEADER, [[c.strip("*") for c in row] for row in verdict_rows])
+        if verdict_rows
+        else "<p>No comparison.</p>"
+    )
+    power_html = (
+        "<h3>Power</h3>" + _html_table(POWER_HEADER, _power_rows(conclusions.verdicts))
+        if conclusions.verdicts
+        else ""
+    )
+    targets_html = (
+        "<h3>Steps to the baseline's final value</h3>"
+        + _html_table(TARGET_HEADER, _target_rows(conclusions.targets))
+        if conclusions.targets
+        else ""
+    )
+    failures_html = "".join(
+        f"<h3>Failed: {html.escape(o.spec.name)} (exit status {o.exit_status})</h3><pre>"
+        + html.escape("\n".join(o.log_tail))
+        + "</pre>"
+        for o in failures
+    )
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Study: {html.escape(study.name)}</title>
 <style>
@@ -584,12 +931,18 @@ img {{ max-width: 100%; }}
 pre {{ font-size: 0.8em; background: #f7f7f7; padding: 0.5em; }}
 </style></head><body>
 <h1>Study: {html.escape(study.name)}</h1>
+<ul>{notes_html}</ul>
+<h2>Verdicts</h2><p>{html.escape(_verdict_explanation(study, confidence))}</p>{verdicts_html}
+{power_html}{targets_html}{failures_html}
+<h2>Configuration</h2>
 <ul>{"".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in overview)}</ul>
 <h2>Variants</h2>{_html_table(VARIANT_HEADER, _variant_rows(study, runs))}
 <h2>Runs</h2>{_html_table(RUN_HEADER, _run_rows(runs))}
 <p>Wall time: the study's training processes, start-up included; tokens/s: median over the logged intervals.</p>
+<h3>Effective configuration</h3>{_html_table(config_header, config_table)}
 <h3>Resolved configs</h3>{configs}
 {warnings_html}
+<h2>Exploratory</h2><p>{html.escape(_exploratory_sentence(conclusions.exploratory, confidence))}</p>
 <p>{html.escape(explanation)}</p>
 {"".join(body_html)}
 </body></html>

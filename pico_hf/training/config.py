@@ -204,6 +204,12 @@ class EvaluationConfig:
     metrics: list[str] | None = field(default_factory=lambda: ["paloma"])
     paloma: PalomaEvaluationConfig = field(default_factory=PalomaEvaluationConfig)
     lm_eval: LmEvalEvaluationConfig = field(default_factory=LmEvalEvaluationConfig)
+    # The held-out curve: every N optimizer steps (and at step 0), the mean next-token loss of the evaluation
+    # split (`paloma.dataset_name`/`dataset_split`, texts cut at `paloma.max_length`), logged as
+    # `eval_heldout_loss`; off when null. Studies turn it on for every run.
+    heldout_every_n_steps: int | None = None
+    # The first N texts of that split (all when null).
+    heldout_max_samples: int | None = 64
 
 
 # --- monitoring -----------------------------------------------------------------------------------------

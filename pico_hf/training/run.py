@@ -21,6 +21,7 @@ from transformers import ProgressCallback, TrainerCallback, TrainingArguments, s
 from transformers.integrations import TensorBoardCallback
 
 from ..evaluation.callback import build_evaluation_callbacks
+from ..evaluation.heldout import build_heldout_callbacks
 from ..hub.cards import build_card_callbacks
 from ..hub.publish import build_hub_callbacks, hub_early_uploads, hub_push_error, hub_summary
 from ..learning_dynamics.callback import build_learning_dynamics_callbacks
@@ -347,6 +348,7 @@ def _build_job(
 
     # Order matters: learning dynamics and evaluation add to each checkpoint before it is published; the Hub
     # publisher pushes it once it is complete.
+    heldout = build_heldout_callbacks(config, run)
     callbacks: list[TrainerCallback] = [
         LogLastStep(),
         *maml_callbacks,  # first: its values join each log before it is written
@@ -354,6 +356,7 @@ def _build_job(
         *hub_early_uploads(hub_callbacks),  # the weights upload while the checkpoint is still being evaluated
         *build_learning_dynamics_callbacks(config, run),
         *build_evaluation_callbacks(config, run),
+        *heldout,
         *build_card_callbacks(config, run),  # README.md of each checkpoint, before it is pushed
         *hub_callbacks,
     ]
@@ -371,6 +374,8 @@ def _build_job(
         maml=maml,
         callbacks=callbacks + list(extra_callbacks or []),
     )
+    for callback in heldout:
+        callback.bind(trainer)  # its values join the trainer's log
     trainer.remove_callback(ProgressCallback)
     if not args.disable_tqdm:
         trainer.add_callback(PicoProgressCallback())
