@@ -128,6 +128,7 @@ class HeldoutLossCallback(TrainerCallback):
         self.description = description  # dataset, split, texts, max_length: what the values measure
         self.trainer: Any = None
         self.timings: list[tuple[int, float]] = []  # (step, seconds): what the curve costs the run
+        self._measured: set[int] = set()
 
     def bind(self, trainer: Any) -> None:
         self.trainer = trainer
@@ -160,6 +161,7 @@ class HeldoutLossCallback(TrainerCallback):
                 model, self.token_ids, self.batch_size, self.pad_token_id, args.process_index, args.world_size
             )
         self.timings.append((state.global_step, time.perf_counter() - start))
+        self._measured.add(state.global_step)
         if state.is_world_process_zero:
             self._write({**self.read(), state.global_step: loss})
         if self.trainer is not None:
