@@ -36,7 +36,7 @@ def heldout_overrides(tmp_path, **extra):
 @pytest.fixture(scope="module")
 def heldout_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("heldout")
-    summary, config = train(tmp_path, **heldout_overrides(tmp_path))
+    _, config = train(tmp_path, **heldout_overrides(tmp_path))
     return config, tmp_path
 
 

@@ -579,6 +579,9 @@ def test_shipped_quick_studies_end_to_end(tmp_path, study, variant):
                             for x in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()
                         ]
                         expected = [x["loss"] for x in lines if x["step"] == int(step) and "loss" in x][-1]
+                    elif name == "eval/heldout_loss":
+                        path = run_dir / "eval_results" / "heldout_loss.json"
+                        expected = json.loads(path.read_text())["loss"][step]
                     elif name.startswith("eval/"):
                         expected = json.loads((run_dir / "eval_results" / f"step_{step}.json").read_text())[
                             name[5:]
@@ -594,6 +597,21 @@ def test_shipped_quick_studies_end_to_end(tmp_path, study, variant):
                 assert cell["mean"] == pytest.approx(mean)
                 assert f"| {step} | {shown} | 2 | {mean:.5g} |" in md
     assert checked > 100
+    # --quick's settings win over the variant's own: every run trained with them, and ReLoRA merged.
+    study_config = load_study_config(config, quick=True, output_dir=tmp_path / "out")
+    for spec in study_config.runs:
+        saved = yaml.safe_load((spec.run_dir / "training_config.yaml").read_text())
+        for override in study_config.quick_overrides:
+            key, value = override.split("=", 1)
+            node = saved
+            for part in key.split("."):
+                node = node[part]
+            assert node == yaml.safe_load(value), (spec.name, key)
+    assert summary["idle_modes"] == []
+    if variant == "relora":
+        for seed in (0, 1):
+            logged = (study_dir / "runs" / f"relora_seed{seed}" / "logs" / "metrics.jsonl").read_text()
+            assert '"relora/resets": 2' in logged  # merges after steps 20 and 35
     page = (study_dir / "report.html").read_text()
     plots = len(list((study_dir / "plots").glob("*.png")))
     assert page.count('src="data:image/png;base64,') == plots >= 7  # loss, evaluation, five dynamics metrics
@@ -631,3 +649,89 @@ def test_shipped_study_configs_build_every_run(study, tmp_path):
         for run in config.runs:
             mode = run.config.training.relora.enabled or run.config.training.maml.enabled
             assert mode == (run.variant != "baseline") or study == "norm-eps"
+
+
+# --- verdicts of a real study: no effect, a strong effect, too few seeds, a failed run ----------------------
+
+
+@pytest.mark.slow
+def test_verdicts_of_a_small_study(tmp_path):
+    """Baseline, a variant that changes nothing the model sees, and a 10x lower learning rate: over 3 seeds the
+    first is `no detectable difference` on the held-out loss, the second `worse`; with 2 seeds both are
+    `too few seeds`. A variant that fails at run time leaves the others to finish and is reported."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    base = {
+        **TINY_BASE,
+        "training": {**TINY_BASE["training"], "max_steps": 8},
+        "checkpointing": {"save_every_n_steps": 8, "learning_dynamics": {"layer_suffixes": []}},
+    }
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text(
+        yaml.safe_dump(
+            {
+                "name": "lr",
+                "base_config": "base.yaml",
+                "variants": {
+                    "baseline": {},
+                    "same": {"monitoring.logging.log_every_n_steps": 2},
+                    "slow-lr": {"training.optimization.lr": 0.001},
+                    "broken": {"model.vocab_size": 1000},  # passes the config checks, not the run's start
+                },
+                "seeds": 2,
+                "evaluation": {
+                    "metrics": [],
+                    "heldout_every_n_steps": 2,
+                    "heldout_max_samples": 8,
+                    "paloma": {"dataset_name": "embedded", "max_length": 32},
+                },
+            },
+            sort_keys=False,
+        )
+    )
+    output = tmp_path / "studies"
+    two = load_study_config(study_file, output_dir=output)
+    outcomes, _ = run_study(two, in_process=True, log=lambda line: None)
+    assert [o.status for o in outcomes] == ["trained"] * 6 + ["failed"] * 2
+    assert outcomes[-1].exit_status == 1
+    assert any("model.vocab_size" in line for line in outcomes[-1].log_tail)
+    write_study_report(two, outcomes)
+    summary = json.loads((two.study_dir / "summary.json").read_text())
+    assert [(v["variant"], v["verdict"]) for v in summary["verdicts"]] == [
+        ("same", "too few seeds"),
+        ("slow-lr", "too few seeds"),
+    ]
+    assert [f["run"] for f in summary["failures"]] == ["broken_seed0", "broken_seed1"]
+    md = (two.study_dir / "report.md").read_text()
+    assert "- **failure**: Run broken_seed0 failed (exit status 1); its cells are empty." in md
+    assert "### Failed: broken_seed1 (exit status 1)" in md
+
+    # --seeds 3 on the finished study trains only the third seed.
+    three = load_study_config(study_file, seeds=3, output_dir=output)
+    lines = []
+    outcomes, _ = run_study(three, in_process=True, log=lines.append)
+    statuses = {o.spec.name: o.status for o in outcomes}
+    assert [name for name, status in statuses.items() if status == "trained"] == [
+        "baseline_seed2",
+        "same_seed2",
+        "slow-lr_seed2",
+    ]
+    assert statuses["baseline_seed0"] == statuses["slow-lr_seed1"] == "reused"
+    write_study_report(three, outcomes)
+    summary = json.loads((three.study_dir / "summary.json").read_text())
+    verdicts = {v["variant"]: v for v in summary["verdicts"]}
+    assert verdicts["same"]["verdict"] == "no detectable difference" and verdicts["same"]["difference"] == 0
+    assert verdicts["slow-lr"]["verdict"] == "worse", verdicts["slow-lr"]
+    assert verdicts["slow-lr"]["p_holm"] == pytest.approx(min(1.0, 2 * verdicts["slow-lr"]["p"]))
+    losses = {
+        spec.name: json.loads((spec.run_dir / "eval_results" / "heldout_loss.json").read_text())["loss"]["8"]
+        for spec in three.runs
+        if spec.variant != "broken"
+    }
+    reference = stats.ttest_rel(
+        [losses[f"slow-lr_seed{s}"] for s in range(3)], [losses[f"baseline_seed{s}"] for s in range(3)]
+    )
+    assert verdicts["slow-lr"]["p"] == pytest.approx(reference.pvalue)
+    # Steps to the baseline's final value: the slow learner does not get there in 8 steps.
+    targets = {t["variant"]: t for t in summary["steps_to_target"]}
+    assert targets["slow-lr"]["reached_seeds"] == 0 and targets["same"]["ratio"] == pytest.approx(1.0)
