@@ -452,13 +452,41 @@ def test_report_numbers_are_the_runs_files(tiny_study):
     plots = sorted(p.name for p in (study.study_dir / "plots").glob("*.png"))
     assert plots == [
         "cka_val.png",
+        "cross_cka_val.png",  # the variant's activations against the baseline's
         "eval_embedded_heldout_perplexity.png",
         "eval_heldout_loss.png",
         "per_val.png",
         "train_loss.png",
+        "training_series.png",  # learning rate and grad norm
     ]
     page = html_path.read_text()
-    assert page.count('src="data:image/png;base64,') == 5
+    assert page.count('src="data:image/png;base64,') == 7
+
+    # Cross-run CKA: each eps run's stored activations against its seed's baseline run's, by hand.
+    from pico_hf.learning_dynamics.analyze import LocalRun
+
+    def linear_cka(x, y):
+        x, y = x - x.mean(0), y - y.mean(0)
+        return float((x.T @ y).norm() ** 2 / ((x.T @ x).norm() * (y.T @ y).norm()))
+
+    cross = {(c["seed"], c["step"], c["component"]): c["value"] for c in summary["cross_run"]}
+    assert {c["metric"] for c in summary["cross_run"]} == {"cka_val"}
+    assert {c["variant"] for c in summary["cross_run"]} == {"eps"}
+    for seed in (0, 1):
+        for step in (0, 2, 4):
+            mine = LocalRun(study.runs_dir / f"eps_seed{seed}").load(step, "val", ["activations"])[
+                "activations"
+            ]
+            base = LocalRun(study.runs_dir / f"baseline_seed{seed}").load(step, "val", ["activations"])[
+                "activations"
+            ]
+            for layer in (0, 1):
+                name = next(k for k in mine if f"layers.{layer}.swiglu.w_2" in k)
+                expected = linear_cka(mine[name].double(), base[name].double())
+                assert cross[(seed, step, f"layers.{layer}.swiglu.w_2.activations")] == pytest.approx(
+                    expected, rel=1e-5
+                )
+    assert "## Cross-run learning dynamics" in md
     assert not re.search(r'(src|href)="(?!data:)', page)
     assert page.count("<details><summary>") == 4  # every run's resolved config
 

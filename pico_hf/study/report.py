@@ -36,6 +36,7 @@ from matplotlib.lines import Line2D
 from ..evaluation.heldout import HELDOUT_FILE, read_heldout_losses
 from . import stats
 from .config import RunSpec, StudyConfig, dotted
+from .crossrun import CrossRunValue, cross_run_dynamics
 from .runner import ANALYSIS_DIR, FAILED, TIMING_FILE, RunOutcome
 from .verdicts import (
     StepsToTarget,
@@ -349,22 +350,86 @@ def variant_colours(variants: Sequence[str]) -> dict[str, tuple]:
     return {variant: palette(i % 10) for i, variant in enumerate(variants)}
 
 
-def _draw(ax, quantity: Quantity, colours: Mapping[str, tuple]) -> None:
-    """Seeds as thin lines, the mean over seeds as a thick one, one colour per variant."""
+def _band(
+    by_seed: Mapping[int, Series], steps: Sequence[int]
+) -> tuple[list[float], list[float], list[float]]:
+    """Mean over seeds and its 95% Student-t band at each step (no band where fewer than 2 seeds)."""
+    means, lows, highs = [], [], []
+    for step in steps:
+        mean, low, high = stats.mean_interval([s[step] for s in by_seed.values() if step in s], CONFIDENCE)
+        means.append(mean)
+        lows.append(low if math.isfinite(low) else mean)
+        highs.append(high if math.isfinite(high) else mean)
+    return means, lows, highs
+
+
+def _draw(ax, quantity: Quantity, colours: Mapping[str, tuple], x_label: str = "step") -> None:
+    """Seeds as thin lines, the mean over seeds as a thick one in a shaded 95% band, one colour per variant."""
     for variant, by_seed in quantity.series.items():
         colour = colours[variant]
         for seed_series in by_seed.values():
             steps = sorted(seed_series)
             ax.plot(steps, [seed_series[s] for s in steps], color=colour, linewidth=0.7, alpha=0.4)
         steps = sorted({s for seed_series in by_seed.values() for s in seed_series})
-        means = [statistics.fmean([ss[s] for ss in by_seed.values() if s in ss]) for s in steps]
+        means, lows, highs = _band(by_seed, steps)
+        ax.fill_between(steps, lows, highs, color=colour, alpha=0.18, linewidth=0)
         ax.plot(steps, means, color=colour, linewidth=2.2, marker="o" if len(steps) <= 25 else None, ms=3)
     values = [v for by_seed in quantity.series.values() for s in by_seed.values() for v in s.values()]
     finite = [v for v in values if math.isfinite(v)]
     if finite and min(finite) > 0 and max(finite) / min(finite) > 1e3:
         ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
+    ax.set_xlabel(x_label)
+
+
+def _draw_difference(ax, quantity: Quantity, baseline: str, colours: Mapping[str, tuple]) -> None:
+    """Each variant's paired difference from the baseline (same seed, same step): mean, 95% band, zero line."""
+    base = quantity.series.get(baseline, {})
+    for variant, by_seed in quantity.series.items():
+        if variant == baseline:
+            continue
+        differences = {
+            seed: {step: value - base[seed][step] for step, value in series.items() if step in base[seed]}
+            for seed, series in by_seed.items()
+            if seed in base
+        }
+        steps = sorted({s for series in differences.values() for s in series})
+        if not steps:
+            continue
+        means, lows, highs = _band(differences, steps)
+        ax.fill_between(steps, lows, highs, color=colours[variant], alpha=0.18, linewidth=0)
+        ax.plot(steps, means, color=colours[variant], linewidth=1.8)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.grid(True, alpha=0.3)
     ax.set_xlabel("step")
+    ax.set_title(f"- {baseline} (paired by seed, 95% band)", fontsize="small")
+
+
+def plot_logged_series(runs: Sequence[RunData], variants: Sequence[str], plots_dir: Path) -> Path | None:
+    """Learning rate, grad norm and each training mode's own series (`maml/*`, `relora/*`), a panel each."""
+    keys = list(dict.fromkeys(key for run in runs for key in run.logged))
+    if not keys:
+        return None
+    colours = variant_colours(variants)
+    columns = min(len(keys), 3)
+    rows = math.ceil(len(keys) / columns)
+    fig = Figure(figsize=(4.2 * columns + 1.8, 3.0 * rows), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    for index, key in enumerate(keys):
+        ax = fig.add_subplot(rows, columns, index + 1)
+        for run in runs:
+            series = run.logged.get(key)
+            if series:
+                steps = sorted(series)
+                ax.plot(steps, [series[s] for s in steps], color=colours[run.spec.variant], linewidth=1.0)
+        ax.set_title(key, fontsize="small")
+        ax.grid(True, alpha=0.3)
+        ax.set_xlabel("step")
+    handles = [Line2D([], [], color=colours[v], linewidth=1.5, label=v) for v in variants]
+    fig.legend(handles=handles, loc="outside right upper", fontsize="small", frameon=False)
+    path = plots_dir / "training_series.png"
+    fig.savefig(path)
+    return path
 
 
 def _legend(fig: Figure, variants: Sequence[str], colours: Mapping[str, tuple]) -> None:
@@ -374,10 +439,10 @@ def _legend(fig: Figure, variants: Sequence[str], colours: Mapping[str, tuple]) 
 
 
 def plot_quantities(
-    quantities: Sequence[Quantity], variants: Sequence[str], plots_dir: Path
+    quantities: Sequence[Quantity], variants: Sequence[str], plots_dir: Path, baseline: str | None = None
 ) -> dict[str, Path]:
-    """One PNG per training/evaluation quantity, and one per learning-dynamics result (a panel per component).
-    Returns {plot title: path}."""
+    """One PNG per training/evaluation quantity (with a panel of the paired difference from the baseline), and
+    one per learning-dynamics result (a panel per component). Returns {plot title: path}."""
     colours = variant_colours(variants)
     plots_dir.mkdir(parents=True, exist_ok=True)
     groups: dict[str, list[Quantity]] = {}
@@ -386,10 +451,14 @@ def plot_quantities(
         groups.setdefault(group, []).append(quantity)
     paths = {}
     for group, members in groups.items():
-        columns = min(len(members), 3)
-        rows = math.ceil(len(members) / columns)
+        with_difference = len(members) == 1 and baseline in members[0].series and len(members[0].series) > 1
+        columns = 2 if with_difference else min(len(members), 3)
+        rows = 1 if with_difference else math.ceil(len(members) / columns)
         fig = Figure(figsize=(4.2 * columns + 1.8, 3.2 * rows), dpi=100, layout="constrained")
         FigureCanvasAgg(fig)
+        if with_difference:
+            assert baseline is not None
+            _draw_difference(fig.add_subplot(1, 2, 2), members[0], baseline, colours)
         for index, quantity in enumerate(members):
             ax = fig.add_subplot(rows, columns, index + 1)
             _draw(ax, quantity, colours)
@@ -636,6 +705,35 @@ def idle_modes(runs: Sequence[RunData]) -> list[str]:
     return flags
 
 
+CROSS_HEADER = ["component", "step", "variant", "seeds", "mean [95% CI over seeds]"]
+
+
+def cross_run_quantities(values: Sequence[CrossRunValue]) -> list[Quantity]:
+    """The cross-run values as quantities (variant -> seed -> step -> value), one per metric and component."""
+    by_name: dict[str, dict[str, dict[int, Series]]] = {}
+    for v in values:
+        series = by_name.setdefault(f"cross_{v.metric}/{v.component}", {})
+        series.setdefault(v.variant, {}).setdefault(v.seed, {})[v.step] = v.value
+    quantities = []
+    for name, series in by_name.items():
+        steps = sorted({step for by_seed in series.values() for s in by_seed.values() for step in s})
+        quantities.append(Quantity(name, name, "learning dynamics", series, steps))
+    return quantities
+
+
+def cross_run_rows(quantities: Sequence[Quantity]) -> list[list[str]]:
+    rows = []
+    for quantity in quantities:
+        for step in quantity.table_steps:
+            for variant, by_seed in quantity.series.items():
+                values = [s[step] for s in by_seed.values() if step in s]
+                mean, low, high = stats.mean_interval(values)
+                interval = f" [{_num(low)}, {_num(high)}]" if len(values) > 1 else ""
+                component = quantity.name.split("/", 1)[1]
+                rows.append([component, str(step), variant, str(len(values)), _num(mean) + interval])
+    return rows
+
+
 @dataclass
 class Conclusions:
     """What the report says first: verdicts, power, steps-to-target, runs to distrust, failures."""
@@ -788,8 +886,16 @@ def write_study_report(
     quantities = build_quantities(study, runs)
     conclusions = conclude(study, runs, quantities, failures)
     variants = list(study.variants)
-    plots = plot_quantities(quantities, variants, out / PLOTS_DIR)
+    plots = plot_quantities(quantities, variants, out / PLOTS_DIR, study.baseline)
+    series_plot = plot_logged_series(runs, variants, out / PLOTS_DIR)
+    if series_plot is not None:
+        plots["training series"] = series_plot
+    cross_values, cross_warnings = cross_run_dynamics(study, skip=[o.spec.name for o in failures])
+    warnings = [*warnings, *cross_warnings]
+    cross = cross_run_quantities(cross_values)
+    plots.update(plot_quantities(cross, variants, out / PLOTS_DIR))
     summary = summary_dict(study, runs, quantities, confidence, conclusions)
+    summary["cross_run"] = [v.summary() for v in cross_values]
     (out / SUMMARY_JSON).write_text(json.dumps(summary, indent=1))
 
     header = _table_header(confidence)
@@ -882,6 +988,35 @@ def write_study_report(
             rows = quantity_rows(quantity, study.baseline)
             md += [f"#### {quantity.label}", "", _md_table(header, rows), ""]
             body_html.append(f"<h4>{html.escape(quantity.label)}</h4>" + _html_table(header, rows))
+    if cross:
+        cross_text = (
+            "The study's comparative metrics between each variant's activations and the baseline's of the same "
+            "seed, at the same step, on the same `val` data (1: the baseline's representation)."
+        )
+        md += ["## Cross-run learning dynamics", "", cross_text, ""]
+        body_html.append(f"<h2>Cross-run learning dynamics</h2><p>{html.escape(cross_text)}</p>")
+        for group in dict.fromkeys(q.name.split("/", 1)[0] for q in cross):
+            members = [q for q in cross if q.name.split("/", 1)[0] == group]
+            rows = cross_run_rows(members)
+            md += [f"### {group}", "", f"![{group}]({plots[group].relative_to(out).as_posix()})", ""]
+            md += [_md_table(CROSS_HEADER, rows), ""]
+            encoded = base64.b64encode(plots[group].read_bytes()).decode()
+            body_html.append(
+                f"<h3>{html.escape(group)}</h3>"
+                f'<img alt="{html.escape(group)}" src="data:image/png;base64,{encoded}">'
+                + _html_table(CROSS_HEADER, rows)
+            )
+    if series_plot is not None:
+        md += [
+            "### Training series",
+            "",
+            f"![training series]({series_plot.relative_to(out).as_posix()})",
+            "",
+        ]
+        encoded = base64.b64encode(series_plot.read_bytes()).decode()
+        body_html.append(
+            f'<h3>Training series</h3><img alt="training series" src="data:image/png;base64,{encoded}">'
+        )
     md_path = out / REPORT_MD
     md_path.write_text("\n".join(md) + "\n")
 
