@@ -763,3 +763,39 @@ def test_verdicts_of_a_small_study(tmp_path):
     # Steps to the baseline's final value: the slow learner does not get there in 8 steps.
     targets = {t["variant"]: t for t in summary["steps_to_target"]}
     assert targets["slow-lr"]["reached_seeds"] == 0 and targets["same"]["ratio"] == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_two_jobs_give_the_numbers_of_one(tmp_path):
+    """`--jobs 2` trains two runs at once (each a process with half the threads): summary.json's numbers are
+    bitwise those of `--jobs 1`."""
+    path = write_study(tmp_path, seeds=1, analysis=None)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // 2))}
+    summaries = {}
+    for jobs in (1, 2):
+        command = [sys.executable, str(STUDY_SCRIPT), "--config", str(path), "--jobs", str(jobs)]
+        command += ["--output_dir", str(tmp_path / f"jobs{jobs}")]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        if jobs == 2:  # both runs' output, each line named
+            assert "[baseline_seed0] " in result.stdout and "[eps_seed0] " in result.stdout
+        summaries[jobs] = json.loads((tmp_path / f"jobs{jobs}" / "tiny" / "summary.json").read_text())
+    assert summaries[2]["quantities"] == summaries[1]["quantities"]
+    assert summaries[2]["verdicts"] == summaries[1]["verdicts"]
+
+
+def test_jobs_with_in_process_training_is_an_error(tmp_path, capsys):
+    sys.path.insert(0, str(STUDY_SCRIPT.parent))
+    try:
+        import study as recipe
+    finally:
+        sys.path.pop(0)
+    path = write_study(tmp_path)
+    argv = ["--config", str(path), "--output_dir", str(tmp_path / "out"), "--jobs", "2", "--in_process"]
+    assert recipe.main(argv) == 2
+    assert capsys.readouterr().err == (
+        "error: --jobs runs each run in a process of its own: it cannot be combined with --in_process or a "
+        "multi-process launch (where every process trains each run)\n"
+    )
+    assert recipe.main([*argv[:-2], "0"]) == 2
+    assert "error: --jobs must be at least 1, got 0" in capsys.readouterr().err
