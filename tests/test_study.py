@@ -799,3 +799,45 @@ def test_jobs_with_in_process_training_is_an_error(tmp_path, capsys):
     )
     assert recipe.main([*argv[:-2], "0"]) == 2
     assert "error: --jobs must be at least 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_killed_two_job_study_resumes_both_runs(tmp_path):
+    """The whole `--jobs 2` study killed (SIGKILL) while both runs train; started again, both resume from
+    their latest checkpoints and the study completes."""
+    import signal
+    import time
+
+    base = {**TINY_BASE, "training": {**TINY_BASE["training"], "max_steps": 40}}
+    base["checkpointing"] = {**TINY_BASE["checkpointing"], "learning_dynamics": {"layer_suffixes": []}}
+    path = write_study(tmp_path, seeds=1, analysis=None)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))  # in place of the TINY_BASE write_study wrote
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(STUDY_SCRIPT), "--config", str(path), "--jobs", "2"]
+    command += ["--output_dir", str(tmp_path / "out")]
+    runs = tmp_path / "out" / "tiny" / "runs"
+    study = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 600
+    while not all(
+        (runs / name / "checkpoints" / "step_4").is_dir() for name in ("baseline_seed0", "eps_seed0")
+    ):
+        assert study.poll() is None and time.monotonic() < deadline, (
+            "the study ended before it could be killed"
+        )
+        time.sleep(0.2)
+    os.killpg(study.pid, signal.SIGKILL)
+    study.wait()
+    for name in ("baseline_seed0", "eps_seed0"):
+        assert not (runs / name / "checkpoints" / "step_40").exists()
+
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert re.search(r"\[1/2\] baseline_seed0: resuming from .*step_\d+ ->", result.stdout)
+    assert re.search(r"\[2/2\] eps_seed0: resuming from .*step_\d+ ->", result.stdout)
+    summary = json.loads((tmp_path / "out" / "tiny" / "summary.json").read_text())
+    assert [r["status"] for r in summary["runs"]] == ["resumed", "resumed"]
+    assert all(
+        run_state(spec) == "done" for spec in load_study_config(path, output_dir=tmp_path / "out").runs
+    )
