@@ -677,6 +677,13 @@ def test_shipped_study_configs_build_every_run(study, tmp_path):
         for run in config.runs:
             mode = run.config.training.relora.enabled or run.config.training.maml.enabled
             assert mode == (run.variant != "baseline") or study == "norm-eps"
+            relora = run.config.training.relora
+            if quick and relora.enabled:  # --quick's schedule, not the variant's: the quick runs merge
+                from pico_hf.training.relora import is_reset_step
+
+                assert (relora.reset_frequency, relora.warm_start_steps) == (15, 5)
+                steps = run.config.training.max_steps
+                assert [s for s in range(1, steps + 1) if is_reset_step(s, relora, steps)] == [20, 35]
 
 
 # --- verdicts of a real study: no effect, a strong effect, too few seeds, a failed run ----------------------

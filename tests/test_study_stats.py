@@ -97,3 +97,39 @@ def test_steps_to_target_interpolates_between_measured_steps():
     mean, low, high = stats.mean_interval([1.2, 1.5, 1.8])
     reference = scipy_stats.t.interval(0.95, 2, loc=1.5, scale=scipy_stats.sem([1.2, 1.5, 1.8]))
     assert mean == pytest.approx(1.5) and (low, high) == pytest.approx(reference)
+
+
+def test_unequal_budgets_are_compared_at_equal_tokens():
+    """With allow_unequal_budget, a variant with twice the batch is compared where both have seen the same
+    tokens (the baseline's last step, the variant's step halfway), each curve interpolated there."""
+    from types import SimpleNamespace
+
+    from pico_hf.study.report import Quantity
+    from pico_hf.study.verdicts import compare_at_end
+
+    seeds = (0, 1, 2)
+    baseline = {s: {step: 10 - 0.5 * step + 0.1 * s for step in range(0, 11, 2)} for s in seeds}
+    double = {s: {step: 10 - 0.6 * step + 0.1 * s + 0.01 * s * s for step in range(0, 11, 2)} for s in seeds}
+    quantity = Quantity(
+        "eval/heldout_loss", "heldout_loss", "evaluation", {"base": baseline, "big": double}, [10]
+    )
+    runs = [
+        SimpleNamespace(spec=SimpleNamespace(variant=v, seed=s), tokens_per_step=t)
+        for v, t in (("base", 100), ("big", 200))
+        for s in seeds
+    ]
+    study = SimpleNamespace(
+        primary=("eval_heldout_loss",),
+        baseline="base",
+        variants={"base": (), "big": ()},
+        allow_unequal_budget=True,
+    )
+    (verdict,), missing = compare_at_end(study, [quantity], runs)
+    assert missing == [] and verdict.step is None and verdict.tokens == 1000
+    # Step 5 of the variant lies between its measured steps 4 and 6: linear interpolation.
+    variant_values = [10 - 0.6 * 5 + 0.1 * s + 0.01 * s * s for s in seeds]
+    base_values = [10 - 0.5 * 10 + 0.1 * s for s in seeds]
+    reference = scipy_stats.ttest_rel(variant_values, base_values)
+    assert verdict.variant_mean == pytest.approx(np.mean(variant_values))
+    assert verdict.baseline_mean == pytest.approx(np.mean(base_values))
+    assert verdict.p == pytest.approx(reference.pvalue) and verdict.verdict == "worse"
