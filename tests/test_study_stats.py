@@ -133,3 +133,9 @@ def test_unequal_budgets_are_compared_at_equal_tokens():
     assert verdict.variant_mean == pytest.approx(np.mean(variant_values))
     assert verdict.baseline_mean == pytest.approx(np.mean(base_values))
     assert verdict.p == pytest.approx(reference.pvalue) and verdict.verdict == "worse"
+    # The plots' x axis: tokens trained on.
+    from pico_hf.study.report import in_tokens
+
+    (tokens,) = in_tokens([quantity], runs)
+    assert sorted(tokens.series["big"][1]) == [0, 400, 800, 1200, 1600, 2000]
+    assert tokens.series["base"][1][1000] == baseline[1][10]

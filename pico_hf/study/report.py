@@ -382,14 +382,21 @@ def _draw(ax, quantity: Quantity, colours: Mapping[str, tuple], x_label: str = "
     ax.set_xlabel(x_label)
 
 
-def _draw_difference(ax, quantity: Quantity, baseline: str, colours: Mapping[str, tuple]) -> None:
+def _draw_difference(
+    ax, quantity: Quantity, baseline: str, colours: Mapping[str, tuple], x_label: str = "step"
+) -> None:
     """Each variant's paired difference from the baseline (same seed, same step): mean, 95% band, zero line."""
     base = quantity.series.get(baseline, {})
     for variant, by_seed in quantity.series.items():
         if variant == baseline:
             continue
+        # At the baseline's points, the variant's curve interpolated (the same points when budgets are equal).
         differences = {
-            seed: {step: value - base[seed][step] for step, value in series.items() if step in base[seed]}
+            seed: {
+                x: stats.interpolate(series, x) - value
+                for x, value in base[seed].items()
+                if math.isfinite(stats.interpolate(series, x))
+            }
             for seed, series in by_seed.items()
             if seed in base
         }
@@ -401,7 +408,7 @@ def _draw_difference(ax, quantity: Quantity, baseline: str, colours: Mapping[str
         ax.plot(steps, means, color=colours[variant], linewidth=1.8)
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.grid(True, alpha=0.3)
-    ax.set_xlabel("step")
+    ax.set_xlabel(x_label)
     ax.set_title(f"- {baseline} (paired by seed, 95% band)", fontsize="small")
 
 
@@ -438,8 +445,33 @@ def _legend(fig: Figure, variants: Sequence[str], colours: Mapping[str, tuple]) 
     fig.legend(handles=handles, loc="outside right upper", fontsize="small", frameon=False)
 
 
+def in_tokens(quantities: Sequence[Quantity], runs: Sequence[RunData]) -> list[Quantity]:
+    """The quantities with each series' steps turned into the tokens its run had trained on by then."""
+    per_step = {(r.spec.variant, r.spec.seed): r.tokens_per_step for r in runs}
+    return [
+        Quantity(
+            q.name,
+            q.label,
+            q.kind,
+            {
+                variant: {
+                    seed: {step * per_step[(variant, seed)]: v for step, v in series.items()}
+                    for seed, series in by_seed.items()
+                }
+                for variant, by_seed in q.series.items()
+            },
+            q.table_steps,
+        )
+        for q in quantities
+    ]
+
+
 def plot_quantities(
-    quantities: Sequence[Quantity], variants: Sequence[str], plots_dir: Path, baseline: str | None = None
+    quantities: Sequence[Quantity],
+    variants: Sequence[str],
+    plots_dir: Path,
+    baseline: str | None = None,
+    x_label: str = "step",
 ) -> dict[str, Path]:
     """One PNG per training/evaluation quantity (with a panel of the paired difference from the baseline), and
     one per learning-dynamics result (a panel per component). Returns {plot title: path}."""
@@ -458,10 +490,10 @@ def plot_quantities(
         FigureCanvasAgg(fig)
         if with_difference:
             assert baseline is not None
-            _draw_difference(fig.add_subplot(1, 2, 2), members[0], baseline, colours)
+            _draw_difference(fig.add_subplot(1, 2, 2), members[0], baseline, colours, x_label)
         for index, quantity in enumerate(members):
             ax = fig.add_subplot(rows, columns, index + 1)
-            _draw(ax, quantity, colours)
+            _draw(ax, quantity, colours, x_label)
             title = quantity.label if len(members) == 1 else quantity.name.split("/", 1)[1]
             ax.set_title(title, fontsize="small")
         if len(members) > 1:
@@ -886,7 +918,12 @@ def write_study_report(
     quantities = build_quantities(study, runs)
     conclusions = conclude(study, runs, quantities, failures)
     variants = list(study.variants)
-    plots = plot_quantities(quantities, variants, out / PLOTS_DIR, study.baseline)
+    if study.allow_unequal_budget:  # runs of different budgets side by side: by tokens trained on
+        plots = plot_quantities(
+            in_tokens(quantities, runs), variants, out / PLOTS_DIR, study.baseline, "tokens"
+        )
+    else:
+        plots = plot_quantities(quantities, variants, out / PLOTS_DIR, study.baseline)
     series_plot = plot_logged_series(runs, variants, out / PLOTS_DIR)
     if series_plot is not None:
         plots["training series"] = series_plot
