@@ -11,7 +11,7 @@ masked batch), so it compares any two runs on the same data; it is a study's def
 The value is logged as `eval_heldout_loss` (console, log file, `metrics.jsonl`, TensorBoard/W&B under
 `eval/heldout_loss`) and kept in `<eval_results_dir>/heldout_loss.json`:
 
-    {"dataset": "embedded", "split": "val", "texts": 64, "max_length": 64, "loss": {"0": 10.83, "10": 7.91}}
+    {"dataset": "embedded", "split": "val", "texts": 16, "max_length": 64, "loss": {"0": 10.83, "10": 7.91}}
 
 Batches are planned over all texts and dealt out to the processes round-robin, each batch holding the same
 texts whatever the number of processes, and the per-text sums are added up in text order in float64: 1 and 2
