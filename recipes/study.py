@@ -3,13 +3,16 @@
 
     python recipes/study.py --config recipes/configs/studies/norm-eps.yaml
     python recipes/study.py --config recipes/configs/studies/norm-eps.yaml --quick     # a few minutes on CPU
-    python recipes/study.py --config my-idea.yaml --seeds 3
+    python recipes/study.py --config my-idea.yaml --seeds 3     # on a finished study: trains only the new seeds
+    python recipes/study.py --config my-idea.yaml --jobs 2      # two runs at once, each with half the threads
     accelerate launch recipes/study.py --config ...     # each run trains on every process launched
 
 Writes `studies/<name>/` (`<name>-quick` with --quick): `runs/<variant>_seed<seed>/` (pico-train run folders,
 each with its analysis in `analysis/`), `report.md`, a self-contained `report.html`, `summary.json` and
 `plots/`. Runs already finished are reused untouched; an interrupted run resumes from its latest checkpoint.
-Exit status: 0 done, 1 a run failed, 2 a bad study config (nothing trained).
+A run that fails does not stop the others; the report lists it (exit status, last lines of its output).
+Exit status: 0 done, 1 a run failed (the report is written all the same), 2 a bad study config (nothing
+trained).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 
 from pico_hf.configuration import ConfigError, error_lines
 from pico_hf.study import StudyError, load_study_config, run_study, write_study_report
-from pico_hf.study.runner import is_main_process
+from pico_hf.study.runner import FAILED, is_main_process
 
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
 
@@ -38,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--report_only", action="store_true", help="only rewrite the report from the runs' files"
     )
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained at once (each its own process)")
     parser.add_argument(
         "--in_process", action="store_true", help="train in this process instead of one train.py per run"
     )
@@ -46,13 +50,20 @@ def main(argv: list[str] | None = None) -> int:
         study = load_study_config(args.config, seeds=args.seeds, quick=args.quick, output_dir=args.output_dir)
         outcomes, warnings = [], []
         if not args.report_only:
-            outcomes, warnings = run_study(study, TRAIN_SCRIPT, in_process=args.in_process or None)
+            outcomes, warnings = run_study(
+                study, TRAIN_SCRIPT, in_process=args.in_process or None, jobs=args.jobs
+            )
         if is_main_process():
             md, html = write_study_report(study, outcomes, warnings)
             print(f"Study {study.name}: {len(study.runs)} runs; report: {md} and {html}")
         from pico_hf.training.run import end_process_group
 
         end_process_group()
+        failed = [o for o in outcomes if o.status == FAILED]
+        if failed:
+            names = ", ".join(f"{o.spec.name} (exit status {o.exit_status})" for o in failed)
+            print(f"error: {len(failed)} run(s) failed: {names}; see the report", file=sys.stderr)
+            return 1
     except ConfigError as error:
         print(error_lines(error), file=sys.stderr)
         return 2

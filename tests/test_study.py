@@ -93,6 +93,7 @@ def write_study(tmp_path, **changes):
         "evaluation": {
             "metrics": ["paloma"],
             "paloma": {"dataset_name": "embedded", "max_samples": 4, "max_length": 32},
+            "heldout_max_samples": 4,
         },
         "analysis": TINY_ANALYSIS,
     }
@@ -146,6 +147,21 @@ def load(tmp_path, **changes):
             "analysis: metrics[0] (nope)",
         ),
         ({"colour": "red"}, "unknown key(s) ['colour']"),
+        (
+            {"variants": {"baseline": {}, "long": {"training.max_steps": 8}}},
+            "variant 'long': training.max_steps=8 changes the training budget (the baseline 'baseline' has 4); "
+            "set `allow_unequal_budget: true` to compare at equal tokens",
+        ),
+        (
+            {"variants": {"baseline": {}, "wide": {"model.max_seq_len": 64}}},
+            "variant 'wide': model.max_seq_len=64 changes the training budget",
+        ),
+        ({"primary": []}, "primary must be a non-empty list of quantity names, got []"),
+        ({"allow_unequal_budget": "yes"}, "allow_unequal_budget must be true or false, got 'yes'"),
+        (
+            {"evaluation": {"metrics": [], "heldout_every_n_steps": 0}},
+            "evaluation.heldout_every_n_steps must be a positive integer or null, got 0",
+        ),
     ],
 )
 def test_config_errors_name_the_problem(tmp_path, changes, message):
@@ -168,6 +184,36 @@ def test_recipe_reports_config_errors_before_training(tmp_path, capsys):
     assert recipe.main(["--config", str(path), "--output_dir", str(tmp_path / "out")]) == 2
     assert "Unknown config key 'model.norm_epz'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # nothing trained, nothing written
+
+
+def test_quick_overrides_apply_last_and_unequal_budgets_may_be_allowed(tmp_path):
+    quick = {"overrides": {"model.norm_eps": 0.5, "training.max_steps": 2}}
+    path = write_study(tmp_path, quick=quick)
+    study = load_study_config(path, quick=True, output_dir=tmp_path / "studies")
+    # The variant sets norm_eps 0.01, --quick 0.5: the quick run trains with --quick's value.
+    assert {run.config.model.norm_eps for run in study.runs} == {0.5}
+    assert study.quick_overrides == ("model.norm_eps=0.5", "training.max_steps=2")
+    assert study.set_keys() == [
+        "evaluation.metrics",
+        "evaluation.paloma.dataset_name",
+        "evaluation.paloma.max_samples",
+        "evaluation.paloma.max_length",
+        "evaluation.heldout_max_samples",
+        "evaluation.heldout_every_n_steps",
+        "model.norm_eps",
+        "training.max_steps",
+    ]
+    # Every study logs the shared held-out curve, every 10 steps unless it says otherwise.
+    assert {run.config.evaluation.heldout_every_n_steps for run in study.runs} == {10}
+    own = load(tmp_path, evaluation={"metrics": [], "heldout_every_n_steps": 3, "paloma": {"max_length": 32}})
+    assert own.runs[0].config.evaluation.heldout_every_n_steps == 3
+    unequal = load(
+        tmp_path,
+        allow_unequal_budget=True,
+        variants={"baseline": {}, "big": {"data.dataloader.batch_size": 8, "training.max_steps": 2}},
+    )
+    assert unequal.allow_unequal_budget and unequal.runs[2].config.data.dataloader.batch_size == 8
+    assert load(tmp_path).primary == ("eval_heldout_loss",)
 
 
 def test_runs_seeds_and_overrides(tmp_path):
@@ -291,8 +337,9 @@ def test_every_run_trained_with_the_same_data_order_per_seed(tiny_study):
 
 
 def _table(md: str, title: str) -> list[list[str]]:
-    """The rows of the Markdown table under `### title`."""
-    section = md.split(f"### {title}\n", 1)[1].strip("\n").split("\n\n", 1)[0]
+    """The rows of the first Markdown table under `### title`."""
+    blocks = md.split(f"### {title}\n", 1)[1].strip("\n").split("\n\n")
+    section = next(block for block in blocks if block.startswith("|"))
     return [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()[2:]]
 
 
@@ -364,6 +411,35 @@ def test_report_numbers_are_the_runs_files(tiny_study):
             row = next(r for r in rows if r[0] == str(step) and r[1] == "eps")
             assert row[5].startswith(f"{sum(differences) / 2:.5g} [")
 
+    # The verdict table comes first; with 2 seeds it says that no verdict is possible.
+    assert md.index("## Verdicts") < md.index("## Configuration") < md.index("## Exploratory")
+    assert "- **power**: With 2 seed(s) no verdict is possible" in md.split("## Verdicts")[0]
+
+    def heldout(spec):
+        return json.loads((spec.run_dir / "eval_results" / "heldout_loss.json").read_text())
+
+    assert heldout(study.runs[0])["loss"].keys() == {"0", "4"}  # step 0 and the last step (every 10)
+    assert heldout(study.runs[0])["texts"] == 4 and heldout(study.runs[0])["dataset"] == "embedded"
+    (verdict,) = summary["verdicts"]
+    base = [heldout(s)["loss"]["4"] for s in study.runs[:2]]
+    mine = [heldout(s)["loss"]["4"] for s in study.runs[2:]]
+    reference = stats.ttest_rel(mine, base)
+    assert verdict["variant"] == "eps" and verdict["metric"] == "eval_heldout_loss" and verdict["step"] == 4
+    assert verdict["baseline_mean"] == pytest.approx(sum(base) / 2)
+    assert verdict["variant_mean"] == pytest.approx(sum(mine) / 2)
+    assert verdict["p"] == pytest.approx(reference.pvalue) and verdict["p_holm"] == verdict["p"]
+    assert verdict["verdict"] == "too few seeds"
+    (row,) = _table(md.replace("## Verdicts", "### Verdicts"), "Verdicts")
+    assert row[:5] == ["eps", "eval_heldout_loss", "step 4", f"{sum(base) / 2:.5g}", f"{sum(mine) / 2:.5g}"]
+    assert row[-1] == "**too few seeds**"
+    # The configuration table: each run's effective values, from its training_config.yaml.
+    config_table = _table(md, "Effective configuration")
+    norm = next(r for r in config_table if r[0] == "model.norm_eps")
+    assert norm[1:] == ["1e-06", "1e-06", "0.01", "0.01"]
+    heldout_row = next(r for r in config_table if r[0] == "evaluation.heldout_every_n_steps")
+    assert heldout_row[1:] == ["10"] * 4
+    assert "Exploratory: " in md and " intervals below exclude 0, where chance alone would give about " in md
+
     # Wall time and tokens/s per run come from study_timing.json and metrics.jsonl.
     for run in summary["runs"]:
         timing = json.loads((Path(run["run_dir"]) / "study_timing.json").read_text())
@@ -374,9 +450,43 @@ def test_report_numbers_are_the_runs_files(tiny_study):
     for heading in ("## Variants", "## Runs", "## Training loss", "## Evaluation", "## Learning dynamics"):
         assert heading in md
     plots = sorted(p.name for p in (study.study_dir / "plots").glob("*.png"))
-    assert plots == ["cka_val.png", "eval_embedded_heldout_perplexity.png", "per_val.png", "train_loss.png"]
+    assert plots == [
+        "cka_val.png",
+        "cross_cka_val.png",  # the variant's activations against the baseline's
+        "eval_embedded_heldout_perplexity.png",
+        "eval_heldout_loss.png",
+        "per_val.png",
+        "train_loss.png",
+        "training_series.png",  # learning rate and grad norm
+    ]
     page = html_path.read_text()
-    assert page.count('src="data:image/png;base64,') == 4
+    assert page.count('src="data:image/png;base64,') == 7
+
+    # Cross-run CKA: each eps run's stored activations against its seed's baseline run's, by hand.
+    from pico_hf.learning_dynamics.analysis_sources import LocalRun
+
+    def linear_cka(x, y):
+        x, y = x - x.mean(0), y - y.mean(0)
+        return float((x.T @ y).norm() ** 2 / ((x.T @ x).norm() * (y.T @ y).norm()))
+
+    cross = {(c["seed"], c["step"], c["component"]): c["value"] for c in summary["cross_run"]}
+    assert {c["metric"] for c in summary["cross_run"]} == {"cka_val"}
+    assert {c["variant"] for c in summary["cross_run"]} == {"eps"}
+    for seed in (0, 1):
+        for step in (0, 2, 4):
+            mine = LocalRun(study.runs_dir / f"eps_seed{seed}").load(step, "val", ["activations"])[
+                "activations"
+            ]
+            base = LocalRun(study.runs_dir / f"baseline_seed{seed}").load(step, "val", ["activations"])[
+                "activations"
+            ]
+            for layer in (0, 1):
+                name = next(k for k in mine if f"layers.{layer}.swiglu.w_2" in k)
+                expected = linear_cka(mine[name].double(), base[name].double())
+                assert cross[(seed, step, f"layers.{layer}.swiglu.w_2.activations")] == pytest.approx(
+                    expected, rel=1e-5
+                )
+    assert "## Cross-run learning dynamics" in md
     assert not re.search(r'(src|href)="(?!data:)', page)
     assert page.count("<details><summary>") == 4  # every run's resolved config
 
@@ -433,6 +543,9 @@ def test_interrupted_study_resumes_the_unfinished_run_only(tiny_study, tmp_path)
     for spec in study.runs[:3]:
         assert snapshot(spec.run_dir) == others[spec.name]
     assert_bitwise_equal(final_weights(run_dir), reference)  # resumed exactly
+    heldout = run_dir / "eval_results" / "heldout_loss.json"
+    original = tiny_study[0].runs[3].run_dir / "eval_results" / "heldout_loss.json"
+    assert heldout.read_text() == original.read_text()  # the held-out curve too, to the last digit
     attempts = json.loads((run_dir / "study_timing.json").read_text())["attempts"]
     assert attempts[-1]["resumed_from"].endswith("step_2") and attempts[-1]["completed"]
     assert (run_dir / "analysis" / "step_4").is_dir()
@@ -494,6 +607,9 @@ def test_shipped_quick_studies_end_to_end(tmp_path, study, variant):
                             for x in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()
                         ]
                         expected = [x["loss"] for x in lines if x["step"] == int(step) and "loss" in x][-1]
+                    elif name == "eval/heldout_loss":
+                        path = run_dir / "eval_results" / "heldout_loss.json"
+                        expected = json.loads(path.read_text())["loss"][step]
                     elif name.startswith("eval/"):
                         expected = json.loads((run_dir / "eval_results" / f"step_{step}.json").read_text())[
                             name[5:]
@@ -509,6 +625,21 @@ def test_shipped_quick_studies_end_to_end(tmp_path, study, variant):
                 assert cell["mean"] == pytest.approx(mean)
                 assert f"| {step} | {shown} | 2 | {mean:.5g} |" in md
     assert checked > 100
+    # --quick's settings win over the variant's own: every run trained with them, and ReLoRA merged.
+    study_config = load_study_config(config, quick=True, output_dir=tmp_path / "out")
+    for spec in study_config.runs:
+        saved = yaml.safe_load((spec.run_dir / "training_config.yaml").read_text())
+        for override in study_config.quick_overrides:
+            key, value = override.split("=", 1)
+            node = saved
+            for part in key.split("."):
+                node = node[part]
+            assert node == yaml.safe_load(value), (spec.name, key)
+    assert summary["idle_modes"] == []
+    if variant == "relora":
+        for seed in (0, 1):
+            logged = (study_dir / "runs" / f"relora_seed{seed}" / "logs" / "metrics.jsonl").read_text()
+            assert '"relora/resets": 2' in logged  # merges after steps 20 and 35
     page = (study_dir / "report.html").read_text()
     plots = len(list((study_dir / "plots").glob("*.png")))
     assert page.count('src="data:image/png;base64,') == plots >= 7  # loss, evaluation, five dynamics metrics
@@ -546,3 +677,174 @@ def test_shipped_study_configs_build_every_run(study, tmp_path):
         for run in config.runs:
             mode = run.config.training.relora.enabled or run.config.training.maml.enabled
             assert mode == (run.variant != "baseline") or study == "norm-eps"
+            relora = run.config.training.relora
+            if quick and relora.enabled:  # --quick's schedule, not the variant's: the quick runs merge
+                from pico_hf.training.relora import is_reset_step
+
+                assert (relora.reset_frequency, relora.warm_start_steps) == (15, 5)
+                steps = run.config.training.max_steps
+                assert [s for s in range(1, steps + 1) if is_reset_step(s, relora, steps)] == [20, 35]
+
+
+# --- verdicts of a real study: no effect, a strong effect, too few seeds, a failed run ----------------------
+
+
+@pytest.mark.slow
+def test_verdicts_of_a_small_study(tmp_path):
+    """Baseline, a variant that changes nothing the model sees, and a 10x lower learning rate: over 3 seeds the
+    first is `no detectable difference` on the held-out loss, the second `worse`; with 2 seeds both are
+    `too few seeds`. A variant that fails at run time leaves the others to finish and is reported."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    base = {
+        **TINY_BASE,
+        "training": {**TINY_BASE["training"], "max_steps": 8},
+        "checkpointing": {"save_every_n_steps": 8, "learning_dynamics": {"layer_suffixes": []}},
+    }
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text(
+        yaml.safe_dump(
+            {
+                "name": "lr",
+                "base_config": "base.yaml",
+                "variants": {
+                    "baseline": {},
+                    "same": {"monitoring.logging.log_every_n_steps": 2},
+                    "slow-lr": {"training.optimization.lr": 0.001},
+                    "broken": {"model.vocab_size": 1000},  # passes the config checks, not the run's start
+                },
+                "seeds": 2,
+                "evaluation": {
+                    "metrics": [],
+                    "heldout_every_n_steps": 2,
+                    "heldout_max_samples": 8,
+                    "paloma": {"dataset_name": "embedded", "max_length": 32},
+                },
+            },
+            sort_keys=False,
+        )
+    )
+    output = tmp_path / "studies"
+    two = load_study_config(study_file, output_dir=output)
+    outcomes, _ = run_study(two, in_process=True, log=lambda line: None)
+    assert [o.status for o in outcomes] == ["trained"] * 6 + ["failed"] * 2
+    assert outcomes[-1].exit_status == 1
+    assert any("model.vocab_size" in line for line in outcomes[-1].log_tail)
+    write_study_report(two, outcomes)
+    summary = json.loads((two.study_dir / "summary.json").read_text())
+    assert [(v["variant"], v["verdict"]) for v in summary["verdicts"]] == [
+        ("same", "too few seeds"),
+        ("slow-lr", "too few seeds"),
+    ]
+    assert [f["run"] for f in summary["failures"]] == ["broken_seed0", "broken_seed1"]
+    md = (two.study_dir / "report.md").read_text()
+    assert "- **failure**: Run broken_seed0 failed (exit status 1); its cells are empty." in md
+    assert "### Failed: broken_seed1 (exit status 1)" in md
+
+    # --seeds 3 on the finished study trains only the third seed.
+    three = load_study_config(study_file, seeds=3, output_dir=output)
+    lines = []
+    outcomes, _ = run_study(three, in_process=True, log=lines.append)
+    statuses = {o.spec.name: o.status for o in outcomes}
+    assert [name for name, status in statuses.items() if status == "trained"] == [
+        "baseline_seed2",
+        "same_seed2",
+        "slow-lr_seed2",
+    ]
+    assert statuses["baseline_seed0"] == statuses["slow-lr_seed1"] == "reused"
+    write_study_report(three, outcomes)
+    summary = json.loads((three.study_dir / "summary.json").read_text())
+    verdicts = {v["variant"]: v for v in summary["verdicts"]}
+    assert verdicts["same"]["verdict"] == "no detectable difference" and verdicts["same"]["difference"] == 0
+    assert verdicts["slow-lr"]["verdict"] == "worse", verdicts["slow-lr"]
+    assert verdicts["slow-lr"]["p_holm"] == pytest.approx(min(1.0, 2 * verdicts["slow-lr"]["p"]))
+    losses = {
+        spec.name: json.loads((spec.run_dir / "eval_results" / "heldout_loss.json").read_text())["loss"]["8"]
+        for spec in three.runs
+        if spec.variant != "broken"
+    }
+    reference = stats.ttest_rel(
+        [losses[f"slow-lr_seed{s}"] for s in range(3)], [losses[f"baseline_seed{s}"] for s in range(3)]
+    )
+    assert verdicts["slow-lr"]["p"] == pytest.approx(reference.pvalue)
+    # Steps to the baseline's final value: the slow learner does not get there in 8 steps.
+    targets = {t["variant"]: t for t in summary["steps_to_target"]}
+    assert targets["slow-lr"]["reached_seeds"] == 0 and targets["same"]["ratio"] == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_two_jobs_give_the_numbers_of_one(tmp_path):
+    """`--jobs 2` trains two runs at once (each a process with half the threads): summary.json's numbers are
+    bitwise those of `--jobs 1`."""
+    path = write_study(tmp_path, seeds=1, analysis=None)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // 2))}
+    summaries = {}
+    for jobs in (1, 2):
+        command = [sys.executable, str(STUDY_SCRIPT), "--config", str(path), "--jobs", str(jobs)]
+        command += ["--output_dir", str(tmp_path / f"jobs{jobs}")]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        if jobs == 2:  # both runs' output, each line named
+            assert "[baseline_seed0] " in result.stdout and "[eps_seed0] " in result.stdout
+        summaries[jobs] = json.loads((tmp_path / f"jobs{jobs}" / "tiny" / "summary.json").read_text())
+    assert summaries[2]["quantities"] == summaries[1]["quantities"]
+    assert summaries[2]["verdicts"] == summaries[1]["verdicts"]
+
+
+def test_jobs_with_in_process_training_is_an_error(tmp_path, capsys):
+    sys.path.insert(0, str(STUDY_SCRIPT.parent))
+    try:
+        import study as recipe
+    finally:
+        sys.path.pop(0)
+    path = write_study(tmp_path)
+    argv = ["--config", str(path), "--output_dir", str(tmp_path / "out"), "--jobs", "2", "--in_process"]
+    assert recipe.main(argv) == 2
+    assert capsys.readouterr().err == (
+        "error: --jobs runs each run in a process of its own: it cannot be combined with --in_process or a "
+        "multi-process launch (where every process trains each run)\n"
+    )
+    assert recipe.main([*argv[:-2], "0"]) == 2
+    assert "error: --jobs must be at least 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_killed_two_job_study_resumes_both_runs(tmp_path):
+    """The whole `--jobs 2` study killed (SIGKILL) while both runs train; started again, both resume from
+    their latest checkpoints and the study completes."""
+    import signal
+    import time
+
+    base = {**TINY_BASE, "training": {**TINY_BASE["training"], "max_steps": 40}}
+    base["checkpointing"] = {**TINY_BASE["checkpointing"], "learning_dynamics": {"layer_suffixes": []}}
+    path = write_study(tmp_path, seeds=1, analysis=None)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))  # in place of the TINY_BASE write_study wrote
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(STUDY_SCRIPT), "--config", str(path), "--jobs", "2"]
+    command += ["--output_dir", str(tmp_path / "out")]
+    runs = tmp_path / "out" / "tiny" / "runs"
+    study = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 600
+    while not all(
+        (runs / name / "checkpoints" / "step_4").is_dir() for name in ("baseline_seed0", "eps_seed0")
+    ):
+        assert study.poll() is None and time.monotonic() < deadline, (
+            "the study ended before it could be killed"
+        )
+        time.sleep(0.2)
+    os.killpg(study.pid, signal.SIGKILL)
+    study.wait()
+    for name in ("baseline_seed0", "eps_seed0"):
+        assert not (runs / name / "checkpoints" / "step_40").exists()
+
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert re.search(r"\[1/2\] baseline_seed0: resuming from .*step_\d+ ->", result.stdout)
+    assert re.search(r"\[2/2\] eps_seed0: resuming from .*step_\d+ ->", result.stdout)
+    summary = json.loads((tmp_path / "out" / "tiny" / "summary.json").read_text())
+    assert [r["status"] for r in summary["runs"]] == ["resumed", "resumed"]
+    assert all(
+        run_state(spec) == "done" for spec in load_study_config(path, output_dir=tmp_path / "out").runs
+    )

@@ -9,7 +9,9 @@
     seeds: 2                               # or a list, e.g. [42, 43]
     evaluation: {metrics: [paloma]}        # the `evaluation` section of every run
     analysis: ../analysis/demo.yaml        # a pico-analyze config (path or inline); `target_checkpoint: final`
-    quick: {overrides: {...}, seeds: 2}    # what `--quick` changes
+    quick: {overrides: {...}, seeds: 2}    # what `--quick` changes; its overrides apply last, over the variants'
+    primary: [eval_heldout_loss]           # the quantities the verdicts are about (the default)
+    allow_unequal_budget: false            # true: variants may change the steps, batch or sequence length
 
 Overrides are the keys and values `recipes/train.py` takes on its command line (`model.norm_eps=1e-3`), as a
 mapping or as a list of `key=value` strings. Every run of the study is checked here, before anything trains.
@@ -29,7 +31,18 @@ from ..configuration import ConfigError, check_keys, load_yaml, parse_override
 from ..learning_dynamics.analysis_config import AnalysisConfig, parse_analysis_config
 from ..training.config import PicoTrainingConfig, load_config
 
-STUDY_KEYS = ("name", "base_config", "overrides", "variants", "baseline", "seeds", "evaluation", "analysis")
+STUDY_KEYS = (
+    "name",
+    "base_config",
+    "overrides",
+    "variants",
+    "baseline",
+    "seeds",
+    "evaluation",
+    "analysis",
+    "primary",
+    "allow_unequal_budget",
+)
 QUICK_KEYS = ("overrides", "seeds", "analysis")
 # The study owns these: every run gets the same data order (per seed), evaluation and checkpoint layout.
 STUDY_OWNED = {
@@ -44,6 +57,13 @@ RUN_OWNED = {
     "checkpointing.runs_dir": "runs live in the study's folder",
     "checkpointing.run_name": "runs are named <variant>_seed<seed>",
 }
+# What a run trains on: a variant that changes one of these compares unequal budgets.
+BUDGET_KEYS = ("training.max_steps", "data.dataloader.batch_size", "model.max_seq_len")
+BATCH_KEY = "data.dataloader.batch_size"
+# The shared held-out curve every run of a study logs (`eval_heldout_loss`), unless the study sets its own.
+HELDOUT_EVERY = "evaluation.heldout_every_n_steps"
+DEFAULT_HELDOUT_EVERY = 10
+DEFAULT_PRIMARY = ("eval_heldout_loss",)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 FINAL = "final"  # `target_checkpoint: final` in the analysis: the run's last step
 
@@ -80,6 +100,9 @@ class StudyConfig:
     quick: bool
     output_dir: Path
     runs: tuple[RunSpec, ...]
+    quick_overrides: tuple[str, ...] = ()
+    primary: tuple[str, ...] = DEFAULT_PRIMARY
+    allow_unequal_budget: bool = False
 
     @property
     def study_dir(self) -> Path:
@@ -106,7 +129,16 @@ class StudyConfig:
             "evaluation": list(self.evaluation),
             "analysis": self.analysis,
             "quick": self.quick,
+            "quick_overrides": list(self.quick_overrides),
+            "primary": list(self.primary),
+            "allow_unequal_budget": self.allow_unequal_budget,
         }
+
+    def set_keys(self) -> list[str]:
+        """Every dotted key that the study, a variant or `--quick` sets, in the order first set."""
+        overrides = [*self.overrides, *self.evaluation, *self.quick_overrides]
+        overrides += [o for values in self.variants.values() for o in values]
+        return list(dict.fromkeys(parse_override(o)[0] for o in overrides))
 
 
 def _overrides(value: Any, where: str) -> list[str]:
@@ -134,9 +166,13 @@ def _flatten(section: str, value: Any) -> list[str]:
     return [f"{section}={json.dumps(value)}"]
 
 
-def _check_owned(overrides: list[str], where: str, owned_keys: Mapping[str, str]) -> None:
+def _check_owned(
+    overrides: list[str], where: str, owned_keys: Mapping[str, str], allowed: tuple[str, ...] = ()
+) -> None:
     for override in overrides:
         key = parse_override(override)[0]
+        if key in allowed:
+            continue
         for owned, why in owned_keys.items():
             if key == owned or key.startswith(owned + "."):
                 raise ConfigError(f"{where}: '{key}' cannot be set here ({why})")
@@ -232,9 +268,21 @@ def _parse(raw: Any, path: Path, seeds: int | None, quick: bool, output_dir: Pat
     if not isinstance(quick_section, Mapping):
         raise ConfigError(f"quick must be a mapping with keys {list(QUICK_KEYS)}, got {quick_section!r}")
     check_keys("quick", quick_section, QUICK_KEYS, lead="unknown")
-    if quick:
-        common += _overrides(quick_section.get("overrides"), "quick.overrides")
+    # --quick shrinks every run, the variants' own settings included (a ReLoRA variant's reset schedule must
+    # fit the quick run's steps): its overrides come last.
+    quick_overrides = _overrides(quick_section.get("overrides"), "quick.overrides") if quick else []
     _check_owned(common, "overrides", RUN_OWNED)
+    _check_owned(quick_overrides, "quick.overrides", RUN_OWNED)
+    allow_unequal = raw.get("allow_unequal_budget", False)
+    if not isinstance(allow_unequal, bool):
+        raise ConfigError(f"allow_unequal_budget must be true or false, got {allow_unequal!r}")
+    primary = raw.get("primary", list(DEFAULT_PRIMARY))
+    if isinstance(primary, str):
+        primary = [primary]
+    if not isinstance(primary, list) or not primary or not all(isinstance(p, str) and p for p in primary):
+        raise ConfigError(f"primary must be a non-empty list of quantity names, got {primary!r}")
+    if len(set(primary)) != len(primary):
+        raise ConfigError(f"primary has repeated names: {primary}")
 
     variants_raw = raw.get("variants")
     if not isinstance(variants_raw, Mapping) or not variants_raw:
@@ -245,7 +293,9 @@ def _parse(raw: Any, path: Path, seeds: int | None, quick: bool, output_dir: Pat
         if not _NAME.match(variant):
             raise ConfigError(f"variant name {variant!r} must be letters, digits, '.', '_' or '-'")
         overrides = _overrides(value, f"variants.{variant}")
-        _check_owned(overrides, f"variants.{variant}", STUDY_OWNED)
+        # The batch is the one data key a variant may change, and only where budgets may differ.
+        allowed = (BATCH_KEY,) if allow_unequal else ()
+        _check_owned(overrides, f"variants.{variant}", STUDY_OWNED, allowed)
         variants[variant] = tuple(overrides)
     baseline = str(raw.get("baseline") or next(iter(variants)))
     if baseline not in variants:
@@ -263,6 +313,8 @@ def _parse(raw: Any, path: Path, seeds: int | None, quick: bool, output_dir: Pat
             f"evaluation must be a mapping of the `evaluation` section's keys, got {evaluation_raw!r}"
         )
     evaluation = _flatten("evaluation", dict(evaluation_raw)) if evaluation_raw else []
+    if not any(parse_override(o)[0] == HELDOUT_EVERY for o in evaluation):
+        evaluation.append(f"{HELDOUT_EVERY}={DEFAULT_HELDOUT_EVERY}")  # every study logs the shared curve
 
     analysis_raw = quick_section.get("analysis", raw.get("analysis")) if quick else raw.get("analysis")
     analysis = _load_analysis(analysis_raw, path.parent)
@@ -276,6 +328,7 @@ def _parse(raw: Any, path: Path, seeds: int | None, quick: bool, output_dir: Pat
                 *common,
                 *evaluation,
                 *variant_overrides,
+                *quick_overrides,
                 f"training.seed={seed}",
                 f"checkpointing.runs_dir={json.dumps(str(runs_dir))}",
                 f"checkpointing.run_name={variant}_seed{seed}",
@@ -287,6 +340,7 @@ def _parse(raw: Any, path: Path, seeds: int | None, quick: bool, output_dir: Pat
             except ConfigError as error:
                 raise ConfigError(f"variant {variant!r} (seed {seed}): {error}") from error
             runs.append(RunSpec(variant, seed, tuple(overrides), config))
+    _check_budgets(runs, baseline, variants, allow_unequal)
     return StudyConfig(
         name=full_name,
         path=path,
@@ -300,14 +354,57 @@ def _parse(raw: Any, path: Path, seeds: int | None, quick: bool, output_dir: Pat
         quick=quick,
         output_dir=output_dir,
         runs=tuple(runs),
+        quick_overrides=tuple(quick_overrides),
+        primary=tuple(primary),
+        allow_unequal_budget=allow_unequal,
     )
+
+
+def dotted(config: Any, key: str) -> Any:
+    """`config["training"]["max_steps"]` for "training.max_steps" (a config object or its saved mapping)."""
+    value = config.to_dict() if hasattr(config, "to_dict") else config
+    for part in key.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            raise KeyError(key)
+        value = value[part]
+    return value
+
+
+def _check_budgets(
+    runs: list[RunSpec], baseline: str, variants: Mapping[str, tuple[str, ...]], allow_unequal: bool
+) -> None:
+    """A variant trains on as many tokens as the baseline (same steps, batch and sequence length), or the
+    study says it compares unequal budgets (then at equal tokens)."""
+    if allow_unequal:
+        return
+    reference = next(run.config for run in runs if run.variant == baseline)
+    for run in runs:
+        for key in BUDGET_KEYS:
+            mine, theirs = dotted(run.config, key), dotted(reference, key)
+            if mine != theirs:
+                raise ConfigError(
+                    f"variant {run.variant!r}: {key}={mine} changes the training budget (the baseline "
+                    f"{baseline!r} has {theirs}); set `allow_unequal_budget: true` to compare at equal tokens"
+                )
 
 
 def check_run_config(config: PicoTrainingConfig) -> None:
     """The checks a run makes when it starts that need no data or model, made before anything trains."""
     from ..evaluation.callback import check_evaluation_config
+    from ..evaluation.heldout import check_heldout_config
 
     check_evaluation_config(config)
+    check_heldout_config(config)
 
 
-__all__ = ["FINAL", "RunSpec", "StudyConfig", "load_study_config", "resolve_final", "seed_list", "take_seeds"]
+__all__ = [
+    "BUDGET_KEYS",
+    "FINAL",
+    "RunSpec",
+    "StudyConfig",
+    "dotted",
+    "load_study_config",
+    "resolve_final",
+    "seed_list",
+    "take_seeds",
+]

@@ -6,8 +6,10 @@ A run with earlier checkpoints only was interrupted: training it again resumes f
 (`checkpointing.training.auto_resume`). A run folder whose saved config differs from the study's is an error,
 never silently mixed into the comparison.
 
-Runs are trained one after the other. Launched as one process, each run is `recipes/train.py` in a fresh
-interpreter (isolated: nothing of one run leaks into the next). Under `accelerate launch` (several processes),
+Launched as one process, each run is `recipes/train.py` in a fresh interpreter (isolated: nothing of one run
+leaks into the next), `jobs` of them at once, each with its share of the CPU threads (and, with as many GPUs
+as jobs, a GPU of its own). A run that fails does not stop the others: its exit status and the last lines of
+its output are kept for the report, and the study ends with exit status 1. Under `accelerate launch` (several processes),
 every process trains each run in-process, so each run uses all the processes the study was given; the main
 process then analyses and reports.
 """
@@ -20,9 +22,13 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
+import traceback
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -39,6 +45,8 @@ ANALYSIS_DIR = "analysis"
 ANALYSIS_MARKER = "study_analysis.json"  # the analysis config the results in `analysis/` were computed with
 
 NEW, PARTIAL, DONE = "new", "partial", "done"
+FAILED = "failed"
+LOG_TAIL_LINES = 20  # of a failed run's output, in the report
 
 
 class StudyError(RuntimeError):
@@ -80,9 +88,13 @@ def run_state(spec: RunSpec) -> str:
     final_step = spec.config.training.max_steps
     if latest is None or latest.name != f"step_{final_step}":
         return PARTIAL
-    if spec.config.evaluation.metrics:
-        results = spec.run_dir / spec.config.checkpointing.evaluation.eval_results_dir
-        if not (results / f"step_{final_step}.json").is_file():
+    results = spec.run_dir / spec.config.checkpointing.evaluation.eval_results_dir
+    if spec.config.evaluation.metrics and not (results / f"step_{final_step}.json").is_file():
+        return PARTIAL
+    if spec.config.evaluation.heldout_every_n_steps is not None:
+        from ..evaluation.heldout import HELDOUT_FILE, read_heldout_losses
+
+        if final_step not in read_heldout_losses(results / HELDOUT_FILE):
             return PARTIAL
     return DONE
 
@@ -90,7 +102,16 @@ def run_state(spec: RunSpec) -> str:
 @dataclass
 class RunOutcome:
     spec: RunSpec
-    status: str  # "reused", "trained" or "resumed"
+    status: str  # "reused", "trained", "resumed" or "failed"
+    exit_status: int | None = None  # of a failed run
+    log_tail: list[str] = field(default_factory=list)  # its last lines of output
+
+
+class RunFailed(Exception):
+    def __init__(self, exit_status: int, log_tail: list[str]) -> None:
+        super().__init__(f"exit status {exit_status}")
+        self.exit_status = exit_status
+        self.log_tail = log_tail
 
 
 def say(message: str) -> None:
@@ -105,15 +126,28 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def train_subprocess(spec: RunSpec, base_config: Path, train_script: Path) -> None:
-    """`recipes/train.py --config <base> <overrides>` in a fresh interpreter; its output goes to ours."""
+_print_lock = threading.Lock()
+
+
+def train_subprocess(
+    spec: RunSpec, base_config: Path, train_script: Path, env: dict[str, str] | None = None, prefix: str = ""
+) -> None:
+    """`recipes/train.py --config <base> <overrides>` in a fresh interpreter; its output goes to ours (each line
+    after `prefix`), and its last lines to the failure it raises."""
     command = [sys.executable, str(train_script), "--config", str(base_config), *spec.overrides]
-    returncode = subprocess.call(command)
+    tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", env=env
+    )
+    assert process.stdout is not None
+    for line in process.stdout:
+        tail.append(line.rstrip("\n"))
+        with _print_lock:
+            sys.stdout.write(prefix + line)
+            sys.stdout.flush()
+    returncode = process.wait()
     if returncode != 0:
-        raise StudyError(
-            f"Training {spec.name} failed (exit status {returncode}); see {spec.run_dir / 'logs'}. "
-            "Run the study again to resume it."
-        )
+        raise RunFailed(returncode, list(tail))
 
 
 def train_in_process(spec: RunSpec) -> None:
@@ -153,42 +187,57 @@ def train_runs(
     study: StudyConfig,
     train: Callable[[RunSpec], None],
     log: Callable[[str], None] = say,
+    jobs: int = 1,
 ) -> list[RunOutcome]:
-    """Train every run not yet done, in the study's order (variant by variant, seed by seed)."""
+    """Train every run not yet done, `jobs` at a time, started in the study's order (variant by variant, seed
+    by seed). A failed run is an outcome with status FAILED; the others still train."""
     states = {spec.name: run_state(spec) for spec in study.runs}  # all checked before anything trains
-    outcomes = []
-    for index, spec in enumerate(study.runs, 1):
+
+    def attempt(index: int, spec: RunSpec) -> RunOutcome:
         state = states[spec.name]
         where = f"[{index}/{len(study.runs)}] {spec.name}"
         if state == DONE:
             log(f"{where}: done, reused ({spec.run_dir})")
-            outcomes.append(RunOutcome(spec, "reused"))
-            continue
+            return RunOutcome(spec, "reused")
         latest = run_layout(spec).latest_checkpoint() if state == PARTIAL else None
         log(f"{where}: " + (f"resuming from {latest}" if latest else "training") + f" -> {spec.run_dir}")
         start, ok = time.perf_counter(), False
         try:
             train(spec)
-            ok = True
+            ok = run_state(spec) == DONE
+            failure = None if ok else RunFailed(0, [f"ended without its final checkpoint in {spec.run_dir}"])
+        except RunFailed as error:
+            failure = error
+        except Exception as error:  # an in-process run: its traceback is its log tail
+            lines = traceback.format_exception(error)
+            failure = RunFailed(1, "".join(lines).rstrip("\n").splitlines()[-LOG_TAIL_LINES:])
         finally:
             if is_main_process():
                 _record_attempt(spec, time.perf_counter() - start, str(latest) if latest else None, ok)
-        if run_state(spec) != DONE:
-            raise StudyError(f"Training {spec.name} ended without its final checkpoint in {spec.run_dir}")
-        outcomes.append(RunOutcome(spec, "resumed" if latest else "trained"))
-    return outcomes
+        if failure is not None:
+            log(f"{where}: failed (exit status {failure.exit_status})")
+            return RunOutcome(spec, FAILED, failure.exit_status, failure.log_tail)
+        return RunOutcome(spec, "resumed" if latest else "trained")
+
+    numbered = list(enumerate(study.runs, 1))
+    if jobs == 1:
+        return [attempt(index, spec) for index, spec in numbered]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return list(pool.map(lambda item: attempt(*item), numbered))
 
 
-def analyse_runs(study: StudyConfig, log: Callable[[str], None] = say) -> list[str]:
-    """The study's learning-dynamics analysis of each run into `<run>/analysis/`, unless already there with
-    the same config. Returns warnings (runs or steps that could not be analysed)."""
+def analyse_runs(
+    study: StudyConfig, log: Callable[[str], None] = say, runs: list[RunSpec] | None = None
+) -> list[str]:
+    """The study's learning-dynamics analysis of each run (default: all) into `<run>/analysis/`, unless already
+    there with the same config. Returns warnings (runs or steps that could not be analysed)."""
     from ..learning_dynamics.analysis_sources import AnalysisError, LocalRun
     from ..learning_dynamics.analyze import run_analysis
 
     if study.analysis is None:
         return []
     warnings = []
-    for spec in study.runs:
+    for spec in study.runs if runs is None else runs:
         analysis = study.analysis_for(spec)
         assert analysis is not None
         output_dir = spec.run_dir / ANALYSIS_DIR
@@ -220,25 +269,60 @@ def run_study(
     *,
     in_process: bool | None = None,
     log: Callable[[str], None] = say,
+    jobs: int = 1,
 ) -> tuple[list[RunOutcome], list[str]]:
     """Train what is missing, then (main process) analyse. `in_process` defaults to True under a multi-process
-    launch, else runs are `train_script` subprocesses."""
+    launch, else runs are `train_script` subprocesses, `jobs` at once."""
+    from ..training.config import ConfigError
+
     if in_process is None:
         in_process = world_size() > 1 or train_script is None
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {jobs}")
+    if jobs > 1 and in_process:
+        raise ConfigError(
+            "--jobs runs each run in a process of its own: it cannot be combined with --in_process or a "
+            "multi-process launch (where every process trains each run)"
+        )
     if in_process:
         train: Callable[[RunSpec], None] = train_in_process
     else:
         assert train_script is not None
-        script = train_script
-
-        def train(spec: RunSpec) -> None:
-            train_subprocess(spec, study.base_config, script)
+        train = subprocess_trainer(study, train_script, jobs)
 
     if not is_main_process():
         log = _silent
-    outcomes = train_runs(study, train, log)
-    warnings = analyse_runs(study, log) if is_main_process() else []
+    outcomes = train_runs(study, train, log, jobs)
+    done = [o.spec for o in outcomes if o.status != FAILED]
+    warnings = analyse_runs(study, log, done) if is_main_process() else []
     return outcomes, warnings
+
+
+def subprocess_trainer(study: StudyConfig, train_script: Path, jobs: int) -> Callable[[RunSpec], None]:
+    """Each run a `train_script` process; with jobs > 1, each with 1/jobs of the CPU threads (and its own GPU
+    when there are as many GPUs as jobs), its output lines prefixed with the run's name."""
+    if jobs == 1:
+        return lambda spec: train_subprocess(spec, study.base_config, train_script)
+    import queue
+
+    import torch
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    gpus: queue.Queue[str | None] = queue.Queue()
+    for slot in range(jobs):
+        gpus.put(str(slot) if torch.cuda.device_count() >= jobs else None)
+
+    def train(spec: RunSpec) -> None:
+        gpu = gpus.get()
+        try:
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+            if gpu is not None:
+                env["CUDA_VISIBLE_DEVICES"] = gpu
+            train_subprocess(spec, study.base_config, train_script, env, prefix=f"[{spec.name}] ")
+        finally:
+            gpus.put(gpu)
+
+    return train
 
 
 def _silent(message: str) -> None:
@@ -248,6 +332,7 @@ def _silent(message: str) -> None:
 __all__ = [
     "ANALYSIS_DIR",
     "DONE",
+    "FAILED",
     "NEW",
     "PARTIAL",
     "TIMING_FILE",

@@ -173,6 +173,12 @@ class EvaluationConfig:
     paloma: PalomaEvaluationConfig = field(default_factory=PalomaEvaluationConfig)
     lm_eval: LmEvalEvaluationConfig = field(default_factory=LmEvalEvaluationConfig)
     blimp: BlimpEvaluationConfig = field(default_factory=BlimpEvaluationConfig)
+    # The held-out curve: every N optimizer steps (and at step 0), the mean next-token loss of the evaluation
+    # split (`paloma.dataset_name`/`dataset_split`, texts cut at `paloma.max_length`), logged as
+    # `eval_heldout_loss`; off when null. Studies turn it on for every run.
+    heldout_every_n_steps: int | None = None
+    # The first N texts of that split (all when null); 16 keeps the demo's curve under 5% of its training time.
+    heldout_max_samples: int | None = 16
 
 
 # --- monitoring -----------------------------------------------------------------------------------------

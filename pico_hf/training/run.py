@@ -22,6 +22,7 @@ from transformers.integrations import TensorBoardCallback
 
 from ..configuration import Problems, wandb_problem
 from ..evaluation.callback import build_evaluation_callbacks
+from ..evaluation.heldout import build_heldout_callbacks
 from ..hub.callback import build_hub_callbacks, hub_early_uploads, hub_push_error, hub_summary
 from ..hub.cards import build_card_callbacks
 from ..learning_dynamics.callback import build_learning_dynamics_callbacks
@@ -532,6 +533,7 @@ def _build_job(
 
     # Order matters: learning dynamics and evaluation add to each checkpoint before it is published; the Hub
     # publisher pushes it once it is complete.
+    heldout = build_heldout_callbacks(config, run)
     callbacks: list[TrainerCallback] = [
         LogLastStep(),
         *mode_callbacks,  # first: their values join each log before it is written
@@ -540,6 +542,7 @@ def _build_job(
         *hub_early_uploads(hub_callbacks),  # the weights upload while the checkpoint is still being evaluated
         *learning_dynamics_callbacks,
         *evaluation_callbacks,
+        *heldout,
         *build_card_callbacks(config, run),  # README.md of each checkpoint, before it is pushed
         *hub_callbacks,
     ]
@@ -557,6 +560,8 @@ def _build_job(
         mode=mode,
         callbacks=callbacks + list(extra_callbacks or []),
     )
+    for callback in heldout:
+        callback.bind(trainer)  # its values join the trainer's log
     trainer.remove_callback(ProgressCallback)
     if not args.disable_tqdm:
         trainer.add_callback(PicoProgressCallback())
