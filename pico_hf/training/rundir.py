@@ -206,5 +206,8 @@ class RunLayout:
         return steps[-1] if steps else None
 
     def remove_partial_checkpoints(self) -> None:
+        """Checkpoints still being written, and a `latest` link not yet moved into place (an interrupt between
+        creating the new link and the rename leaves it; `latest` itself still names a complete checkpoint)."""
         for partial in self.checkpoints_dir.glob(".step_*.tmp"):
             shutil.rmtree(partial, ignore_errors=True)
+        (self.checkpoints_dir / f".{LATEST}.tmp").unlink(missing_ok=True)
