@@ -32,6 +32,7 @@ from .console import interrupts_end_cleanly, log_console
 from .data import BatchLayout, DataError, PretokenizedStream, training_sequences
 from .modes import build_mode
 from .rundir import RunLock, check_existing_run, finished_step, remove_leftovers, write_config
+from .schedules import optimization_lr_multiplier
 from .trainer import PicoTrainer, RunLayout, no_clipping
 
 logger = logging.getLogger("pico_hf.training")
@@ -369,6 +370,7 @@ def _build_job(
         train_sequences=training_sequences(stream, layout),
         run=run,
         mode=mode,
+        lr_multiplier=optimization_lr_multiplier(config.training.optimization, config.training.max_steps),
         callbacks=callbacks + list(extra_callbacks or []),
     )
     trainer.remove_callback(ProgressCallback)
