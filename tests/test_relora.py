@@ -690,7 +690,8 @@ def test_two_processes_reproduce_the_single_process_run(tmp_path):
 def test_fsdp2_on_two_processes_merges_prunes_saves_and_resumes_like_one_process(tmp_path):
     """recipes/accelerate/fsdp.yaml on 2 CPU processes (tests/fsdp_on_cpu.py), killed after step 5 and resumed
     from step 4, against one process: each reset merges into the sharded base weights and prunes the sharded
-    moments as one process does, and every checkpoint holds the whole merged weights and ReLoRA state."""
+    moments as one process does, and every checkpoint holds the whole merged weights, ReLoRA state and learning
+    dynamics."""
     from conftest import train_command
 
     def launch(root, processes, **env):
@@ -731,6 +732,15 @@ def test_fsdp2_on_two_processes_merges_prunes_saves_and_resumes_like_one_process
             assert sharded.keys() == whole.keys(), (step, name)
             for key, value in whole.items():  # the same global batches; only the reduction order differs
                 torch.testing.assert_close(sharded[key], value, rtol=0, atol=1e-5, msg=f"{step} {name} {key}")
+        if step < 8:  # learning dynamics of the effective weights, from the gathered adapters
+            for kind in ("weights", "gradients", "activations"):
+                name = f"learning_dynamics/train_{kind}.safetensors"
+                sharded, whole = (load_file(d / f"step_{step}" / name) for d in (checkpoints, reference))
+                assert sharded.keys() == whole.keys()
+                for key, value in whole.items():
+                    torch.testing.assert_close(
+                        sharded[key], value, rtol=1e-4, atol=1e-6, msg=f"{step} {kind} {key}"
+                    )
 
 
 @pytest.mark.parametrize("name", ["relora-demo", "pico-relora-tiny", "pico-relora-small"])
