@@ -258,7 +258,7 @@ def warm_start_position(source: str, state_dirname: str, global_batch: int, max_
 
 
 def load_warm_start(model: nn.Module, source: str) -> None:
-    """Copy a pico checkpoint's weights (a path or Hub id) into the not yet wrapped `model`."""
+    """Copy a run checkpoint's weights (its `step_N` directory) into the not yet wrapped `model`."""
     from .config import ConfigError
 
     try:

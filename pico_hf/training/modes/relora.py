@@ -40,7 +40,8 @@ class ReLoRAConfig:
     min_lr_ratio: float = 0.1
     # Full-rank warm start: N full-rank steps in this run before LoRA training starts ...
     warm_start_steps: int = 0
-    # ... or a checkpoint (path or Hub id) whose weights, not its optimizer, initialise the run.
+    # ... or a run's checkpoint (`checkpoints/step_N`) whose weights, not its optimizer, start the run, which
+    # continues from its step and data position (training.max_steps counts its steps too).
     warm_start_checkpoint: str | None = None
 
     @property
