@@ -282,6 +282,10 @@ class ReLoRAMode(ReLoRA):
     """The jagged cosine schedule, resets, merged checkpoints and exact resume of a LoRA-wrapped model."""
 
     section: ReLoRAConfig
+    # The saved data position of warm_start_checkpoint, where this run continues from (`prepare_model`).
+    warm_start: dict[str, Any] | None = None
+    # The whole state dict of the checkpoint being written (process 0's under FSDP2), for `save_state`.
+    checkpoint_state: dict[str, torch.Tensor] | None = None
 
     def prepare_model(
         self, model: nn.Module, *, tokenizer: Any, micro_batch: int, world_size: int
@@ -307,8 +311,6 @@ class ReLoRAMode(ReLoRA):
             )
             load_warm_start(model, relora.warm_start_checkpoint)
         return wrap_model(model, relora)
-
-    warm_start: dict[str, Any] | None = None  # the data position of warm_start_checkpoint
 
     @property
     def lora_start(self) -> int:
@@ -370,7 +372,7 @@ class ReLoRAMode(ReLoRA):
 
     def save_state(self, state_dir: Path) -> None:
         # The wrapped modules' base weights and adapters; the rest is in the model files.
-        state, self.checkpoint_state = self.checkpoint_state, {}
+        state, self.checkpoint_state = self.checkpoint_state, None
         state = {k: v.detach().contiguous() for k, v in state.items() if is_wrapped_key(k)}
         save_file(state, str(Path(state_dir) / RELORA_STATE_NAME))
 
