@@ -470,22 +470,175 @@ def test_resume_inside_the_warm_start_is_bitwise_identical(tmp_path):
     )
 
 
-def test_warm_start_checkpoint_initialises_the_weights(relora_run, tmp_path):
-    _, config, _, _ = relora_run
-    source = config.checkpoints_dir / "step_8"
-    _, warm = train(
-        tmp_path, **{**RELORA, "training.max_steps": 4, "training.relora.warm_start_checkpoint": str(source)}
+class RecordBatches(TrainerCallback):
+    """The input ids of every training micro-batch, by the optimizer step it belongs to."""
+
+    def __init__(self):
+        self.batches = {}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        def record(module, module_args, module_kwargs):
+            if module.training:
+                self.batches.setdefault(state.global_step, []).append(module_kwargs["input_ids"].clone())
+
+        model.register_forward_pre_hook(record, with_kwargs=True)
+
+
+def test_warm_start_checkpoint_continues_its_steps_data_and_schedule(tmp_path):
+    # The warm start: a full-rank run whose step-4 checkpoint the ReLoRA run continues, to step 8 in all.
+    source_batches = RecordBatches()
+    _, source = train(tmp_path / "source", callbacks=[source_batches], **{"training.max_steps": 8})
+    warm_start = source.checkpoints_dir / "step_4"
+    batches = RecordBatches()
+    summary, warm = train(
+        tmp_path / "warm",
+        callbacks=[batches],
+        **{**RELORA, "training.relora.warm_start_checkpoint": str(warm_start)},
     )
+    # Steps 5..8 (0-based 4..7) only, each on the batch the full-rank run would have trained on next.
+    assert sorted(batches.batches) == [4, 5, 6, 7]
+    for step, micro_batches in batches.batches.items():
+        assert len(micro_batches) == len(source_batches.batches[step]) == 2
+        for mine, theirs in zip(micro_batches, source_batches.batches[step], strict=True):
+            assert torch.equal(mine, theirs), step
+    # The run starts with a checkpoint of the warm start's weights, at its step.
+    assert summary["steps"] == 8 and summary["checkpoints"] == ["step_4", "step_6", "step_8"]
     assert_bitwise_equal(
-        load_file(warm.checkpoints_dir / "step_0" / "model.safetensors"),
-        load_file(source / "model.safetensors"),
+        load_file(warm.checkpoints_dir / "step_4" / "model.safetensors"),
+        load_file(warm_start / "model.safetensors"),
     )
-    with pytest.raises(ConfigError, match=r"warm_start_checkpoint '.*missing' cannot be loaded"):
+    # The jagged cosine carries on at step 4 (no warmup from 0), the first reset 3 steps later.
+    lines = metrics_lines(warm)
+    assert [(line["step"], line["relora/resets"]) for line in lines if "relora/resets" in line] == [(7, 1)]
+    rates = [(line["step"], line["learning_rate"]) for line in lines if "loss" in line]
+    schedule = dict(max_steps=8, warmup_steps=2, reset_frequency=3, restart_warmup_steps=1, min_lr_ratio=0.1)
+    assert [step for step, _ in rates] == [5, 6, 7, 8]
+    expected = [0.01 * jagged_cosine(s, warm_start_steps=4, **schedule) for s in range(4, 8)]
+    assert [rate for _, rate in rates] == pytest.approx(expected)
+    assert (
+        rates[0][1] == pytest.approx(0.01 * jagged_cosine(4, **schedule)) and rates[0][1] > 0 == rates[3][1]
+    )
+
+
+def test_warm_start_checkpoint_errors(tmp_path):
+    _, source = train(tmp_path / "source", **{"training.max_steps": 4})
+    key = "training.relora.warm_start_checkpoint"
+    with pytest.raises(ConfigError, match=rf"{key} '.*missing' is not a training checkpoint .*data_position"):
+        train(tmp_path / "a", **RELORA, **{key: str(tmp_path / "missing")})
+    with pytest.raises(
+        ConfigError, match=r"training.max_steps \(4\) must be greater than the step of .*step_4' \(4\)"
+    ):
         train(
-            tmp_path / "other",
-            **RELORA,
-            **{"training.relora.warm_start_checkpoint": str(tmp_path / "missing")},
+            tmp_path / "b", **{**RELORA, "training.max_steps": 4, key: str(source.checkpoints_dir / "step_4")}
         )
+    with pytest.raises(ConfigError, match=r"global batch of 8 sequences, this run with 4 \(data.dataloader"):
+        train(
+            tmp_path / "c",
+            **{**RELORA, "data.dataloader.batch_size": 4, key: str(source.checkpoints_dir / "step_2")},
+        )
+
+
+def test_deepspeed_is_refused_before_the_first_step(tmp_path):
+    """An accelerate DeepSpeed launch sets ACCELERATE_USE_DEEPSPEED; a ReLoRA run stops with one error line."""
+    from conftest import train_command
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_DEEPSPEED": "true"}
+    result = subprocess.run(
+        [*train_command(), *tiny_training_overrides(tmp_path, **RELORA)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().split("\n")[-1] == (
+        "error: training.relora cannot run under DeepSpeed: ZeRO keeps the optimizer state in flat partitions, "
+        "not keyed by parameter, so the LoRA moments could not be pruned at a reset (it would silently do "
+        "nothing). Launch with recipes/accelerate/fsdp.yaml or ddp.yaml"
+    )
+    assert "Traceback" not in result.stderr and not (tmp_path / "runs").exists()
+
+
+# --- the schedule control: full rank on ReLoRA's schedule -----------------------------------------------------
+
+
+def test_full_rank_runs_follow_the_jagged_cosine_without_adapters(relora_run, tmp_path):
+    _, relora_config, _, _ = relora_run
+    schedule = {
+        "training.max_steps": 8,
+        "training.optimization.reset_frequency": 3,
+        "training.optimization.restart_warmup_steps": 1,
+    }
+    _, config = train(tmp_path, **{**schedule, "training.optimization.lr_scheduler": "jagged_cosine"})
+
+    def rates(config):
+        return [(line["step"], line["learning_rate"]) for line in metrics_lines(config) if "loss" in line]
+
+    assert rates(config) == rates(relora_config)  # the ReLoRA run's schedule, step for step
+    assert not any("relora/resets" in line for line in metrics_lines(config))
+    # No adapters: each cycle's update to a projection is full rank (a LoRA cycle's is rank r = 2 at most).
+    weights = {s: load_file(config.checkpoints_dir / f"step_{s}" / "model.safetensors") for s in (4, 6)}
+    key = "pico_decoder.layers.0.swiglu.w_2.weight"
+    assert torch.linalg.matrix_rank(weights[6][key] - weights[4][key]) > 2
+
+
+def test_cosine_is_one_warmup_and_one_cosine(tmp_path):
+    _, config = train(
+        tmp_path,
+        **{"training.optimization.lr_scheduler": "cosine", "training.optimization.min_lr_ratio": 0.2},
+    )
+    rates = [line["learning_rate"] for line in metrics_lines(config) if "loss" in line]
+    cosine = [0.01 * (0.2 + 0.8 * (1 + math.cos(math.pi * (s - 2) / 4)) / 2) for s in range(2, 6)]
+    assert rates == pytest.approx([0.0, 0.005, *cosine])
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            {"training.optimization.lr_scheduler": "step"},
+            "training.optimization.lr_scheduler must be one of ['linear_with_warmup', 'cosine', 'jagged_cosine'], "
+            "got 'step'",
+        ),
+        (
+            {"training.optimization.min_lr_ratio": 0.2},
+            "training.optimization.min_lr_ratio is set but lr_scheduler 'linear_with_warmup' does not use it (it is "
+            "a key of cosine and jagged_cosine)",
+        ),
+        (
+            {"training.optimization.lr_scheduler": "cosine", "training.optimization.reset_frequency": 3},
+            "training.optimization.reset_frequency is set but lr_scheduler 'cosine' does not use it (it is a key of "
+            "jagged_cosine)",
+        ),
+        (
+            {"training.optimization.lr_scheduler": "jagged_cosine", "training.optimization.reset_frequency": 3,
+             "training.optimization.restart_warmup_steps": 3},
+            "training.optimization.reset_frequency (3) must be greater than "
+            "training.optimization.restart_warmup_steps (3)",
+        ),
+        (
+            {"training.optimization.lr_scheduler": "jagged_cosine", "training.optimization.warm_start_steps": 6},
+            "training.optimization.warm_start_steps (6) must end before training.max_steps (6): set "
+            "training.optimization.warm_start_steps=5 or lower, or raise training.max_steps",
+        ),
+        (
+            {"training.optimization.lr_scheduler": "jagged_cosine", "training.optimization.reset_frequency": 1,
+             "training.optimization.restart_warmup_steps": 0},
+            "training.optimization.lr_warmup_steps (2) must end by the first reset, at step 1 "
+            "(training.optimization.warm_start_steps + reset_frequency)",
+        ),
+        (
+            {**RELORA, "training.optimization.lr_scheduler": "jagged_cosine"},
+            "training.optimization.lr_scheduler 'jagged_cosine' cannot be combined with training.relora, which "
+            "follows its own jagged cosine (training.relora.reset_frequency, restart_warmup_steps, min_lr_ratio): "
+            "leave lr_scheduler at 'linear_with_warmup'",
+        ),
+    ],
+)  # fmt: skip
+def test_schedule_keys_are_checked(tmp_path, overrides, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, tiny_training_overrides(tmp_path, **overrides))
+    assert str(error.value) == message
 
 
 def test_warm_start_checkpoint_missing_tensors_is_a_config_error(tmp_path):
@@ -622,6 +775,63 @@ def test_two_processes_reproduce_the_single_process_run(tmp_path):
             torch.testing.assert_close(
                 gradient, expected[layer], rtol=1e-3, atol=1e-5, msg=f"{split} {layer}"
             )
+
+
+@pytest.mark.slow
+def test_fsdp2_on_two_processes_merges_prunes_saves_and_resumes_like_one_process(tmp_path):
+    """recipes/accelerate/fsdp.yaml on 2 CPU processes (tests/fsdp_on_cpu.py), killed after step 5 and resumed
+    from step 4, against one process: each reset merges into the sharded base weights and prunes the sharded
+    moments as one process does, and every checkpoint holds the whole merged weights, ReLoRA state and learning
+    dynamics."""
+    from conftest import train_command
+
+    def launch(root, processes, **env):
+        overrides = tiny_training_overrides(root, **{**RELORA, "training.relora.lora_dropout": 0.0})
+        command = train_command(processes, accelerate_config="fsdp")
+        if processes > 1:
+            command.insert(-1, str(REPO / "tests" / "fsdp_on_cpu.py"))
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env}
+        return subprocess.run([*command, *overrides], env=env, capture_output=True, text=True, timeout=600)
+
+    one = launch(tmp_path / "one", 1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    killed = launch(tmp_path / "fsdp", 2, PICO_TEST_SIGKILL_AFTER_STEP="5")
+    assert killed.returncode != 0 and "Finished" not in killed.stderr
+    assert_world_size(killed.stderr, 2)
+    checkpoints = tmp_path / "fsdp" / "runs" / "tiny" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_0", "step_2", "step_4"]
+    resumed = launch(tmp_path / "fsdp", 2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resuming from {checkpoints / 'step_4'}" in resumed.stderr
+
+    def resets(root):
+        lines = (root / "runs" / "tiny" / "logs" / "metrics.jsonl").read_text().splitlines()
+        return [
+            (line["step"], line["relora/resets"])
+            for line in map(json.loads, lines)
+            if "relora/resets" in line
+        ]
+
+    assert resets(tmp_path / "fsdp") == resets(tmp_path / "one") == [(3, 1), (6, 2)]
+    reference = tmp_path / "one" / "runs" / "tiny" / "checkpoints"
+    for step in (2, 4, 6, 8):
+        for name in ("model.safetensors", "fabric_state/relora_state.safetensors"):
+            sharded, whole = (
+                load_file(checkpoints / f"step_{step}" / name),
+                load_file(reference / f"step_{step}" / name),
+            )
+            assert sharded.keys() == whole.keys(), (step, name)
+            for key, value in whole.items():  # the same global batches; only the reduction order differs
+                torch.testing.assert_close(sharded[key], value, rtol=0, atol=1e-5, msg=f"{step} {name} {key}")
+        if step < 8:  # learning dynamics of the effective weights, from the gathered adapters
+            for kind in ("weights", "gradients", "activations"):
+                name = f"learning_dynamics/train_{kind}.safetensors"
+                sharded, whole = (load_file(d / f"step_{step}" / name) for d in (checkpoints, reference))
+                assert sharded.keys() == whole.keys()
+                for key, value in whole.items():
+                    torch.testing.assert_close(
+                        sharded[key], value, rtol=1e-4, atol=1e-6, msg=f"{step} {kind} {key}"
+                    )
 
 
 @pytest.mark.parametrize("name", ["relora-demo", "pico-relora-tiny", "pico-relora-small"])

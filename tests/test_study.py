@@ -570,10 +570,14 @@ def test_a_run_folder_from_another_config_is_an_error(tiny_study, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("study", "variant"),
-    [("norm-eps", "eps-1"), ("relora-vs-baseline", "relora"), ("maml-vs-baseline", "maml")],
+    ("study", "variants"),
+    [
+        ("norm-eps", ["eps-1"]),
+        ("relora-vs-baseline", ["relora", "full-rank-jagged"]),
+        ("maml-vs-baseline", ["maml"]),
+    ],
 )
-def test_shipped_quick_studies_end_to_end(tmp_path, study, variant):
+def test_shipped_quick_studies_end_to_end(tmp_path, study, variants):
     config = REPO / "recipes" / "configs" / "studies" / f"{study}.yaml"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, str(STUDY_SCRIPT), "--config", str(config), "--quick", "--output_dir", "out"]
@@ -583,10 +587,7 @@ def test_shipped_quick_studies_end_to_end(tmp_path, study, variant):
     md = (study_dir / "report.md").read_text()
     summary = json.loads((study_dir / "summary.json").read_text())
     assert [(r["variant"], r["seed"]) for r in summary["runs"]] == [
-        ("baseline", 0),
-        ("baseline", 1),
-        (variant, 0),
-        (variant, 1),
+        (variant, seed) for variant in ["baseline", *variants] for seed in (0, 1)
     ]
     kinds = {q["kind"] for q in summary["quantities"].values()}
     assert kinds == {"training", "evaluation", "learning dynamics"}
@@ -636,7 +637,7 @@ def test_shipped_quick_studies_end_to_end(tmp_path, study, variant):
                 node = node[part]
             assert node == yaml.safe_load(value), (spec.name, key)
     assert summary["idle_modes"] == []
-    if variant == "relora":
+    if "relora" in variants:
         for seed in (0, 1):
             logged = (study_dir / "runs" / f"relora_seed{seed}" / "logs" / "metrics.jsonl").read_text()
             assert '"relora/resets": 2' in logged  # merges after steps 20 and 35
@@ -673,10 +674,11 @@ def test_shipped_study_configs_build_every_run(study, tmp_path):
     for quick in forms:
         config = load_study_config(path, quick=quick, output_dir=tmp_path)
         variants = {run.variant for run in config.runs}
-        assert len(variants) == 2 and len(config.runs) == 4, config.runs
+        arms = 3 if study.startswith("relora-vs-baseline") else 2  # + full rank on ReLoRA's schedule
+        assert len(variants) == arms and len(config.runs) == 2 * arms, config.runs
         for run in config.runs:
             mode = run.config.training.relora.enabled or run.config.training.maml.enabled
-            assert mode == (run.variant != "baseline") or study == "norm-eps"
+            assert mode == (run.variant not in ("baseline", "full-rank-jagged")) or study == "norm-eps"
             relora = run.config.training.relora
             if quick and relora.enabled:  # --quick's schedule, not the variant's: the quick runs merge
                 from pico_hf.training.relora import is_reset_step
@@ -684,6 +686,14 @@ def test_shipped_study_configs_build_every_run(study, tmp_path):
                 assert (relora.reset_frequency, relora.warm_start_steps) == (15, 5)
                 steps = run.config.training.max_steps
                 assert [s for s in range(1, steps + 1) if is_reset_step(s, relora, steps)] == [20, 35]
+        if arms == 3:  # the schedule control re-warms at the ReLoRA arm's steps, in the quick form too
+            (relora, *_), (control, *_) = (
+                [run.config.training for run in config.runs if run.variant == v]
+                for v in ("relora", "full-rank-jagged")
+            )
+            assert control.optimization.lr_scheduler == "jagged_cosine"
+            schedule = control.optimization.jagged_schedule(control.relora)
+            assert schedule == {key: getattr(relora.relora, key) for key in schedule}
 
 
 # --- verdicts of a real study: no effect, a strong effect, too few seeds, a failed run ----------------------

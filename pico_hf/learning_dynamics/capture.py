@@ -139,7 +139,11 @@ def effective_weight(module: nn.Module) -> torch.Tensor:
     if is_adapted(module) and not module.merged:
         with torch.no_grad():
             for adapter in module.active_adapters:
-                weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
+                # PEFT's get_delta_weight, from the whole A and B (under FSDP2 they are sharded too).
+                a, b = (full_tensor(m[adapter].weight.detach()) for m in (module.lora_A, module.lora_B))
+                delta = b.float() @ a.float()
+                delta = (delta.T if module.fan_in_fan_out else delta) * module.scaling[adapter]
+                weight = weight + delta.to(weight.dtype)
     return weight
 
 

@@ -32,6 +32,7 @@ from ..configuration import (
 from ..configuration import parse_override as parse_override
 from ..tokenization import OLMO_TOKENIZER_ID
 from .modes import check_modes, mode_sections
+from .modes.relora import ReLoRAConfig, check_cosine, check_jagged_cosine
 
 DEFAULT_LAYER_SUFFIXES = ["attention.v_proj", "attention.o_proj", "swiglu.w_2"]
 # The pico-lm suite's global batch: 1024 sequences of 2048 tokens.
@@ -110,9 +111,35 @@ class FabricConfig:
 class OptimizationConfig:
     optimizer: str = "adamw"
     lr: float = 3e-4
+    # `linear_with_warmup` (pico-train's), `cosine` (warmup, then one cosine to lr * min_lr_ratio) or
+    # `jagged_cosine` (ReLoRA's schedule without adapters: the cosine re-warms after every reset). A ReLoRA run
+    # sets its schedule in `training.relora`.
     lr_scheduler: str = "linear_with_warmup"
     lr_warmup_steps: int = 2500
     gradient_accumulation_steps: int = 128
+    # The cosine schedules' keys, named as in `training.relora`; null: `training.relora`'s value (so a control
+    # arm and a ReLoRA arm can share one schedule, --quick overrides included). Setting one that the chosen
+    # lr_scheduler does not use is an error.
+    min_lr_ratio: float | None = None  # cosine, jagged_cosine
+    reset_frequency: int | None = None  # jagged_cosine: a re-warmup every N steps ...
+    restart_warmup_steps: int | None = None  # ... over this many steps ...
+    warm_start_steps: int | None = None  # ... counted from this step (a ReLoRA arm's full-rank warm start)
+
+    def jagged_schedule(self, relora: ReLoRAConfig | None = None) -> dict[str, Any]:
+        """The jagged cosine's keys, each at `relora`'s value (the run's `training.relora`) where it is unset."""
+        fallback = relora if relora is not None else ReLoRAConfig()
+        return {
+            key: getattr(fallback, key) if getattr(self, key) is None else getattr(self, key)
+            for key in SCHEDULE_KEYS["jagged_cosine"]
+        }
+
+
+# training.optimization.lr_scheduler -> the schedule keys of training.optimization it reads.
+SCHEDULE_KEYS = {
+    "linear_with_warmup": (),
+    "cosine": ("min_lr_ratio",),
+    "jagged_cosine": ("min_lr_ratio", "reset_frequency", "restart_warmup_steps", "warm_start_steps"),
+}
 
 
 @dataclass
@@ -346,10 +373,8 @@ def validate(config: PicoTrainingConfig) -> None:
     optimization = config.training.optimization
     if optimization.optimizer.lower() != "adamw":
         problems.add(f"training.optimization.optimizer must be 'adamw', got '{optimization.optimizer}'")
-    if optimization.lr_scheduler != "linear_with_warmup":
-        problems.add(
-            f"training.optimization.lr_scheduler must be 'linear_with_warmup', got '{optimization.lr_scheduler}'"
-        )
+    with problems.check():
+        check_lr_schedule(optimization, config.training.max_steps, config.training.relora)
     positive = {
         "training.max_steps": config.training.max_steps,
         "training.optimization.gradient_accumulation_steps": optimization.gradient_accumulation_steps,
@@ -427,6 +452,33 @@ def model_shape_problems(model: ModelConfig) -> list[str]:
             f"model.attention_n_heads ({heads}) must be divisible by model.attention_n_kv_heads ({kv_heads})"
         )
     return problems
+
+
+def check_lr_schedule(optimization: OptimizationConfig, max_steps: int, relora: ReLoRAConfig) -> None:
+    """`training.optimization.lr_scheduler` and the schedule keys it reads (and none that it does not)."""
+    key = "training.optimization"
+    if optimization.lr_scheduler not in SCHEDULE_KEYS:
+        raise ConfigError(
+            f"{key}.lr_scheduler must be one of {list(SCHEDULE_KEYS)}, got '{optimization.lr_scheduler}'"
+        )
+    used = SCHEDULE_KEYS[optimization.lr_scheduler]
+    for name in SCHEDULE_KEYS["jagged_cosine"]:
+        if name not in used and getattr(optimization, name) is not None:
+            raise ConfigError(
+                f"{key}.{name} is set but lr_scheduler '{optimization.lr_scheduler}' does not use it (it is a key "
+                f"of {' and '.join(s for s, keys in SCHEDULE_KEYS.items() if name in keys)})"
+            )
+    if optimization.lr_scheduler == "linear_with_warmup":
+        return
+    schedule = optimization.jagged_schedule(relora)
+    if optimization.lr_scheduler == "cosine":
+        problems = check_cosine(key, schedule["min_lr_ratio"])
+    else:
+        problems = check_jagged_cosine(
+            key, **schedule, max_steps=max_steps, lr_warmup_steps=optimization.lr_warmup_steps
+        )
+    if problems:
+        raise ConfigError.of(problems)
 
 
 # Lightning precision strings -> (mixed-precision mode for accelerate, parameter dtype).

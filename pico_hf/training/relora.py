@@ -28,9 +28,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .modes.relora import ReLoRA, ReLoRAConfig
+from .modes.relora import DEEPSPEED_UNSUPPORTED, ReLoRA, ReLoRAConfig
+from .schedules import jagged_cosine
 from .weights import load_complete_weights
 
 logger = logging.getLogger(__name__)
@@ -39,42 +43,14 @@ ADAPTER = "default"
 RELORA_STATE_NAME = "relora_state.safetensors"
 
 
-# --- the schedule ---------------------------------------------------------------------------------------
+# --- the schedule (the jagged cosine is in .schedules) -------------------------------------------------
 
 
-def jagged_cosine(
-    step: int,
-    *,
-    max_steps: int,
-    warmup_steps: int,
-    reset_frequency: int,
-    restart_warmup_steps: int,
-    min_lr_ratio: float,
-    warm_start_steps: int = 0,
-) -> float:
-    """The LR multiplier for optimizer step `step` (0-based): linear warmup, one cosine from the warmup's end to
-    `min_lr_ratio` at `max_steps`, and after each reset (steps warm_start + k * reset_frequency, k >= 1) a linear
-    re-warmup over `restart_warmup_steps` to the cosine's value at the re-warmup's end. The switch from the
-    warm start to LoRA is no reset: the cosine's phase carries on."""
-
-    def cosine(at: int) -> float:
-        progress = min(max((at - warmup_steps) / max(1, max_steps - warmup_steps), 0.0), 1.0)
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    if step < warmup_steps:
-        return step / max(1, warmup_steps)
-    since_start = step - warm_start_steps
-    if since_start >= reset_frequency:
-        into_cycle = since_start % reset_frequency
-        if into_cycle < restart_warmup_steps:
-            return into_cycle / restart_warmup_steps * cosine(step - into_cycle + restart_warmup_steps)
-    return cosine(step)
-
-
-def is_reset_step(step: int, relora: ReLoRAConfig, max_steps: int) -> bool:
-    """Merge-and-reinit happens after optimizer step `step` (never after the last one)."""
-    since_start = step - relora.warm_start_steps
-    return since_start > 0 and since_start % relora.reset_frequency == 0 and step < max_steps
+def is_reset_step(step: int, *, lora_start: int, reset_frequency: int, max_steps: int) -> bool:
+    """Merge-and-reinit happens after optimizer step `step` (never after the last one); LoRA training starts
+    after step `lora_start` (the warm start's end)."""
+    since_start = step - lora_start
+    return since_start > 0 and since_start % reset_frequency == 0 and step < max_steps
 
 
 # --- wrapping, merging, pruning -------------------------------------------------------------------------
@@ -136,23 +112,65 @@ def set_phase(model: nn.Module, lora: bool) -> None:
                 param.grad = None
 
 
-def effective_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The plain model's state dict: each wrapped module's weight is base + scaling * B @ A, adapters dropped."""
-    deltas = {}
+# Under FSDP2 (recipes/accelerate/fsdp.yaml) each parameter and its optimizer state are DTensors, sharded along
+# dim 0 across processes. The merge, the new A and the pruning masks are computed on whole tensors, the same
+# on every process and the same as in one process; each process then applies its own shard of them.
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: gathered from every process if it is sharded (a collective: all processes call it)."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """The part of `tensor` this process holds, as a plain tensor that in-place updates write through."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This process's shard of `full`, laid out as `like` (a parameter or optimizer state) is."""
+    if isinstance(like, DTensor):  # every process holds the same `full`: split it locally, no broadcast
+        full = distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()
+    return full.to(like.device, like.dtype)
+
+
+def lora_delta(layer: nn.Module, adapter: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """scaling * B @ A, the adapter's update to the base weight, as PEFT's `get_delta_weight` computes it."""
+    delta = b.float() @ a.float()
+    return (delta.T if layer.fan_in_fan_out else delta) * layer.scaling[adapter]
+
+
+def effective_state_dict(
+    model: nn.Module, state: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The plain model's state dict: each wrapped module's weight is base + scaling * B @ A, adapters dropped.
+
+    `state` is the wrapped model's whole state dict (by default `model.state_dict()`, for an unsharded model)."""
+    state = model.state_dict() if state is None else state
+    effective = {}
     with torch.no_grad():
+        for key, tensor in state.items():
+            if is_lora_parameter(key):
+                continue
+            effective[key.replace(".base_layer.", ".")] = tensor
         for name, layer in lora_layers(model).items():
-            if not layer.merged:
-                deltas[f"{name}.base_layer.weight"] = sum(
-                    layer.get_delta_weight(a) for a in layer.active_adapters
-                )
-    state = {}
-    for key, tensor in model.state_dict().items():
-        if is_lora_parameter(key):
-            continue
-        if key in deltas:
-            tensor = tensor + deltas[key].to(tensor.dtype)
-        state[key.replace(".base_layer.", ".")] = tensor
-    return state
+            if layer.merged:
+                continue
+            key = f"{name}.weight"
+            base = effective[key]
+            for adapter in layer.active_adapters:
+                a, b = (state[f"{name}.lora_{m}.{adapter}.weight"] for m in "AB")
+                base = base + lora_delta(layer, adapter, a, b).to(base.device, base.dtype)
+            effective[key] = base
+    return effective
+
+
+def gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's whole state dict: under FSDP2 gathered to process 0 (the others get {}); a collective."""
+    if isinstance(model, FSDPModule):
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(model, options=options)
+    return model.state_dict()
 
 
 @torch.no_grad()
@@ -161,15 +179,18 @@ def merge_and_reinit(model: nn.Module, seed: int) -> None:
 
     The new A comes from a generator seeded by `seed`, so every process draws the same A and a resumed run
     the same as an uninterrupted one; the global RNG stream (dropout) is left where it was."""
-    layers = lora_layers(model)
-    devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        for layer in layers.values():
-            for adapter in layer.active_adapters:
-                base = layer.get_base_layer().weight
-                base.add_(layer.get_delta_weight(adapter).to(base.dtype))
-                layer.reset_lora_parameters(adapter, True)
+    generator = torch.Generator().manual_seed(seed)
+    for layer in lora_layers(model).values():
+        for adapter in layer.active_adapters:
+            base = layer.get_base_layer().weight
+            a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+            delta = lora_delta(layer, adapter, whole(a), whole(b))
+            local_part(base).add_(shard_like(delta, base))
+            # PEFT's reset_lora_parameters(init_lora_weights=True), drawn whole on the CPU from `generator`.
+            new_a = torch.empty(a.shape)
+            nn.init.kaiming_uniform_(new_a, a=math.sqrt(5), generator=generator)
+            local_part(a).copy_(shard_like(new_a, a))
+            local_part(b).zero_()
 
 
 @torch.no_grad()
@@ -182,7 +203,10 @@ def prune_lora_moments(
 ) -> float:
     """Zero a `ratio` share of each LoRA parameter's Adam moments (`exp_avg`, `exp_avg_sq`), by `mode`:
     `random` (entries drawn from a generator seeded by `seed`) or `magnitude` (the smallest |value| of each
-    tensor). Other parameters' state is untouched. Returns the fraction of the LoRA moments zeroed."""
+    tensor). Other parameters' state is untouched. Returns the fraction of the LoRA moments zeroed.
+
+    The optimizer state is keyed by parameter, sharded or not (FSDP2); each mask is drawn for the whole
+    tensor, so a sharded run zeroes the same entries as one process."""
     generator = torch.Generator().manual_seed(seed)
     zeroed = total = 0
     for param in lora_parameters:
@@ -194,20 +218,48 @@ def prune_lora_moments(
             if mode == "random":
                 keep = torch.rand(moment.shape, generator=generator) >= ratio
             else:
-                magnitude = moment.abs().flatten().float().cpu()
+                magnitude = whole(moment).abs().flatten().float().cpu()
                 k = int(ratio * magnitude.numel())
                 keep = torch.ones_like(magnitude, dtype=torch.bool)
                 if k:
                     keep[magnitude.argsort(stable=True)[:k]] = False
                 keep = keep.view(moment.shape)
-            moment.mul_(keep.to(moment.device, moment.dtype))
+            local_part(moment).mul_(shard_like(keep, moment))
             zeroed += int((~keep).sum())
             total += keep.numel()
     return zeroed / total if total else 0.0
 
 
+def warm_start_position(source: str, state_dirname: str, global_batch: int, max_steps: int) -> dict[str, Any]:
+    """The saved data position of the run checkpoint `source`, where a run warm-started from it continues."""
+    from .config import ConfigError
+    from .data import load_position
+    from .trainer import DATA_POSITION_NAME
+
+    key = f"training.relora.warm_start_checkpoint '{source}'"
+    path = Path(source) / state_dirname / DATA_POSITION_NAME
+    position = load_position(path) if Path(source).is_dir() else None
+    if position is None:
+        raise ConfigError(
+            f"{key} is not a training checkpoint (a run's checkpoints/step_N): {path} is missing, so the run "
+            "cannot continue from its step and data position"
+        )
+    step = position["step"]
+    if step >= max_steps:
+        raise ConfigError(
+            f"training.max_steps ({max_steps}) must be greater than the step of {key} ({step}): max_steps counts "
+            "the warm start's steps too"
+        )
+    if "sequence" in position and position["sequence"] != step * global_batch:
+        raise ConfigError(
+            f"{key} was trained with a global batch of {position['sequence'] // max(step, 1)} sequences, this run "
+            f"with {global_batch} (data.dataloader.batch_size): its data position does not carry over"
+        )
+    return position
+
+
 def load_warm_start(model: nn.Module, source: str) -> None:
-    """Copy a pico checkpoint's weights (a path or Hub id) into the not yet wrapped `model`."""
+    """Copy a run checkpoint's weights (its `step_N` directory) into the not yet wrapped `model`."""
     from .config import ConfigError
 
     try:
@@ -231,6 +283,10 @@ class ReLoRAMode(ReLoRA):
     """The jagged cosine schedule, resets, merged checkpoints and exact resume of a LoRA-wrapped model."""
 
     section: ReLoRAConfig
+    # The saved data position of warm_start_checkpoint, where this run continues from (`prepare_model`).
+    warm_start: dict[str, Any] | None = None
+    # The whole state dict of the checkpoint being written (process 0's under FSDP2), for `save_state`.
+    checkpoint_state: dict[str, torch.Tensor] | None = None
 
     def prepare_model(
         self, model: nn.Module, *, tokenizer: Any, micro_batch: int, world_size: int
@@ -246,11 +302,34 @@ class ReLoRAMode(ReLoRA):
                 "full-rank checkpoint with training.relora.warm_start_checkpoint"
             )
         if relora.warm_start_checkpoint:
+            # As the reference does: the LoRA phase continues from the checkpoint's step and data position
+            # (training.max_steps is the total); its weights, not its optimizer, initialise the run.
+            self.warm_start = warm_start_position(
+                relora.warm_start_checkpoint,
+                self.config.checkpointing.fabric_checkpoint_dir,
+                self.config.data.dataloader.batch_size,
+                self.config.training.max_steps,
+            )
             load_warm_start(model, relora.warm_start_checkpoint)
         return wrap_model(model, relora)
 
+    @property
+    def lora_start(self) -> int:
+        """The step after which the LoRA phase starts: the end of the warm start, in this run or before it."""
+        return self.warm_start["step"] if self.warm_start else self.section.warm_start_steps
+
+    def start_position(self) -> dict[str, Any] | None:
+        return self.warm_start
+
     def callbacks(self) -> list[TrainerCallback]:
         return [ReLoRACallback(self)]
+
+    def attach(self, trainer: Any) -> None:
+        from .config import ConfigError
+
+        if trainer.is_deepspeed_enabled:  # e.g. training_arguments.deepspeed
+            raise ConfigError(DEEPSPEED_UNSUPPORTED)
+        super().attach(trainer)
 
     def lora_parameters(self) -> list[nn.Parameter]:
         model = self.trainer.accelerator.unwrap_model(self.trainer.model)
@@ -282,17 +361,20 @@ class ReLoRAMode(ReLoRA):
             reset_frequency=self.section.reset_frequency,
             restart_warmup_steps=self.section.restart_warmup_steps,
             min_lr_ratio=self.section.min_lr_ratio,
-            warm_start_steps=self.section.warm_start_steps,
+            warm_start_steps=self.lora_start,
         )
 
     def checkpoint_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        # The checkpoint's model files are the plain model with the effective weights.
-        return effective_state_dict(model)
+        # The checkpoint's model files are the plain model with the effective weights. Runs on every process
+        # (under FSDP2 the whole state dict is gathered to process 0, which writes the files); `save_state`,
+        # on process 0 after it, writes the same gathered state.
+        self.checkpoint_state = gathered_state_dict(model)
+        return effective_state_dict(model, self.checkpoint_state) if self.checkpoint_state else {}
 
     def save_state(self, state_dir: Path) -> None:
         # The wrapped modules' base weights and adapters; the rest is in the model files.
-        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if is_wrapped_key(k)}
+        state, self.checkpoint_state = self.checkpoint_state, None
+        state = {k: v.detach().contiguous() for k, v in state.items() if is_wrapped_key(k)}
         save_file(state, str(Path(state_dir) / RELORA_STATE_NAME))
 
     def resume(
@@ -335,9 +417,12 @@ class ReLoRACallback(TrainerCallback):
                 if ".base_layer." in name:
                     trainer.optimizer.state.pop(param, None)
             logger.info("Warm start done after %d full-rank steps; training LoRA adapters", step)
-        if not is_reset_step(step, relora, state.max_steps):
+        lora_start = self.mode.lora_start
+        if not is_reset_step(
+            step, lora_start=lora_start, reset_frequency=relora.reset_frequency, max_steps=state.max_steps
+        ):
             return
-        resets = (step - relora.warm_start_steps) // relora.reset_frequency
+        resets = (step - lora_start) // relora.reset_frequency
         seed = args.seed * 100_003 + resets
         merge_and_reinit(model, seed)
         fraction = prune_lora_moments(

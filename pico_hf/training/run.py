@@ -43,6 +43,7 @@ from .rundir import (
     saved_config,
     write_config,
 )
+from .schedules import optimization_lr_multiplier
 from .trainer import PicoTrainer, no_clipping
 
 logger = logging.getLogger("pico_hf.training")
@@ -558,6 +559,9 @@ def _build_job(
         train_sequences=training_sequences(stream, layout),
         run=run,
         mode=mode,
+        lr_multiplier=optimization_lr_multiplier(
+            config.training.optimization, config.training.max_steps, config.training.relora
+        ),
         callbacks=callbacks + list(extra_callbacks or []),
     )
     for callback in heldout:

@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -121,12 +122,17 @@ class PicoTrainer(Trainer):
         train_sequences: TrainingSequences,
         run: RunLayout,
         mode: TrainingMode | None = None,
+        lr_multiplier: Callable[[int], float] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.train_sequences = train_sequences
         self.run = run
         self.mode = mode  # a research mode (pico_hf.training.modes), whose hooks this trainer calls
+        # training.optimization's schedule (pico_hf.training.schedules), or None: the Trainer's linear one.
+        self.lr_multiplier = lr_multiplier
+        # The step a fresh run starts from: 0, or that of a checkpoint it continues (a mode's warm start).
+        self.start_step = 0
         if mode is not None:
             mode.attach(self)
         self.add_callback(_CheckpointScheduling(self))
@@ -184,12 +190,17 @@ class PicoTrainer(Trainer):
     def create_scheduler(
         self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
     ) -> torch.optim.lr_scheduler.LRScheduler:
-        schedule = None
-        if self.lr_scheduler is None and self.mode is not None:
-            schedule = self.mode.lr_multiplier(num_training_steps)
+        if self.lr_scheduler is not None:
+            return self.lr_scheduler
+        schedule = self.mode.lr_multiplier(num_training_steps) if self.mode is not None else None
+        schedule = schedule or self.lr_multiplier
         if schedule is None:
             return super().create_scheduler(num_training_steps, optimizer)
-        self.lr_scheduler = LambdaLR(optimizer if optimizer is not None else self.optimizer, schedule)
+        optimizer = optimizer if optimizer is not None else self.optimizer
+        if self.start_step:  # the schedule goes on at the step the run starts from (a resume loads its own)
+            for group in optimizer.param_groups:
+                group.setdefault("initial_lr", group["lr"])
+        self.lr_scheduler = LambdaLR(optimizer, schedule, last_epoch=self.start_step - 1)
         self._created_lr_scheduler = True
         return self.lr_scheduler
 
@@ -328,6 +339,16 @@ class PicoTrainer(Trainer):
 
     def train(self, resume_from_checkpoint: str | None = None, **kwargs: Any):
         """Train; `resume_from_checkpoint` is a `step_N` directory (or its state folder)."""
+        self.start_step = 0
+        if resume_from_checkpoint is None and self.mode is not None:
+            # A fresh run that continues another run's checkpoint: from its step and data position.
+            position = self.mode.start_position()
+            if position is not None:
+                stream_state = {k: v for k, v in position.items() if k != "step"}
+                self.train_sequences.resume_at(
+                    position["step"], stream_state if "datasets" in position else None
+                )
+                self.start_step = position["step"]
         if resume_from_checkpoint is not None:
             step_dir = Path(resume_from_checkpoint)
             if step_dir.name == self.run.state_dirname:
@@ -339,6 +360,12 @@ class PicoTrainer(Trainer):
             self.train_sequences.resume_at(position["step"], stream_state if "datasets" in position else None)
             resume_from_checkpoint = str(self.run.state_dir(step_dir))
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _init_training_state(self, *args: Any, **kwargs: Any) -> tuple[int, int]:
+        trained = super()._init_training_state(*args, **kwargs)
+        if self.start_step and self.state.global_step == 0:  # a fresh run, continuing: no step 0 of its own
+            self.state.global_step = self.start_step
+        return trained
 
     def _load_from_checkpoint(
         self, resume_from_checkpoint: str, model: torch.nn.Module | None = None
@@ -357,7 +384,7 @@ class PicoTrainer(Trainer):
 
 
 class _CheckpointScheduling(TrainerCallback):
-    """pico-train checkpoints (and evaluates) the untrained model too: save step 0 when a run starts fresh.
+    """pico-train checkpoints (and evaluates) the untrained model too: save the first step when a run starts fresh.
     A checkpoint kept open for the next optimizer step is completed just before that step's update."""
 
     def __init__(self, trainer: PicoTrainer) -> None:
@@ -366,7 +393,8 @@ class _CheckpointScheduling(TrainerCallback):
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ):
-        if state.global_step == 0 and not self.trainer.run.step_dir(0).exists():
+        start = self.trainer.start_step  # 0, or the step of a checkpoint this fresh run continues
+        if state.global_step == start and not self.trainer.run.step_dir(start).exists():
             self.trainer._save_checkpoint(self.trainer.model, trial=None)
 
     def on_pre_optimizer_step(

@@ -55,6 +55,11 @@ class TrainingMode:
         the model; returns the model to train."""
         return model
 
+    def start_position(self) -> dict[str, Any] | None:
+        """Where a fresh run starts: the saved data position (`{"step": N, ...}`) of a checkpoint whose steps
+        it continues, or None for step 0. A resumed run starts from its own checkpoint instead."""
+        return None
+
     def callbacks(self) -> list[TrainerCallback]:
         """The mode's Trainer callbacks, placed ahead of the run's loggers and checkpoint contributors (the values
         they add to a log line reach every logger). The series a mode logs are its callbacks' or

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,6 +11,11 @@ from .base import TrainingMode
 from .registry import register_mode
 
 DEFAULT_RELORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "w_0", "w_1", "w_2"]
+DEEPSPEED_UNSUPPORTED = (
+    "training.relora cannot run under DeepSpeed: ZeRO keeps the optimizer state in flat partitions, not keyed "
+    "by parameter, so the LoRA moments could not be pruned at a reset (it would silently do nothing). Launch "
+    "with recipes/accelerate/fsdp.yaml or ddp.yaml"
+)
 # The reference implementations' defaults: random pruning keeps 0.1% of the moments, magnitude keeps 10%.
 DEFAULT_RESET_RATIO = {"random": 0.999, "magnitude": 0.9}
 
@@ -35,7 +41,8 @@ class ReLoRAConfig:
     min_lr_ratio: float = 0.1
     # Full-rank warm start: N full-rank steps in this run before LoRA training starts ...
     warm_start_steps: int = 0
-    # ... or a checkpoint (path or Hub id) whose weights, not its optimizer, initialise the run.
+    # ... or a run's checkpoint (`checkpoints/step_N`) whose weights, not its optimizer, start the run, which
+    # continues from its step and data position (training.max_steps counts its steps too).
     warm_start_checkpoint: str | None = None
 
     @property
@@ -67,28 +74,55 @@ def validate_relora(relora: ReLoRAConfig, max_steps: int, lr_warmup_steps: int) 
         )
     if relora.optimizer_reset_ratio is not None and not 0 <= relora.optimizer_reset_ratio < 1:
         problems.append(f"{key}.optimizer_reset_ratio must be in [0, 1), got {relora.optimizer_reset_ratio}")
-    if relora.restart_warmup_steps < 0:
-        problems.append(f"{key}.restart_warmup_steps must not be negative, got {relora.restart_warmup_steps}")
-    if relora.reset_frequency <= relora.restart_warmup_steps:
-        problems.append(
-            f"{key}.reset_frequency ({relora.reset_frequency}) must be greater than "
-            f"{key}.restart_warmup_steps ({relora.restart_warmup_steps})"
-        )
-    if not 0 < relora.min_lr_ratio <= 1:
-        problems.append(f"{key}.min_lr_ratio must be in (0, 1], got {relora.min_lr_ratio}")
-    if relora.warm_start_steps < 0:
-        problems.append(f"{key}.warm_start_steps must not be negative, got {relora.warm_start_steps}")
-    elif relora.warm_start_steps >= max_steps:  # e.g. a demo shortened with training.max_steps alone
-        problems.append(
-            f"{key}.warm_start_steps ({relora.warm_start_steps}) must end before training.max_steps "
-            f"({max_steps}): set {key}.warm_start_steps={max(0, max_steps - 1)} or lower, or raise training.max_steps"
-        )
+    problems += check_jagged_cosine(
+        key,
+        min_lr_ratio=relora.min_lr_ratio,
+        reset_frequency=relora.reset_frequency,
+        restart_warmup_steps=relora.restart_warmup_steps,
+        warm_start_steps=relora.warm_start_steps,
+        max_steps=max_steps,
+        lr_warmup_steps=lr_warmup_steps,
+    )
     if relora.warm_start_steps and relora.warm_start_checkpoint:
         problems.append(f"{key}: set warm_start_steps or warm_start_checkpoint, not both")
-    if lr_warmup_steps > relora.warm_start_steps + relora.reset_frequency:
+    return problems
+
+
+def check_cosine(key: str, min_lr_ratio: float) -> list[str]:
+    return [] if 0 < min_lr_ratio <= 1 else [f"{key}.min_lr_ratio must be in (0, 1], got {min_lr_ratio}"]
+
+
+def check_jagged_cosine(
+    key: str,
+    *,
+    min_lr_ratio: float,
+    reset_frequency: int,
+    restart_warmup_steps: int,
+    warm_start_steps: int,
+    max_steps: int,
+    lr_warmup_steps: int,
+) -> list[str]:
+    """Problems with the jagged cosine's keys under `key` (`training.relora` or `training.optimization`)."""
+    problems = []
+    if restart_warmup_steps < 0:
+        problems.append(f"{key}.restart_warmup_steps must not be negative, got {restart_warmup_steps}")
+    if reset_frequency <= restart_warmup_steps:
+        problems.append(
+            f"{key}.reset_frequency ({reset_frequency}) must be greater than "
+            f"{key}.restart_warmup_steps ({restart_warmup_steps})"
+        )
+    problems += check_cosine(key, min_lr_ratio)
+    if warm_start_steps < 0:
+        problems.append(f"{key}.warm_start_steps must not be negative, got {warm_start_steps}")
+    elif warm_start_steps >= max_steps:  # e.g. a demo shortened with training.max_steps alone
+        problems.append(
+            f"{key}.warm_start_steps ({warm_start_steps}) must end before training.max_steps ({max_steps}): "
+            f"set {key}.warm_start_steps={max(0, max_steps - 1)} or lower, or raise training.max_steps"
+        )
+    if lr_warmup_steps > warm_start_steps + reset_frequency:
         problems.append(
             f"training.optimization.lr_warmup_steps ({lr_warmup_steps}) must end by the first reset, at step "
-            f"{relora.warm_start_steps + relora.reset_frequency} ({key}.warm_start_steps + reset_frequency)"
+            f"{warm_start_steps + reset_frequency} ({key}.warm_start_steps + reset_frequency)"
         )
     return problems
 
@@ -102,4 +136,14 @@ class ReLoRA(TrainingMode):
     @classmethod
     def check_config(cls, section: ReLoRAConfig, config: Any) -> list[str]:
         optimization = config.training.optimization
-        return validate_relora(section, config.training.max_steps, optimization.lr_warmup_steps)
+        problems = validate_relora(section, config.training.max_steps, optimization.lr_warmup_steps)
+        if section.enabled and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes"):
+            problems.append(DEEPSPEED_UNSUPPORTED)  # an `accelerate launch` with a DeepSpeed config
+        if optimization.lr_scheduler != "linear_with_warmup":
+            # One schedule per run: ReLoRA's jagged cosine, keyed in its own section.
+            problems.append(
+                f"training.optimization.lr_scheduler '{optimization.lr_scheduler}' cannot be combined with "
+                "training.relora, which follows its own jagged cosine (training.relora.reset_frequency, "
+                "restart_warmup_steps, min_lr_ratio): leave lr_scheduler at 'linear_with_warmup'"
+            )
+        return problems
