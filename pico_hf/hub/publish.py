@@ -43,10 +43,12 @@ one more commit goes on the branch and on `main`:
 from __future__ import annotations
 
 import argparse
-import io
 import logging
+import os
 import re
+import shutil
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -72,6 +74,7 @@ logger = logging.getLogger("pico_hf.training.hub")  # under the training logger:
 RETRY_DELAYS: tuple[float, ...] = (1.0, 2.0)  # pico-train's backoff: two retries, 1 s then 2 s apart
 CONFIG_FILE = "training_config.yaml"
 MAIN = "main"
+STAGING_PREFIX = ".hub-upload-"  # hard links of a checkpoint's files while they upload early
 
 # Learning-dynamics entries of one split: `{split}_{activations|weights|gradients}.{safetensors|pt}` files and
 # the `{split}_data/` dataset folder.
@@ -504,15 +507,35 @@ class HubPublisher:
             return None
         return self.push(commit, branch=branch)
 
-    def upload_early(self, files: Sequence[tuple[io.BufferedReader, str]]) -> None:
-        """Upload the LFS files among `files` (open files, path in the repo) now, in the background worker's
+    def upload_early(self, files: Sequence[tuple[Path, str]], staging_parent: Path) -> None:
+        """Upload the LFS files among `files` (local file, path in the repo) now, in the background worker's
         queue, without committing: the commit that adds them later finds them on the Hub and uploads nothing.
-        Best effort: a failure leaves the upload to the commit, with its retries. The files are closed."""
+        huggingface_hub is handed paths, which its Xet path takes (an open file would make it fall back to
+        plain HTTP). The checkpoint folder is renamed into place while the upload may still run, so the files
+        are hard-linked into a staging folder in `staging_parent` (outside the checkpoint, on the same disk)
+        first, removed once the upload is done. Best effort:
+        a failure leaves the upload to the commit, with its retries."""
+        with self._lock:
+            blocked = self._blocked is not None
+        if blocked or not files:  # the Hub is failing: don't add uploads that would delay the retries
+            return
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=staging_parent))
+        try:
+            staged = []
+            for index, (local, in_repo) in enumerate(files):
+                link = staging / f"{index}-{local.name}"
+                os.link(local, link)  # the same bytes, under a name the rename does not move
+                staged.append((link, in_repo))
+        except OSError as error:
+            shutil.rmtree(staging, ignore_errors=True)
+            logger.debug("Early upload to %s skipped, left to the commit: %s", self.where, error)
+            return
 
         def upload() -> None:
             try:
                 operations = [
-                    CommitOperationAdd(path_in_repo=in_repo, path_or_fileobj=f) for f, in_repo in files
+                    CommitOperationAdd(path_in_repo=in_repo, path_or_fileobj=str(link))
+                    for link, in_repo in staged
                 ]
                 self.api.preupload_lfs_files(self.repo_id, additions=operations, revision=self.branch)
             except Exception as error:
@@ -520,15 +543,8 @@ class HubPublisher:
                     "Early upload to %s failed, left to the commit: %s", self.where, describe_error(error)
                 )
             finally:
-                for handle, _ in files:
-                    handle.close()
+                shutil.rmtree(staging, ignore_errors=True)
 
-        with self._lock:
-            blocked = self._blocked is not None
-        if blocked:  # the Hub is failing: don't add uploads that would delay the retries
-            for handle, _ in files:
-                handle.close()
-            return
         self._futures = [f for f in self._futures if not f.done()]
         self._futures.append(self.api.run_as_future(upload))
 
@@ -587,6 +603,9 @@ class HubPublishCallback(CheckpointContributor):
         if not state.is_world_process_zero:
             return
         self._prepare()
+        # Staging folders of early uploads a killed run left behind (the uploads died with it).
+        for stale in (self.run_dir / self.folders.checkpoints).glob(f"{STAGING_PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)
         # Checkpoints written before this start (a resumed or re-run job): push what the branch lacks of them.
         for step in checkpoint_steps(self.run_dir, self.folders):
             if step <= state.global_step:
@@ -643,8 +662,7 @@ class HubPublishCallback(CheckpointContributor):
 class HubEarlyUpload(CheckpointContributor):
     """Starts the upload of a checkpoint's weights and training state as soon as they are written, while the
     contributors after it (learning dynamics, evaluation) still work on the checkpoint; it must come before
-    them among the callbacks. The files are opened here, so renaming the checkpoint into place later does not
-    disturb the upload."""
+    them among the callbacks."""
 
     def __init__(self, publisher: HubPublisher, folders: RunFolders) -> None:
         self.publisher, self.folders = publisher, folders
@@ -662,7 +680,7 @@ class HubEarlyUpload(CheckpointContributor):
         step_dir = Path(checkpoint_dir)
         found = [(p, p.name) for p in sorted(step_dir.iterdir()) if p.is_file() and _visible(p)]
         found += _files_under(step_dir / self.folders.fabric_state, self.folders.fabric_state)
-        self.publisher.upload_early([(local.open("rb"), in_repo) for local, in_repo in found])
+        self.publisher.upload_early(found, staging_parent=step_dir.parent)
 
 
 def hub_early_uploads(callbacks: Sequence[TrainerCallback]) -> list[HubEarlyUpload]:
