@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, tiny_training_overrides
+from conftest import REPO, StopAfter, tiny_training_overrides
 from fake_hub import FakeHub, fake_hub, lfs_fake_hub, point_hub_client_at, running_fake_hub  # noqa: F401
 from huggingface_hub import HfApi, ModelCard, snapshot_download
 from safetensors.torch import load_file, save_file
@@ -172,8 +172,10 @@ def test_each_commit_holds_that_checkpoints_files(published):
     commits = hub.commits(REPO_ID, BRANCH)
     for before, after in itertools.pairwise(commits):
         changed = {p for p in after.files if before.files.get(p) != after.files[p]}
-        if after.title.startswith("Saving HF Model"):
-            assert all("/" not in p and not p.startswith("tokenizer") for p in changed), after.title
+        if after.title.startswith("Saving HF Model"):  # the model, its card, and the curves up to its step
+            assert all(
+                ("/" not in p and not p.startswith("tokenizer")) or p.startswith("logs/") for p in changed
+            ), after.title
         elif after.title.startswith("Saving Fabric"):
             assert all(p.startswith("fabric_state/") for p in changed), after.title
         elif after.title.startswith("Saving Evaluation"):
@@ -848,3 +850,53 @@ def test_early_uploads_hand_paths_to_the_xet_path_and_never_fall_back(fake_hub, 
         assert ["Falling back to HTTP upload" in r.getMessage() for r in records] == [True]
     finally:
         hub_logger.removeHandler(handler)
+
+
+def tensorboard_steps(events: bytes) -> list[int]:
+    """The step of every event of a TensorBoard event file (TFRecord framing around Event protos)."""
+    from tensorboard.compat.proto.event_pb2 import Event
+
+    steps, offset = [], 0
+    while offset < len(events):
+        length = int.from_bytes(events[offset : offset + 8], "little")
+        steps.append(Event.FromString(events[offset + 12 : offset + 12 + length]).step)
+        offset += 12 + length + 4
+    return steps
+
+
+@pytest.mark.slow
+def test_the_branch_carries_the_curves_up_to_each_step_across_a_kill_and_resume(fake_hub, tmp_path):  # noqa: F811
+    overrides = hub_overrides(tmp_path)
+    config, notes = load_config(None, overrides)
+    with pytest.raises(KeyboardInterrupt):  # killed after step 5 was logged: step 4 is the last checkpoint
+        run_training(config, notes, extra_callbacks=[HandMadeStates(), StopAfter(5)])
+    deadline = time.monotonic() + 60  # the killed run's last pushes finish in the background
+    while "Saving Learning Dynamics Data (val) -- Step 4" not in fake_hub.titles(REPO_ID, BRANCH):
+        assert time.monotonic() < deadline, fake_hub.titles(REPO_ID, BRANCH)
+        time.sleep(0.1)
+    resumed, notes = load_config(None, overrides)
+    run_training(resumed, notes, extra_callbacks=[HandMadeStates()])
+
+    logs = config.run_dir / "logs"
+    local = (logs / "metrics.jsonl").read_text()
+    rows = [json.loads(line) for line in local.splitlines()]
+    assert [row["step"] for row in rows if "loss" in row] == [1, 2, 3, 4, 5, 6]  # step 5 once, not twice
+    event_files = sorted(p.relative_to(logs).as_posix() for p in (logs / "tensorboard").rglob("events.*"))
+    assert len(event_files) == 2  # one per attempt
+    for step in (0, 2, 4, 6):
+        files = fake_hub.commit_by_title(REPO_ID, BRANCH, f"Saving HF Model -- Step {step}").files
+        up_to = "".join(
+            line + "\n" for line, row in zip(local.splitlines(), rows, strict=True) if row["step"] <= step
+        )
+        assert files.get("logs/metrics.jsonl", b"").decode() == up_to, step  # none before the first log
+        pushed_events = sorted(
+            name.removeprefix("logs/") for name in files if name.startswith("logs/tensorboard/")
+        )
+        assert pushed_events == (event_files if step == 6 else event_files[:1]), step
+        for name in pushed_events:
+            assert all(s <= step for s in tensorboard_steps(files[f"logs/{name}"])), (step, name)
+    # At the last step the branch holds the local files themselves (the run's summary row included).
+    head = fake_hub.files(REPO_ID, BRANCH)
+    assert head["logs/metrics.jsonl"].decode() == local and "train_runtime" in rows[-1]
+    for name in event_files:
+        assert head[f"logs/{name}"] == (logs / name).read_bytes()

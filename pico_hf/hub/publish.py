@@ -5,7 +5,10 @@ after `checkpointing.run_name` (the repo is created if needed and added to `coll
 Every checkpoint `step_N` becomes these commits, in this order (pico-train's titles, and its order: evaluation
 results are written before the learning dynamics of the same step):
 
-    Saving HF Model -- Step N                          config, weights, model code, generation config
+    Saving HF Model -- Step N                          config, weights, model code, generation config,
+                                                       card, and the run's curves up to step N: the rows
+                                                       of logs/metrics.jsonl and the TensorBoard events
+                                                       of steps <= N (logs/tensorboard/)
     Saving Tokenizer -- Step 0                         step 0 only: the tokenizer files
     Saving Training Config -- Step 0                   step 0 only: training_config.yaml
     Saving Fabric Checkpoint -- Step N                 fabric_state/ (the state to resume from)
@@ -43,10 +46,12 @@ one more commit goes on the branch and on `main`:
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
 import shutil
+import struct
 import sys
 import tempfile
 import threading
@@ -74,6 +79,8 @@ logger = logging.getLogger("pico_hf.training.hub")  # under the training logger:
 RETRY_DELAYS: tuple[float, ...] = (1.0, 2.0)  # pico-train's backoff: two retries, 1 s then 2 s apart
 CONFIG_FILE = "training_config.yaml"
 MAIN = "main"
+METRICS_FILE = "metrics.jsonl"  # in the run's logs folder, as TENSORBOARD_DIR
+TENSORBOARD_DIR = "tensorboard"
 STAGING_PREFIX = ".hub-upload-"  # hard links of a checkpoint's files while they upload early
 
 # Learning-dynamics entries of one split: `{split}_{activations|weights|gradients}.{safetensors|pt}` files and
@@ -125,6 +132,7 @@ class RunFolders:
     fabric_state: str = "fabric_state"
     learning_dynamics: str = "learning_dynamics"
     eval_results: str = "eval_results"
+    logs: str = "logs"
 
     @classmethod
     def from_checkpointing(cls, checkpointing: Any) -> RunFolders:
@@ -133,6 +141,7 @@ class RunFolders:
             fabric_state=checkpointing.fabric_checkpoint_dir,
             learning_dynamics=checkpointing.learning_dynamics_dir,
             eval_results=checkpointing.evaluation.eval_results_dir,
+            logs=checkpointing.logs_dir,
         )
 
     @classmethod
@@ -146,16 +155,24 @@ class RunFolders:
             learning_dynamics=checkpointing.get("learning_dynamics_dir") or defaults.learning_dynamics,
             eval_results=(checkpointing.get("evaluation") or {}).get("eval_results_dir")
             or defaults.eval_results,
+            logs=checkpointing.get("logs_dir") or defaults.logs,
         )
 
 
 @dataclass(frozen=True)
 class PlannedCommit:
-    """One commit: its title and the files it uploads, as (local file, path in the repo)."""
+    """One commit: its title and the files it uploads, as (local file, path in the repo); a file's content
+    may be given as bytes instead (the run's curves as they were at the commit's step)."""
 
     step: int
     title: str
-    files: tuple[tuple[Path, str], ...]
+    files: tuple[tuple[Path | bytes, str], ...]
+
+    @property
+    def size(self) -> int:
+        return sum(
+            len(local) if isinstance(local, bytes) else local.stat().st_size for local, _ in self.files
+        )
 
 
 def _saved_config(run_dir: Path) -> dict[str, Any]:
@@ -199,6 +216,43 @@ def checkpoint_steps(run_dir: Path, folders: RunFolders = RunFolders()) -> list[
         if match and not entry.is_symlink() and _is_checkpoint(entry):
             steps.append(int(match[1]))
     return sorted(steps)
+
+
+def run_curves(run_dir: Path, step: int, folders: RunFolders = RunFolders()) -> list[tuple[bytes, str]]:
+    """The run's curves as they were at `step`, with their paths in the repo: the rows of
+    `logs/metrics.jsonl` of steps <= `step`, and each TensorBoard event file of `logs/tensorboard/` with the
+    events of steps <= `step`. A resumed run drops the rows of the steps it replays from metrics.jsonl, so
+    at every step this is what the local file held then, and at the last step the local file itself."""
+    logs = Path(run_dir) / folders.logs
+    curves = []
+    metrics = logs / METRICS_FILE
+    if metrics.is_file():
+        rows = [line for line in metrics.read_text().splitlines() if line.strip()]
+        kept = "".join(row + "\n" for row in rows if json.loads(row).get("step", 0) <= step)
+        curves.append((kept.encode(), f"{folders.logs}/{METRICS_FILE}"))
+    events = logs / TENSORBOARD_DIR
+    for path in sorted(events.rglob("events.out.tfevents.*")) if events.is_dir() else []:
+        in_repo = f"{folders.logs}/{path.relative_to(logs).as_posix()}"
+        curves.append((_events_up_to(path.read_bytes(), step), in_repo))
+    return curves
+
+
+def _events_up_to(records: bytes, step: int) -> bytes:
+    """The records of a TensorBoard event file (TFRecord framing: length u64, its CRC u32, the Event proto,
+    its CRC u32) whose events belong to steps <= `step`, kept byte for byte; a record still being written
+    at the end is left out."""
+    from tensorboard.compat.proto.event_pb2 import Event
+
+    kept, offset = [], 0
+    while offset + 12 <= len(records):
+        (length,) = struct.unpack_from("<Q", records, offset)
+        end = offset + 12 + length + 4
+        if end > len(records):
+            break
+        if Event.FromString(records[offset + 12 : offset + 12 + length]).step <= step:
+            kept.append(records[offset:end])
+        offset = end
+    return b"".join(kept)
 
 
 def _learning_dynamics_commits(step: int, folder: Path, repo_dir: str) -> list[PlannedCommit]:
@@ -251,7 +305,8 @@ def plan_checkpoint_commits(
     model = [(p, p.name) for p in top_level if not _TOKENIZER_FILES.match(p.name)]
     tokenizer = [(p, p.name) for p in top_level if _TOKENIZER_FILES.match(p.name)]
 
-    commits = [PlannedCommit(step, f"Saving HF Model -- Step {step}", tuple(model))]
+    curves = run_curves(run_dir, step, folders)
+    commits = [PlannedCommit(step, f"Saving HF Model -- Step {step}", (*model, *curves))]
     if step == 0:
         commits.append(PlannedCommit(step, "Saving Tokenizer -- Step 0", tuple(tokenizer)))
         config = run_dir / CONFIG_FILE
@@ -457,7 +512,10 @@ class HubPublisher:
                     self.repo_id,
                     # One commit per title, whatever the number or size of files (upload_folder may split).
                     operations=[
-                        CommitOperationAdd(path_in_repo=in_repo, path_or_fileobj=str(local))
+                        CommitOperationAdd(
+                            path_in_repo=in_repo,
+                            path_or_fileobj=local if isinstance(local, bytes) else str(local),
+                        )
                         for local, in_repo in commit.files
                     ],
                     commit_message=commit.title,
@@ -590,6 +648,7 @@ class HubPublishCallback(CheckpointContributor):
         self._ended = False
         self.push_error: HubPushError | None = None
         self._trainer: Any = None
+        self._last_step: int | None = None  # the final checkpoint, pushed once training has ended
 
     def _prepare(self) -> None:
         if not self._prepared:
@@ -624,7 +683,13 @@ class HubPublishCallback(CheckpointContributor):
             return
         self._prepare()
         match = _STEP_DIR.match(Path(checkpoint_dir).name) if checkpoint_dir is not None else None
-        self._submit(int(match[1]) if match else state.global_step)
+        step = int(match[1]) if match else state.global_step
+        if step >= state.max_steps and not self._ended:
+            # The run's last log (the trainer's summary of the run) comes after its last checkpoint: that
+            # checkpoint's commits are planned when training ends, so its curves are the whole local files.
+            self._last_step = step
+            return
+        self._submit(step)
         if self._ended:  # published while training was being wrapped up: nobody waits for it later
             self.publisher.finish()
 
@@ -643,6 +708,9 @@ class HubPublishCallback(CheckpointContributor):
             self.push_error = error
 
     def _finish(self, state: TrainerState) -> None:
+        if self._last_step is not None:
+            self._prepare()
+            self._submit(self._last_step)
         self.publisher.finish()
         final = max(checkpoint_steps(self.run_dir, self.folders), default=None)
         if final is not None and final == state.global_step >= state.max_steps:  # a finished run only
@@ -785,8 +853,7 @@ def publish_run(
     if dry_run:
         print(f"Would push {len(plan)} commits from {run_dir} to {repo_id} (branch '{branch}'):", file=out)
         for commit in plan:
-            size = sum(local.stat().st_size for local, _ in commit.files)
-            print(f"  {commit.title}  ({_count(commit.files)}, {_human(size)})", file=out)
+            print(f"  {commit.title}  ({_count(commit.files)}, {_human(commit.size)})", file=out)
         if extra is not None:
             print(f"then: {extra.title}  ({_count(extra.files)})", file=out)
         if final is not None:
