@@ -222,37 +222,40 @@ def run_curves(run_dir: Path, step: int, folders: RunFolders = RunFolders()) -> 
     """The run's curves as they were at `step`, with their paths in the repo: the rows of
     `logs/metrics.jsonl` of steps <= `step`, and each TensorBoard event file of `logs/tensorboard/` with the
     events of steps <= `step`. A resumed run drops the rows of the steps it replays from metrics.jsonl, so
-    at every step this is what the local file held then, and at the last step the local file itself."""
+    at every step this is what the local file held then, and at the last step the local file itself. Files
+    with nothing logged by then are left out."""
     logs = Path(run_dir) / folders.logs
     curves = []
     metrics = logs / METRICS_FILE
     if metrics.is_file():
         rows = [line for line in metrics.read_text().splitlines() if line.strip()]
         kept = "".join(row + "\n" for row in rows if json.loads(row).get("step", 0) <= step)
-        curves.append((kept.encode(), f"{folders.logs}/{METRICS_FILE}"))
+        if kept:
+            curves.append((kept.encode(), f"{folders.logs}/{METRICS_FILE}"))
     events = logs / TENSORBOARD_DIR
     for path in sorted(events.rglob("events.out.tfevents.*")) if events.is_dir() else []:
-        in_repo = f"{folders.logs}/{path.relative_to(logs).as_posix()}"
-        curves.append((_events_up_to(path.read_bytes(), step), in_repo))
+        records = _events_up_to(path.read_bytes(), step)
+        if len(records) > 1:  # more than the file's header (its version record)
+            curves.append((b"".join(records), f"{folders.logs}/{path.relative_to(logs).as_posix()}"))
     return curves
 
 
-def _events_up_to(records: bytes, step: int) -> bytes:
+def _events_up_to(events: bytes, step: int) -> list[bytes]:
     """The records of a TensorBoard event file (TFRecord framing: length u64, its CRC u32, the Event proto,
-    its CRC u32) whose events belong to steps <= `step`, kept byte for byte; a record still being written
-    at the end is left out."""
+    its CRC u32) whose events belong to steps <= `step`, byte for byte; a record still being written at the
+    end is left out."""
     from tensorboard.compat.proto.event_pb2 import Event
 
     kept, offset = [], 0
-    while offset + 12 <= len(records):
-        (length,) = struct.unpack_from("<Q", records, offset)
+    while offset + 12 <= len(events):
+        (length,) = struct.unpack_from("<Q", events, offset)
         end = offset + 12 + length + 4
-        if end > len(records):
+        if end > len(events):
             break
-        if Event.FromString(records[offset + 12 : offset + 12 + length]).step <= step:
-            kept.append(records[offset:end])
+        if Event.FromString(events[offset + 12 : offset + 12 + length]).step <= step:
+            kept.append(events[offset:end])
         offset = end
-    return b"".join(kept)
+    return kept
 
 
 def _learning_dynamics_commits(step: int, folder: Path, repo_dir: str) -> list[PlannedCommit]:
@@ -571,8 +574,8 @@ class HubPublisher:
         huggingface_hub is handed paths, which its Xet path takes (an open file would make it fall back to
         plain HTTP). The checkpoint folder is renamed into place while the upload may still run, so the files
         are hard-linked into a staging folder in `staging_parent` (outside the checkpoint, on the same disk)
-        first, removed once the upload is done. Best effort:
-        a failure leaves the upload to the commit, with its retries."""
+        first, removed once the upload is done. Best effort: a failure leaves the upload to the commit, with
+        its retries."""
         with self._lock:
             blocked = self._blocked is not None
         if blocked or not files:  # the Hub is failing: don't add uploads that would delay the retries
