@@ -900,3 +900,35 @@ def test_the_branch_carries_the_curves_up_to_each_step_across_a_kill_and_resume(
     assert head["logs/metrics.jsonl"].decode() == local and "train_runtime" in rows[-1]
     for name in event_files:
         assert head[f"logs/{name}"] == (logs / name).read_bytes()
+
+
+def test_the_cas_refuses_shards_it_cannot_rebuild(fake_hub):  # noqa: F811
+    import struct
+
+    from fake_xet import BOOKEND, SHARD_MAGIC
+    from huggingface_hub import constants, get_session
+
+    HfApi().create_repo(REPO_ID)
+    auth = {"Authorization": f"Bearer {fake_hub.token}"}
+    token = get_session().get(f"{constants.ENDPOINT}/api/models/{REPO_ID}/xet-write-token/main", headers=auth)
+    cas, xet = (
+        token.headers["X-Xet-Cas-Url"],
+        {"Authorization": f"Bearer {token.headers['X-Xet-Access-Token']}"},
+    )
+    assert get_session().post(f"{cas}/v1/shards", content=b"shard").status_code == 401  # no Xet token
+
+    def shard(xorb: bytes) -> bytes:  # one file of one term: chunks [0, 1) of `xorb`, 10 bytes
+        header = SHARD_MAGIC + struct.pack("<QQ", 2, 0)
+        file = b"\x01" * 32 + struct.pack("<IIQ", 0, 1, 0) + xorb + struct.pack("<4I", 0, 10, 0, 1)
+        bookend = BOOKEND + bytes(16)
+        return header + file + bookend + bookend  # no xorb of its own: the file names one already stored
+
+    refused = get_session().post(f"{cas}/v1/shards", content=b"not a shard", headers=xet)
+    assert (refused.status_code, refused.json()["error"]) == (
+        400,
+        "Invalid shard: not a Xet shard (wrong magic number)",
+    )
+    refused = get_session().post(f"{cas}/v1/shards", content=shard(b"\x02" * 32), headers=xet)
+    assert refused.status_code == 400
+    assert refused.json()["error"] == f"Invalid shard: xorb {'02' * 32} is unknown to this CAS"
+    assert fake_hub.cas.files == {} and fake_hub.xet_hashes == {}
