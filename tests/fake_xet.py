@@ -7,15 +7,16 @@ as the Xet protocol specification describes them (huggingface.co/docs/xet), read
   of it, as the CAS's presigned URLs do.
 - A **shard** (`HFRepoMetaData` magic) holds, per file, its Xet hash and reconstruction terms (xorb hash,
   chunk range, unpacked bytes), optionally a verification entry per term and the file's sha256; then, per
-  xorb, where each chunk starts in the xorb's unpacked bytes (the footer and lookup tables of stored shards are absent from an
-  uploaded one). Every section ends with a bookend entry
-  (hash of all ones). Entries are 48 bytes: a 32-byte hash and four little-endian u32 (or two u64).
-- A file's **reconstruction** is its terms with, per xorb, the URL and the byte range (inclusive end, as an
-  HTTP Range) that hold each term's chunks.
+  xorb, where each chunk starts in the xorb's unpacked bytes. Every section ends with a bookend entry (hash
+  of all ones); an uploaded shard has no footer or lookup tables (footer size 0). Entries are 48 bytes: a
+  32-byte hash and four little-endian u32 (or two u64).
+- A file's **reconstruction** is its terms, cut to the chunks a byte range needs, with, per xorb, the merged
+  chunk ranges to fetch, their URL and byte range (inclusive end, as an HTTP Range).
 
-Hashes travel as Xet writes them in hex: the 32 bytes as four little-endian u64, each printed as 16 digits.
-What the store checks: a shard's files only name xorbs it holds and chunk ranges inside them, and each file
-rebuilt from its terms has the size and sha256 the shard states. It does not recompute Xet's own hashes
+Hashes (the sha256 included) travel as Xet writes them: the 32 bytes as four little-endian u64, each printed
+as 16 hex digits. What the store checks: a shard's xorbs were uploaded and their chunks decompress to the
+sizes and offsets it states, its files only name known xorbs and chunk ranges inside them, and each file
+rebuilt from its terms has the sha256 the shard states. It does not recompute Xet's own hashes
 (chunk, xorb and file Merkle hashes use keyed BLAKE3), so a xorb is trusted to be what its hash says.
 """
 
