@@ -87,7 +87,7 @@ def main() -> None:
     results: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
     with (
         tempfile.TemporaryDirectory() as tmp,
-        FakeHub(xet=not args.lfs) as hub,
+        FakeHub(xet=not args.lfs, lifetime_s=24 * 3600) as hub,  # a slow machine may take hours
         point_hub_client_at(hub, Path(tmp) / "cache"),
     ):
         hub.latency_s, hub.upload_bytes_per_s = args.latency, args.mbps * 1e6
