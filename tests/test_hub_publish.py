@@ -29,7 +29,7 @@ from pico_hf.hub.commits import (
     PlannedCommit,
     plan_checkpoint_commits,
 )
-from pico_hf.training.config import load_config
+from pico_hf.training.config import ConfigError, load_config
 from pico_hf.training.run import run_training
 from pico_hf.training.trainer import CheckpointContributor
 
@@ -288,8 +288,10 @@ def test_resumed_run_appends_only_new_commits(published):
 def test_offline_run_is_refused_before_training(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     config, notes = load_config(None, hub_overrides(tmp_path))
-    with pytest.raises(HubSetupError, match=r"save_to_hf is true but .*HF_HUB_OFFLINE"):
+    # Found with the other config problems before training, and reported with them.
+    with pytest.raises(ConfigError, match=r"save_to_hf is true but .*HF_HUB_OFFLINE") as raised:
         run_training(config, notes)
+    assert len(raised.value.problems) == 1
     assert not (config.run_dir / "checkpoints" / "step_0").exists()
 
 
