@@ -5,9 +5,11 @@ Pushes run in the background, so what pushing can add is (a) CPU and disk conten
 (b) the wait at the end for the last checkpoint's uploads (and the final model on `main`). Both are reported:
 `train_ratio` is the wall time until the last step's checkpoint is on disk, `total_ratio` includes the final
 wait. Runs alternate (off, on / on, off, ...) in one process, so drift in machine load hits both alike.
-The fake Hub (tests/fake_hub.py) takes the LFS path for weights, as the real Hub does; Xet is not emulated.
+Weights and other binary files go through Xet, as huggingface_hub sends them to the real Hub whenever
+hf_xet is installed: hf_xet chunks, compresses and deduplicates them and uploads xorbs and shards to the
+fake Hub's CAS server (tests/fake_hub.py); `--lfs` pushes through a Hub without Xet (the LFS batch API).
 
-    python benchmarks/bench_hub.py [--steps 150] [--rounds 1] [--latency 0.2] [--mbps 20]
+    python benchmarks/bench_hub.py [--steps 150] [--rounds 1] [--latency 0.2] [--mbps 20] [--lfs]
 
 `--steps` shortens the run, keeping the demo's cadence (a checkpoint every steps/3).
 """
@@ -25,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ["HF_HUB_DISABLE_XET"] = "1"  # the fake Hub speaks LFS (read by huggingface_hub at import)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the fake Hub lives with the tests
@@ -81,11 +82,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--latency", type=float, default=0.2, help="seconds added to every request")
     parser.add_argument("--mbps", type=float, default=20.0, help="upload bandwidth, MB/s")
+    parser.add_argument("--lfs", action="store_true", help="push through a Hub without Xet (LFS)")
     args = parser.parse_args()
     results: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
     with (
         tempfile.TemporaryDirectory() as tmp,
-        FakeHub() as hub,
+        FakeHub(xet=not args.lfs, lifetime_s=24 * 3600) as hub,  # a slow machine may take hours
         point_hub_client_at(hub, Path(tmp) / "cache"),
     ):
         hub.latency_s, hub.upload_bytes_per_s = args.latency, args.mbps * 1e6
@@ -94,7 +96,8 @@ def main() -> None:
                 name = f"bench-{'push' if push else 'local'}-{round_}"
                 results[push].append(run_once(args.steps, push, Path(tmp) / "runs", name))
                 print(json.dumps({"push": push, **results[push][-1]}), file=sys.stderr)
-        pushed_bytes = sum(len(d) for d in hub.lfs_objects.values())
+        stored_bytes = sum(len(d) for d in hub.lfs_objects.values())
+        xorb_bytes = hub.cas.xorb_bytes_received
         commits = sum(len(repo.commits) for repo in hub.repos.values())
 
     def median(push: bool, key: str) -> float:
@@ -112,7 +115,9 @@ def main() -> None:
                 "on_total_s": round(median(True, "total_s"), 1),
                 "train_ratio": round(median(True, "train_s") / median(False, "total_s"), 3),
                 "total_ratio": round(median(True, "total_s") / median(False, "total_s"), 3),
-                "lfs_MB_uploaded": round(pushed_bytes / 1e6, 1),
+                "path": "lfs" if args.lfs else "xet",
+                "stored_MB": round(stored_bytes / 1e6, 1),  # the binary files, as committed
+                "xorb_MB_uploaded": round(xorb_bytes / 1e6, 1),  # what went up through Xet, compressed
                 "commits": commits,
             }
         )

@@ -57,7 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     from pico_hf.learning_dynamics.analysis_config import load_analysis_config
     from pico_hf.learning_dynamics.analysis_sources import AnalysisError, CheckpointSource, HubRun, LocalRun
     from pico_hf.learning_dynamics.analyze import LOG_DATE_FORMAT, LOG_FORMAT, run_analysis
-    from pico_hf.learning_dynamics.report import plot_results, read_evaluations, write_report
+    from pico_hf.learning_dynamics.report import (
+        plot_results,
+        read_evaluations,
+        read_training_curves,
+        write_report,
+    )
     from pico_hf.training.config import ConfigError
 
     console = Console(stderr=True)
@@ -102,13 +107,17 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.no_report:
         plots = plot_results(result)
-        evaluations = {}
-        if isinstance(source, LocalRun):  # the run's eval_results/ beside the analysis
-            results_dir = (source.training_config().get("checkpointing") or {}).get("evaluation") or {}
-            evaluations = read_evaluations(
-                source.run_path, results_dir.get("eval_results_dir") or "eval_results"
-            )
-        md, html = write_report(result, plots, evaluations)
+        # The run's evaluation results and training curves beside the analysis: a local run's own files, or
+        # what the branch's commits carry.
+        eval_dir, logs_dir = source.record_dirs()
+        try:
+            records = source.run_records()
+        except AnalysisError as error:
+            console.print(Text.assemble(("error: ", "bold red"), str(error)), soft_wrap=True)
+            return 1
+        evaluations = read_evaluations(records, eval_dir)
+        curves = read_training_curves(records / logs_dir / "metrics.jsonl")
+        md, html = write_report(result, plots, evaluations, curves)
         console.print(f"Report: {md.name} and {html.name}, plots in plots/", soft_wrap=True)
     print(result.output_dir)  # the one line on stdout: where everything is
     return 0

@@ -13,12 +13,23 @@ what huggingface_hub (2.x) sends for
   regular files), so the client drops unchanged files and skips commits that change nothing. A commit whose
   `parentCommit` is not the branch head is refused with 412. README metadata validation (`validate-yaml`)
   checks the `model-index` schema; `add_collection_item`.
-  Xet is not emulated: clients must set HF_HUB_DISABLE_XET=1 (`client_env` and `point_hub_client_at` do);
+  Xet, as huggingface_hub uses it whenever `hf_xet` is installed: the read and write token endpoints
+  (`/api/<type>s/<id>/xet-{read,write}-token/<rev>`) hand out a short-lived token and the URL of the CAS
+  server, `<hub>/cas`, which takes xorbs (`POST /v1/xorbs/default/<hash>`) and shards (`POST /v1/shards`),
+  answers reconstructions (`GET /v1/reconstructions/<file hash>`, with a byte Range) and serves xorb byte
+  ranges from the signed URLs it gives (`fake_xet.py` reads the formats). A shard's files are rebuilt from
+  their xorbs and checked against their sha256, so a commit names them by sha256 as LFS files; `resolve`
+  answers `X-Xet-Hash` and the `xet-auth` link for them and `tree` their `xetHash`, so downloads go through
+  the CAS too. Not served: global deduplication (`GET /v1/chunks/...` answers 404, so a client deduplicates
+  against its own shard cache), and the newer endpoints hf_xet tries first and falls back from with 404
+  (`/v2/shards`, `/v2/reconstructions`, `/v1/xorb-grants`). `FakeHub(xet=False)` is a Hub without Xet:
+  its clients set HF_HUB_DISABLE_XET=1 (`client_env` and `point_hub_client_at` do) and upload through LFS;
 - reading: `list_repo_commits`, `list_repo_refs`, `model_info` / `repo_info` (with siblings),
   `list_repo_tree`, `hf_hub_download` and `snapshot_download` (the resolve endpoint with ETag,
   X-Repo-Commit and Content-Length).
 
-Tests inspect the result directly (`titles`, `commits`, `files`, `commit_by_title`, `collections`, `requests`)
+Tests inspect the result directly (`titles`, `commits`, `files`, `commit_by_title`, `collections`, `requests`,
+`failed_requests`, the CAS's `cas` and `xet_hashes`)
 and can make endpoints fail or slow (`fail`, `delay`), add latency to every request and cap upload
 bandwidth (`latency_s`, `upload_bytes_per_s`), or refuse connections altogether (`refuse_connections`,
 `accept_connections`: the port is closed, then served again). Writes need `Authorization: Bearer <hub.token>`. Only
@@ -39,9 +50,11 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import hmac
 import json
 import os
 import re
+import secrets
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -54,6 +67,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
+from fake_xet import XetFormatError, XetStore
 
 FAKE_USER = "fake-user"
 FAKE_TOKEN = "hf_fake_hub_token_for_tests"
@@ -68,6 +82,12 @@ GITATTRIBUTES = (
 )
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".arrow")  # the patterns above
 LFS_MIN_SIZE = 10 * 1000 * 1000  # the Hub stores files from 10 MB on in LFS, whatever their type
+CAS_PREFIX = "/cas"  # the Xet CAS server's URL is <hub>/cas
+XET_TOKEN_LIFETIME_S = 3600
+EXPECTED_MISSES = re.compile(
+    rf"/api/agent-harnesses|{CAS_PREFIX}/v1/chunks/.*|{CAS_PREFIX}/v2/(?:shards|reconstructions/.*)"
+    rf"|{CAS_PREFIX}/v1/xorb-grants/.*"
+)
 
 
 def git_blob_oid(data: bytes) -> str:
@@ -159,8 +179,14 @@ class FakeHub:
         token: str = FAKE_TOKEN,
         user: str = FAKE_USER,
         lifetime_s: float = DEFAULT_LIFETIME_S,
+        xet: bool = True,
     ) -> None:
         self.token, self.user, self.lifetime_s = token, user, lifetime_s
+        self.xet = xet  # False: a Hub without Xet, whose clients must set HF_HUB_DISABLE_XET=1 (`client_env`)
+        self.cas = XetStore()  # the Xet storage behind the CAS URL the token endpoints hand out
+        self.xet_hashes: dict[str, str] = {}  # sha256 -> Xet hash of every file uploaded through Xet
+        self._xet_tokens: dict[str, str] = {}  # access token -> "read" or "write"
+        self._xet_url_key = secrets.token_bytes(16)  # signs the xorb URLs of reconstructions
         self.repos: dict[tuple[str, str], Repo] = {}
         self.collections: dict[str, dict[str, Any]] = {}
         self.requests: list[tuple[str, str, int]] = []  # (method, path, status) in arrival order
@@ -238,7 +264,9 @@ class FakeHub:
             "HF_TOKEN": self.token,
             "HF_HUB_CACHE": str(cache_dir),
             "HF_HUB_DISABLE_TELEMETRY": "1",
-            "HF_HUB_DISABLE_XET": "1",  # the fake speaks LFS, not Xet
+            # Xet's local state (its shard cache, which deduplicates uploads) beside the Hub cache.
+            "HF_XET_CACHE": str(Path(cache_dir) / "xet"),
+            **({} if self.xet else {"HF_HUB_DISABLE_XET": "1"}),
             "NO_PROXY": "127.0.0.1,localhost",
             "no_proxy": "127.0.0.1,localhost",
         }
@@ -289,6 +317,13 @@ class FakeHub:
         if len(found) != 1:
             raise KeyError(f"{len(found)} commits titled {title!r} on {repo_id}@{revision}, expected 1")
         return found[0]
+
+    def failed_requests(self) -> list[tuple[str, str, int]]:
+        """Requests answered with an error, except the negative answers clients ask for as part of the
+        protocol: no deduplication information for a chunk, and the newer Xet endpoints (`/v2/...`, upload
+        grants) the client tries first and falls back from; and huggingface_hub's telemetry registry."""
+        with self._lock:
+            return [r for r in self.requests if r[2] >= 400 and not EXPECTED_MISSES.fullmatch(r[1])]
 
     def fail(
         self,
@@ -528,7 +563,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     API_REPO = re.compile(
         r"^/api/(?P<type>models|datasets|spaces)/(?P<id>[^/]+/[^/]+)"
-        r"(?:/(?P<op>preupload|commit|branch|commits|revision|tree|refs)(?:/(?P<rest>.*))?)?$"
+        r"(?:/(?P<op>preupload|commit|branch|commits|revision|tree|refs|xet-read-token|xet-write-token)"
+        r"(?:/(?P<rest>.*))?)?$"
     )
     LFS_BATCH = re.compile(
         r"^/(?:(?P<type>dataset|space)s/)?(?P<id>[^/]+/[^/]+)\.git/info/lfs/objects/batch$"
@@ -569,6 +605,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._ok(self._collection_json(self._collection(unquote(collection["slug"]))))
             if match := self.API_REPO.fullmatch(path):
                 return self._repo_api(method, match, body)
+            if path.startswith(CAS_PREFIX + "/") and self.hub.xet:
+                return self._cas(method, path[len(CAS_PREFIX) :], body)
             if (match := self.RESOLVE.fullmatch(path)) and method in ("GET", "HEAD"):
                 repo = self._repo(f"{match['type'] or 'model'}s", match["id"])
                 return self._resolve(repo, unquote(match["rev"]), unquote(match["path"]), method == "HEAD")
@@ -607,6 +645,8 @@ class _Handler(BaseHTTPRequestHandler):
         if op == "commit" and method == "POST":
             self._require_token()
             return self._commit(repo, rest, body)
+        if op in ("xet-read-token", "xet-write-token") and method == "GET" and self.hub.xet:
+            return self._xet_token(repo, "write" if op == "xet-write-token" else "read", rest)
         raise _HttpError(404, f"The fake Hub does not implement {method} {self.raw_path}")
 
     # --- write endpoints ----------------------------------------------------------------------------------
@@ -751,6 +791,88 @@ class _Handler(BaseHTTPRequestHandler):
         self.hub.lfs_objects[oid] = content
         return self._ok({"success": True})
 
+    # --- Xet: tokens and the CAS server (xorbs, shards, reconstructions) -----------------------------------
+
+    def _xet_token(self, repo: Repo, mode: str, revision: str) -> int:
+        """A short-lived token for the CAS server, with its URL: as the Hub answers, in headers and JSON."""
+        if mode == "write":
+            self._require_token()
+            if revision and revision != "None" and revision not in repo.branches:
+                raise _HttpError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+        token = f"xet_{mode}_{secrets.token_hex(12)}"
+        self.hub._xet_tokens[token] = mode
+        expires = int(time.time()) + XET_TOKEN_LIFETIME_S
+        cas_url = self.hub.url + CAS_PREFIX
+        headers = {
+            "X-Xet-Cas-Url": cas_url,
+            "X-Xet-Access-Token": token,
+            "X-Xet-Token-Expiration": str(expires),
+        }
+        self._send_json(200, {"casUrl": cas_url, "accessToken": token, "exp": expires}, headers)
+        return 200
+
+    def _require_xet_token(self, mode: str) -> None:
+        granted = self.hub._xet_tokens.get(self.headers.get("Authorization", "").removeprefix("Bearer "))
+        if granted is None or (mode == "write" and granted != "write"):
+            raise _HttpError(401, f"A Xet {mode} token is required")
+
+    def _xorb_url(self, xorb: str) -> str:
+        """Where a reconstruction sends the client for a xorb's bytes: signed, like a presigned URL."""
+        signature = hmac.new(self.hub._xet_url_key, xorb.encode(), "sha256").hexdigest()[:32]
+        return f"{self.hub.url}{CAS_PREFIX}/xorb-data/{xorb}?sig={signature}"
+
+    def _cas(self, method: str, path: str, body: bytes) -> int:
+        store = self.hub.cas
+        if (xorb := re.fullmatch(r"/v1/xorbs/[^/]+/(?P<hash>[0-9a-f]{64})", path)) and method == "POST":
+            self._require_xet_token("write")
+            return self._ok({"was_inserted": store.add_xorb(xorb["hash"], body)})
+        if path == "/v1/shards" and method == "POST":
+            self._require_xet_token("write")
+            try:
+                rebuilt = store.add_shard(body)
+            except XetFormatError as error:
+                raise _HttpError(400, f"Invalid shard: {error}") from error
+            for file, data in rebuilt:  # the files a commit may now name by sha256
+                sha256 = hashlib.sha256(data).hexdigest()
+                self.hub.lfs_objects[sha256] = data
+                self.hub.xet_hashes[sha256] = file.xet_hash
+            return self._ok({"result": 1})  # SyncPerformed
+        if re.fullmatch(r"/v1/chunks/[^/]+/[0-9a-f]{64}", path) and method == "GET":
+            self._require_xet_token("read")
+            # Global deduplication is not offered: no shard is ever answered, so clients deduplicate against
+            # what they uploaded themselves (their shard cache).
+            raise _HttpError(404, "No deduplication information for this chunk")
+        if (file := re.fullmatch(r"/v1/reconstructions/(?P<hash>[0-9a-f]{64})", path)) and method == "GET":
+            self._require_xet_token("read")
+            if file["hash"] not in store.files:
+                raise _HttpError(404, f"File {file['hash']} is not in the CAS")
+            first, end = 0, None
+            if ranged := re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", "")):
+                first, end = int(ranged[1]), int(ranged[2]) + 1 if ranged[2] else None
+            if first >= store.files[file["hash"]].size > 0:
+                raise _HttpError(416, f"Range starts after the end of file {file['hash']}")
+            return self._ok(store.reconstruction(file["hash"], self._xorb_url, first, end))
+        if (data := re.fullmatch(r"/xorb-data/(?P<hash>[0-9a-f]{64})", path)) and method == "GET":
+            expected = self._xorb_url(data["hash"]).rsplit("sig=", 1)[1]
+            if not hmac.compare_digest(self.query.get("sig", [""])[0], expected):
+                raise _HttpError(403, "Invalid signature for this xorb URL")
+            xorb = store.xorbs.get(data["hash"])
+            if xorb is None:
+                raise _HttpError(404, f"Xorb {data['hash']} is not in the CAS")
+            return self._send_ranged(xorb, {"Content-Type": "application/octet-stream"})
+        raise _HttpError(404, f"The fake Hub's CAS does not implement {method} {path}")
+
+    def _send_ranged(self, data: bytes, headers: dict[str, str], head: bool = False) -> int:
+        """`data`, or the part a `Range: bytes=a-b` header asks for (206)."""
+        status = 200
+        if (ranged := re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))) and not head:
+            start = int(ranged[1])
+            end = min(int(ranged[2]), len(data) - 1) if ranged[2] else len(data) - 1
+            headers = {**headers, "Content-Range": f"bytes {start}-{end}/{len(data)}"}
+            data, status = data[start : end + 1], 206
+        self._send(status, data, headers, head=head)
+        return status
+
     def _validate_yaml(self, payload: dict) -> int:
         content = payload.get("content") or ""
         match = re.match(r"^---\n(.*?)\n---\n", content, re.DOTALL)
@@ -886,6 +1008,8 @@ class _Handler(BaseHTTPRequestHandler):
                 if path in commit.lfs:
                     sha = hashlib.sha256(data).hexdigest()
                     entries[path]["lfs"] = {"oid": sha, "size": len(data), "pointerSize": 134}
+                    if sha in self.hub.xet_hashes:
+                        entries[path]["xetHash"] = self.hub.xet_hashes[sha]
         return self._ok(list(entries.values()))
 
     def _resolve(self, repo: Repo, revision: str, path: str, head: bool) -> int:
@@ -901,14 +1025,13 @@ class _Handler(BaseHTTPRequestHandler):
             "X-Repo-Commit": commit.oid,
             "Accept-Ranges": "bytes",
         }
-        status = 200
-        if (ranged := re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))) and not head:
-            start = int(ranged[1])
-            end = int(ranged[2]) if ranged[2] else len(data) - 1
-            headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
-            data, status = data[start : end + 1], 206
-        self._send(status, data, headers, head=head)
-        return status
+        xet_hash = self.hub.xet_hashes.get(hashlib.sha256(data).hexdigest()) if path in commit.lfs else None
+        if xet_hash is not None and self.hub.xet:
+            # A file stored in Xet: clients with Xet fetch it from the CAS, with a read token from this link.
+            kind = "models" if repo.repo_type == "model" else f"{repo.repo_type}s"
+            refresh = f"{self.hub.url}/api/{kind}/{repo.repo_id}/xet-read-token/{commit.oid}"
+            headers |= {"X-Xet-Hash": xet_hash, "Link": f'<{refresh}>; rel="xet-auth"'}
+        return self._send_ranged(data, headers, head=head)
 
 
 @contextlib.contextmanager
@@ -916,16 +1039,21 @@ def point_hub_client_at(hub: FakeHub, cache_dir: str | os.PathLike[str]) -> Iter
     """Make this process's huggingface_hub talk to `hub` (token, endpoint, online, cache in `cache_dir`).
 
     huggingface_hub copied HF_ENDPOINT, HF_HUB_OFFLINE and HF_HUB_CACHE into module constants at import, so
-    the constants are patched too; HfApi objects created inside the block use the fake endpoint."""
+    the constants are patched too; HfApi objects created inside the block use the fake endpoint. hf_xet's
+    session (one per process, created on first use) reads its cache folder then: a fresh one is used inside
+    the block, so what it deduplicates against is what it uploaded to this hub."""
     from huggingface_hub import constants
+    from huggingface_hub.utils import _xet
 
     with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_xet, "_GLOBAL_XET_HOLDER", _xet.XetSessionHolder())
         patch.setattr(constants, "ENDPOINT", hub.url)
         patch.setattr(
             constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}"
         )
         patch.setattr(constants, "HF_HUB_OFFLINE", False)
-        patch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        patch.setattr(constants, "HF_HUB_DISABLE_XET", not hub.xet)
+        patch.setattr(constants, "HF_XET_CACHE", str(Path(cache_dir) / "xet"))
         patch.setattr(constants, "HF_HUB_CACHE", str(cache_dir))
         for name, value in hub.client_env(cache_dir).items():
             patch.setenv(name, value)
@@ -935,9 +1063,10 @@ def point_hub_client_at(hub: FakeHub, cache_dir: str | os.PathLike[str]) -> Iter
 
 
 @contextlib.contextmanager
-def running_fake_hub(cache_dir: str | os.PathLike[str]) -> Iterator[FakeHub]:
-    """A started FakeHub with this process's huggingface_hub pointed at it; stopped on exit."""
-    with FakeHub() as hub, point_hub_client_at(hub, cache_dir):
+def running_fake_hub(cache_dir: str | os.PathLike[str], xet: bool = True) -> Iterator[FakeHub]:
+    """A started FakeHub with this process's huggingface_hub pointed at it; stopped on exit. With
+    `xet=False`, a Hub without Xet, and clients that upload through LFS."""
+    with FakeHub(xet=xet) as hub, point_hub_client_at(hub, cache_dir):
         yield hub
 
 
@@ -945,6 +1074,13 @@ def running_fake_hub(cache_dir: str | os.PathLike[str]) -> Iterator[FakeHub]:
 def fake_hub(tmp_path: Path) -> Iterator[FakeHub]:
     """A fresh fake Hub for one test, with huggingface_hub in this process pointed at it."""
     with running_fake_hub(tmp_path / "hf-cache") as hub:
+        yield hub
+
+
+@pytest.fixture
+def lfs_fake_hub(tmp_path: Path) -> Iterator[FakeHub]:
+    """A fresh fake Hub without Xet (its clients upload through LFS), for one test."""
+    with running_fake_hub(tmp_path / "hf-cache", xet=False) as hub:
         yield hub
 
 

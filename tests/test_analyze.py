@@ -1,6 +1,7 @@
 """Offline learning-dynamics analysis (recipes/analyze.py): pico-analyze's configs and layout, on runs trained
 here, on pico-train-format runs, and on runs read back from a (fake) Hub."""
 
+import hashlib
 import importlib.util
 import io
 import json
@@ -21,7 +22,7 @@ from pico_hf.learning_dynamics.analysis_config import load_analysis_config, pars
 from pico_hf.learning_dynamics.analysis_sources import AnalysisError, LocalRun
 from pico_hf.learning_dynamics.analyze import run_analysis
 from pico_hf.learning_dynamics.capture import load_states
-from pico_hf.learning_dynamics.report import last_step_rows, parse_key, plot_result
+from pico_hf.learning_dynamics.report import last_step_rows, parse_key, plot_result, read_training_curves
 from pico_hf.training.config import ConfigError, load_config
 from pico_hf.training.run import run_training
 
@@ -435,11 +436,18 @@ def test_hub_run_is_found_from_commit_titles_and_matches_the_local_analysis(
     assert hub_results == read_results(local)
 
     # Only the states the metrics read were downloaded: no samples, no model, no per-checkpoint metrics.
-    downloaded = {
-        path.split("/resolve/", 1)[1].split("/", 1)[1]
-        for _, path, _ in fake_hub.requests[first:]
-        if "/resolve/" in path
-    }
+    # Stored files come from the CAS (a reconstruction per file, named by its Xet hash), the rest by path.
+    paths_of = {}
+    for commit in fake_hub.commits("fake-user/pico-tiny", "tiny"):
+        for path in commit.lfs:
+            sha256 = hashlib.sha256(commit.files[path]).hexdigest()
+            paths_of.setdefault(fake_hub.xet_hashes[sha256], set()).add(path)
+    downloaded = set()
+    for _, path, _ in fake_hub.requests[first:]:
+        if "/resolve/" in path:
+            downloaded.add(path.split("/resolve/", 1)[1].split("/", 1)[1])
+        elif "/cas/v1/reconstructions/" in path:
+            downloaded |= paths_of[path.rsplit("/", 1)[1]]
     assert downloaded == {
         "training_config.yaml",
         *(
@@ -501,8 +509,13 @@ def test_report_and_plots(trained_run, tmp_path):
         assert image.info["Title"] == "norm_nuclear_val"
     last = json.loads((out / "step_6" / "norm_frobenius_val.json").read_text())
     assert f"| layers.1.ov_circuit.weights | {last['layers.1.ov_circuit.weights']:.6g} |" in md
+    # The run's training curves (logs/metrics.jsonl), one plot each.
+    curves = read_training_curves(trained_run / "logs" / "metrics.jsonl")
+    assert {"loss", "learning_rate", "grad_norm"} <= curves.keys()
+    assert f"### loss\n\n![loss](plots/train_loss.png)\n\n{len(curves['loss'])} logged steps" in md
+    assert_png(out / "plots" / "train_loss.png")
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == len(STEMS)  # self-contained
+    assert html.count("data:image/png;base64,") == len(STEMS) + len(curves)  # self-contained
 
 
 def test_report_plots_the_runs_evaluation_results_against_step(trained_run, tmp_path):
@@ -530,7 +543,8 @@ def test_report_plots_the_runs_evaluation_results_against_step(trained_run, tmp_
     assert "| 0 | 900 |\n| 2 | 450 |\n| 4 | 300.5 |" in section
     assert "### pico_arc_easy/acc\n" in section and "| 4 | 0.5 |" in section
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == len(STEMS) + 2
+    curves = read_training_curves(trained_run / "logs" / "metrics.jsonl")
+    assert html.count("data:image/png;base64,") == len(STEMS) + 2 + len(curves)
     # A run without eval_results/ has no Evaluation section.
     (tmp_path / "plain").mkdir()
     code, out = analyse(tmp_path / "plain", "--run_path", trained_run, steps=[0], report=True)

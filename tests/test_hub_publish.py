@@ -1,5 +1,7 @@
 """Publishing runs to the Hub, against a loopback fake Hub: commits, order, contents, reading, failures."""
 
+import hashlib
+import io
 import itertools
 import json
 import logging
@@ -13,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, tiny_training_overrides
-from fake_hub import FakeHub, fake_hub, point_hub_client_at, running_fake_hub  # noqa: F401
+from conftest import REPO, StopAfter, tiny_training_overrides
+from fake_hub import FakeHub, fake_hub, lfs_fake_hub, point_hub_client_at, running_fake_hub  # noqa: F401
 from huggingface_hub import HfApi, ModelCard, snapshot_download
 from safetensors.torch import load_file, save_file
 
@@ -27,7 +29,7 @@ from pico_hf.hub.commits import (
     PlannedCommit,
     plan_checkpoint_commits,
 )
-from pico_hf.training.config import load_config
+from pico_hf.training.config import ConfigError, load_config
 from pico_hf.training.run import run_training
 from pico_hf.training.trainer import CheckpointContributor
 
@@ -115,7 +117,7 @@ def test_branch_holds_every_checkpoint_as_pico_train_commits(published):
     # Nothing was pushed twice, and the writes carried the token.
     commit_posts = [r for r in hub.requests if r[0] == "POST" and "/commit/" in r[1]]
     assert len(commit_posts) == len(expected_titles([0, 2, 4, 6], last=6)) + 1
-    assert [r for r in hub.requests if r[2] != 200 and r[1] != "/api/agent-harnesses"] == []
+    assert hub.failed_requests() == []
 
 
 def test_each_commit_holds_that_checkpoints_files(published):
@@ -170,8 +172,10 @@ def test_each_commit_holds_that_checkpoints_files(published):
     commits = hub.commits(REPO_ID, BRANCH)
     for before, after in itertools.pairwise(commits):
         changed = {p for p in after.files if before.files.get(p) != after.files[p]}
-        if after.title.startswith("Saving HF Model"):
-            assert all("/" not in p and not p.startswith("tokenizer") for p in changed), after.title
+        if after.title.startswith("Saving HF Model"):  # the model, its card, and the curves up to its step
+            assert all(
+                ("/" not in p and not p.startswith("tokenizer")) or p.startswith("logs/") for p in changed
+            ), after.title
         elif after.title.startswith("Saving Fabric"):
             assert all(p.startswith("fabric_state/") for p in changed), after.title
         elif after.title.startswith("Saving Evaluation"):
@@ -231,6 +235,43 @@ def test_a_fresh_process_reads_the_run_through_hf_endpoint(published, tmp_path):
     assert config_head == (config.run_dir / "training_config.yaml").read_text()[:9]
 
 
+def test_the_run_comes_back_through_xet_and_a_second_push_uploads_no_xorb(published, tmp_path):
+    hub, config, _ = published
+    start = len(hub.requests)
+    snapshot = Path(snapshot_download(REPO_ID, revision=BRANCH, cache_dir=tmp_path / "cache"))
+    downloaded = {
+        p.relative_to(snapshot).as_posix(): p.read_bytes() for p in snapshot.rglob("*") if p.is_file()
+    }
+    head = hub.commits(REPO_ID, BRANCH)[-1]
+    assert downloaded == dict(head.files)
+    step_6 = config.run_dir / "checkpoints" / "step_6"
+    for name in ("model.safetensors", "fabric_state/optimizer.pt", "README.md"):
+        assert downloaded[name] == (step_6 / name).read_bytes(), name
+    # Stored files come from the CAS (a reconstruction each, then xorb ranges), never from /resolve.
+    requests = hub.requests[start:]
+    reconstructed = {path.rsplit("/", 1)[1] for _, path, _ in requests if "/cas/v1/reconstructions/" in path}
+    assert reconstructed == {
+        hub.xet_hashes[hashlib.sha256(head.files[path]).hexdigest()] for path in head.lfs
+    }
+    assert not [
+        path
+        for method, path, _ in requests
+        if method == "GET"
+        and "/resolve/" in path
+        and path.split("/resolve/", 1)[1].split("/", 1)[1] in head.lfs
+    ]
+    assert any("/cas/xorb-data/" in path for _, path, _ in requests)
+    # The same files pushed again (the run to a second branch): shards only, no xorb data goes up again.
+    start = len(hub.requests)
+    initial = hub.commits(REPO_ID, BRANCH)[0].oid
+    HfApi().create_branch(REPO_ID, branch="tiny-again", revision=initial)
+    publish.publish_run(config.run_dir, REPO_ID, branch="tiny-again", main=False, out=io.StringIO())
+    assert hub.titles(REPO_ID, "tiny-again") == hub.titles(REPO_ID, BRANCH)
+    assert hub.files(REPO_ID, "tiny-again") == dict(head.files)
+    pushed = [path for method, path, _ in hub.requests[start:] if method == "POST"]
+    assert "/cas/v1/shards" in pushed and not [path for path in pushed if "/cas/v1/xorbs/" in path]
+
+
 def test_resumed_run_appends_only_new_commits(published):
     hub, _, tmp_path = published
     before = hub.titles(REPO_ID, BRANCH)
@@ -247,8 +288,10 @@ def test_resumed_run_appends_only_new_commits(published):
 def test_offline_run_is_refused_before_training(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     config, notes = load_config(None, hub_overrides(tmp_path))
-    with pytest.raises(HubSetupError, match=r"save_to_hf is true but .*HF_HUB_OFFLINE"):
+    # Found with the other config problems before training, and reported with them.
+    with pytest.raises(ConfigError, match=r"save_to_hf is true but .*HF_HUB_OFFLINE") as raised:
         run_training(config, notes)
+    assert len(raised.value.problems) == 1
     assert not (config.run_dir / "checkpoints" / "step_0").exists()
 
 
@@ -528,21 +571,21 @@ def test_each_model_commit_carries_the_card_and_main_holds_the_final_model(publi
         torch.testing.assert_close(loaded[name], tensor, rtol=0, atol=0)
 
 
-def test_weights_travel_the_lfs_path_and_the_token_is_never_written(published):
+def test_weights_travel_the_xet_path_and_the_token_is_never_written(published):
     hub, config, _ = published
     head = hub.commits(REPO_ID, BRANCH)[-1]
     assert {"model.safetensors", "fabric_state/optimizer.pt"} <= head.lfs
     assert {"config.json", "README.md", "training_config.yaml"}.isdisjoint(head.lfs)
-    puts = [path for method, path, status in hub.requests if method == "PUT" and status == 200]
-    batches = [path for method, path, _ in hub.requests if path.endswith(".git/info/lfs/objects/batch")]
-    assert puts and batches and any(path == "/lfs-verify" for _, path, _ in hub.requests)
-    tree = HfApi().list_repo_tree(REPO_ID, revision=BRANCH)
-    assert {entry.path: entry.lfs is not None for entry in tree if entry.path.endswith("json")} == {
-        "config.json": False,
-        "generation_config.json": False,
-        "tokenizer.json": False,
-        "tokenizer_config.json": False,
-    }
+    # Through Xet, as on the Hub: xorbs and shards to the CAS, nothing through the LFS batch API.
+    xorbs = [path for method, path, _ in hub.requests if method == "POST" and "/cas/v1/xorbs/" in path]
+    shards = [path for method, path, status in hub.requests if path == "/cas/v1/shards" and status == 200]
+    assert xorbs and shards
+    assert not [path for _, path, _ in hub.requests if "/info/lfs/" in path or path == "/lfs-verify"]
+    tree = HfApi().list_repo_tree(REPO_ID, revision=BRANCH, recursive=True)
+    stored = {entry.path: entry for entry in tree if entry.path.endswith(("json", "safetensors"))}
+    assert all(entry.lfs is None for path, entry in stored.items() if path.endswith("json"))  # regular
+    weights = [entry for path, entry in stored.items() if path.endswith("safetensors")]
+    assert weights and all(entry.lfs is not None and entry.xet_hash for entry in weights)  # in Xet
     # The token: in no local file of the run (logs, config, cards) and in no file of any commit.
     token = hub.token.encode()
     for path in config.run_dir.rglob("*"):
@@ -554,6 +597,19 @@ def test_weights_travel_the_lfs_path_and_the_token_is_never_written(published):
             assert all(token not in data for data in commit.files.values()), commit.title
 
 
+def test_weights_travel_the_lfs_path_on_a_hub_without_xet(lfs_fake_hub, tmp_path):  # noqa: F811
+    weights = tmp_path / "model.safetensors"
+    save_file({"w": torch.arange(1000.0)}, weights)
+    publisher = HubPublisher(REPO_ID, "run", api=HfApi())
+    publisher.prepare()
+    publisher.push(PlannedCommit(1, "Saving HF Model -- Step 1", ((weights, "model.safetensors"),)))
+    head = lfs_fake_hub.commits(REPO_ID, "run")[-1]
+    assert head.lfs == {"model.safetensors"} and head.files["model.safetensors"] == weights.read_bytes()
+    paths = [path for _, path, _ in lfs_fake_hub.requests]
+    assert any(path.endswith(".git/info/lfs/objects/batch") for path in paths) and "/lfs-verify" in paths
+    assert not [path for path in paths if "xet" in path or path.startswith("/cas/")]
+
+
 def test_hub_pushes_draw_no_progress_bars(published):
     # Background uploads must not interleave huggingface_hub's per-file bars with the training bar.
     from huggingface_hub.utils import are_progress_bars_disabled
@@ -561,21 +617,37 @@ def test_hub_pushes_draw_no_progress_bars(published):
     assert are_progress_bars_disabled()
 
 
-def test_a_failure_in_the_middle_of_an_lfs_upload_is_retried(fake_hub, tmp_path, monkeypatch):  # noqa: F811
+def test_a_failure_in_the_middle_of_an_lfs_upload_is_retried(lfs_fake_hub, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.setattr(commits, "RETRY_DELAYS", (0.0, 0.0))
     weights = tmp_path / "model.safetensors"
     save_file({"w": torch.arange(1000.0)}, weights)
-    fake_hub.fail("/lfs-verify", status=400, message="verify failed", times=1)  # uploaded, not verified
+    lfs_fake_hub.fail("/lfs-verify", status=400, message="verify failed", times=1)  # uploaded, not verified
     publisher = HubPublisher(REPO_ID, "run", api=HfApi())
     publisher.prepare()
     oid = publisher.push(PlannedCommit(1, "Saving HF Model -- Step 1", ((weights, "model.safetensors"),)))
     assert publisher.retries == 1
-    assert fake_hub.titles(REPO_ID, "run") == ["initial commit", "Saving HF Model -- Step 1"]
+    assert lfs_fake_hub.titles(REPO_ID, "run") == ["initial commit", "Saving HF Model -- Step 1"]
+    head = lfs_fake_hub.commits(REPO_ID, "run")[-1]
+    assert head.oid == oid and head.files["model.safetensors"] == weights.read_bytes()
+    assert head.lfs == {"model.safetensors"}
+    puts = [r for r in lfs_fake_hub.requests if r[0] == "PUT"]
+    assert len(puts) == 2  # the object went up again after the failed verification
+
+
+def test_a_failure_in_the_middle_of_a_xet_upload_is_retried(fake_hub, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(commits, "RETRY_DELAYS", (0.0, 0.0))
+    weights = tmp_path / "model.safetensors"
+    save_file({"w": torch.arange(100_000.0)}, weights)
+    fake_hub.fail("/cas/v1/shards", status=400, message="shard refused", times=1)  # xorbs up, shard not
+    publisher = HubPublisher(REPO_ID, "run", api=HfApi())
+    publisher.prepare()
+    oid = publisher.push(PlannedCommit(1, "Saving HF Model -- Step 1", ((weights, "model.safetensors"),)))
+    assert publisher.retries == 1
     head = fake_hub.commits(REPO_ID, "run")[-1]
     assert head.oid == oid and head.files["model.safetensors"] == weights.read_bytes()
     assert head.lfs == {"model.safetensors"}
-    puts = [r for r in fake_hub.requests if r[0] == "PUT"]
-    assert len(puts) == 2  # the object went up again after the failed verification
+    shards = [status for method, path, status in fake_hub.requests if path == "/cas/v1/shards"]
+    assert shards == [400, 200]
 
 
 def test_a_concurrent_writer_is_never_overwritten(fake_hub, tmp_path):  # noqa: F811
@@ -651,8 +723,8 @@ def test_weights_upload_while_the_checkpoint_is_still_being_completed(fake_hub, 
     # the commits do not upload them again.
     assert waiting.early == {0: True, 2: True, 4: True, 6: True}
     assert hub_titles_without_initial(fake_hub)[-1] == "Saving Fabric Checkpoint -- Step 6"
-    puts = [path for method, path, status in fake_hub.requests if method == "PUT" and status == 200]
-    assert len(puts) == len(set(puts))
+    xorbs = [path for method, path, _ in fake_hub.requests if method == "POST" and "/cas/v1/xorbs/" in path]
+    assert xorbs and len(xorbs) == len(set(xorbs))
     for step in (2, 4, 6):
         files = fake_hub.commit_by_title(REPO_ID, BRANCH, f"Saving HF Model -- Step {step}").files
         weights = config.run_dir / "checkpoints" / f"step_{step}" / "model.safetensors"
@@ -736,3 +808,131 @@ def test_pico_train_pt_learning_dynamics_are_pushed_and_analysed_from_the_hub(tm
             )
         ]
         assert results[0] == results[1] and sorted(next(iter(results[0].values()))) == [0, 2, 4, 6]
+
+
+def test_early_uploads_hand_paths_to_the_xet_path_and_never_fall_back(fake_hub, tmp_path):  # noqa: F811
+    from concurrent.futures import wait
+
+    from huggingface_hub import CommitOperationAdd
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    hub_logger = logging.getLogger("huggingface_hub")
+    hub_logger.addHandler(handler)
+    try:
+        checkpoints = tmp_path / "checkpoints"
+        open_dir = checkpoints / ".step_1.tmp"
+        open_dir.mkdir(parents=True)
+        save_file({"w": torch.arange(100_000.0)}, open_dir / "model.safetensors")
+        publisher = HubPublisher(REPO_ID, "run", api=HfApi())
+        publisher.prepare()
+        publisher.upload_early([(open_dir / "model.safetensors", "model.safetensors")], checkpoints)
+        (open_dir).rename(checkpoints / "step_1")  # the checkpoint is published while it may still upload
+        wait(publisher._futures)
+        weights = (checkpoints / "step_1" / "model.safetensors").read_bytes()
+        assert [r.getMessage() for r in records] == []  # no "Falling back to HTTP upload"
+        assert hashlib.sha256(weights).hexdigest() in fake_hub.xet_hashes  # it went up through Xet
+        assert sorted(p.name for p in checkpoints.iterdir()) == ["step_1"]  # the staging links are gone
+        xorbs_before = [r for r in fake_hub.requests if "/cas/v1/xorbs/" in r[1]]
+        publisher.push(
+            PlannedCommit(
+                1,
+                "Saving HF Model -- Step 1",
+                ((checkpoints / "step_1" / "model.safetensors", "model.safetensors"),),
+            )
+        )
+        assert [r for r in fake_hub.requests if "/cas/v1/xorbs/" in r[1]] == xorbs_before  # nothing again
+        assert fake_hub.files(REPO_ID, "run")["model.safetensors"] == weights
+        # What the early uploads used to hand over, an open file, is what makes huggingface_hub fall back.
+        other = tmp_path / "other.safetensors"
+        save_file({"v": torch.ones(10)}, other)
+        with other.open("rb") as handle:
+            HfApi().preupload_lfs_files(
+                REPO_ID, [CommitOperationAdd("other.safetensors", handle)], revision="run"
+            )
+        assert ["Falling back to HTTP upload" in r.getMessage() for r in records] == [True]
+    finally:
+        hub_logger.removeHandler(handler)
+
+
+def tensorboard_steps(events: bytes) -> list[int]:
+    """The step of every event of a TensorBoard event file (TFRecord framing around Event protos)."""
+    from tensorboard.compat.proto.event_pb2 import Event
+
+    steps, offset = [], 0
+    while offset < len(events):
+        length = int.from_bytes(events[offset : offset + 8], "little")
+        steps.append(Event.FromString(events[offset + 12 : offset + 12 + length]).step)
+        offset += 12 + length + 4
+    return steps
+
+
+@pytest.mark.slow
+def test_the_branch_carries_the_curves_up_to_each_step_across_a_kill_and_resume(fake_hub, tmp_path):  # noqa: F811
+    overrides = hub_overrides(tmp_path)
+    config, notes = load_config(None, overrides)
+    with pytest.raises(KeyboardInterrupt):  # killed after step 5 was logged: step 4 is the last checkpoint
+        run_training(config, notes, extra_callbacks=[HandMadeStates(), StopAfter(5)])
+    deadline = time.monotonic() + 60  # the killed run's last pushes finish in the background
+    while "Saving Learning Dynamics Data (val) -- Step 4" not in fake_hub.titles(REPO_ID, BRANCH):
+        assert time.monotonic() < deadline, fake_hub.titles(REPO_ID, BRANCH)
+        time.sleep(0.1)
+    resumed, notes = load_config(None, overrides)
+    run_training(resumed, notes, extra_callbacks=[HandMadeStates()])
+
+    logs = config.run_dir / "logs"
+    local = (logs / "metrics.jsonl").read_text()
+    rows = [json.loads(line) for line in local.splitlines()]
+    assert [row["step"] for row in rows if "loss" in row] == [1, 2, 3, 4, 5, 6]  # step 5 once, not twice
+    event_files = sorted(p.relative_to(logs).as_posix() for p in (logs / "tensorboard").rglob("events.*"))
+    assert len(event_files) == 2  # one per attempt
+    for step in (0, 2, 4, 6):
+        files = fake_hub.commit_by_title(REPO_ID, BRANCH, f"Saving HF Model -- Step {step}").files
+        up_to = "".join(
+            line + "\n" for line, row in zip(local.splitlines(), rows, strict=True) if row["step"] <= step
+        )
+        assert files.get("logs/metrics.jsonl", b"").decode() == up_to, step  # none before the first log
+        pushed_events = sorted(
+            name.removeprefix("logs/") for name in files if name.startswith("logs/tensorboard/")
+        )
+        assert pushed_events == (event_files if step == 6 else event_files[:1]), step
+        for name in pushed_events:
+            assert all(s <= step for s in tensorboard_steps(files[f"logs/{name}"])), (step, name)
+    # At the last step the branch holds the local files themselves (the run's summary row included).
+    head = fake_hub.files(REPO_ID, BRANCH)
+    assert head["logs/metrics.jsonl"].decode() == local and "train_runtime" in rows[-1]
+    for name in event_files:
+        assert head[f"logs/{name}"] == (logs / name).read_bytes()
+
+
+def test_the_cas_refuses_shards_it_cannot_rebuild(fake_hub):  # noqa: F811
+    import struct
+
+    from fake_xet import BOOKEND, SHARD_MAGIC
+    from huggingface_hub import constants, get_session
+
+    HfApi().create_repo(REPO_ID)
+    auth = {"Authorization": f"Bearer {fake_hub.token}"}
+    token = get_session().get(f"{constants.ENDPOINT}/api/models/{REPO_ID}/xet-write-token/main", headers=auth)
+    cas, xet = (
+        token.headers["X-Xet-Cas-Url"],
+        {"Authorization": f"Bearer {token.headers['X-Xet-Access-Token']}"},
+    )
+    assert get_session().post(f"{cas}/v1/shards", content=b"shard").status_code == 401  # no Xet token
+
+    def shard(xorb: bytes) -> bytes:  # one file of one term: chunks [0, 1) of `xorb`, 10 bytes
+        header = SHARD_MAGIC + struct.pack("<QQ", 2, 0)
+        file = b"\x01" * 32 + struct.pack("<IIQ", 0, 1, 0) + xorb + struct.pack("<4I", 0, 10, 0, 1)
+        bookend = BOOKEND + bytes(16)
+        return header + file + bookend + bookend  # no xorb of its own: the file names one already stored
+
+    refused = get_session().post(f"{cas}/v1/shards", content=b"not a shard", headers=xet)
+    assert (refused.status_code, refused.json()["error"]) == (
+        400,
+        "Invalid shard: not a Xet shard (wrong magic number)",
+    )
+    refused = get_session().post(f"{cas}/v1/shards", content=shard(b"\x02" * 32), headers=xet)
+    assert refused.status_code == 400
+    assert refused.json()["error"] == f"Invalid shard: xorb {'02' * 32} is unknown to this CAS"
+    assert fake_hub.cas.files == {} and fake_hub.xet_hashes == {}

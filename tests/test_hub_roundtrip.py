@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -18,6 +19,7 @@ from test_eval_callback import evaluation_overrides
 
 from pico_hf.hub import publish
 from pico_hf.hub.cards import read_analysis
+from pico_hf.learning_dynamics.report import read_training_curves
 from pico_hf.training.config import ConfigError, load_config
 from pico_hf.training.run import run_training
 
@@ -137,9 +139,11 @@ def test_branch_and_main_carry_pico_train_titles_cards_and_model_index(pushed):
         path = hf_hub_download(REPO_ID, "README.md", revision=commits[f"Saving HF Model -- Step {step}"])
         card = ModelCard.load(path)
         [result] = card.data.eval_results
-        assert (result.metric_name, result.dataset_name) == (
+        # Local texts: named by their file, with no Hub id.
+        assert (result.metric_name, result.dataset_name, result.dataset_type) == (
             "paloma",
-            str(config.evaluation.paloma.dataset_name),
+            Path(config.evaluation.paloma.dataset_name).name,
+            "local",
         )
         assert result.metric_value == round(eval_values(config.run_dir, step)["paloma"], 4)
         card.validate()  # against the fake Hub's validate-yaml, model-index schema included
@@ -150,12 +154,28 @@ def test_branch_and_main_carry_pico_train_titles_cards_and_model_index(pushed):
 
 @SLOW
 def test_analyze_reads_the_branch_from_the_hub(pushed):
-    _, _, analysed, folder, _, _ = pushed
+    _, config, analysed, folder, _, _ = pushed
     assert analysed.returncode == 0, analysed.stderr
     assert analysed.stdout.strip().endswith(ANALYSIS)
     analysis = read_analysis(folder)
     assert analysis.steps == tuple(STEPS)
-    assert [p.name for p in analysis.plots] == ["cka_val.png", "norm_frobenius_val.png"]
+    names = [p.name for p in analysis.plots]
+    assert [n for n in names if not n.startswith(("eval_", "train_"))] == [
+        "cka_val.png",
+        "norm_frobenius_val.png",
+    ]
+    # The run's curves and evaluations come from what the branch's commits carry, as from a local run.
+    assert {"eval_paloma.png", "train_loss.png", "train_learning_rate.png", "train_grad_norm.png"} <= set(
+        names
+    )
+    report = (folder / "report.md").read_text()
+    curves = read_training_curves(config.run_dir / "logs" / "metrics.jsonl")
+    assert sorted(curves["loss"]) == [1, 2, 3, 4, 5, 6]
+    assert "## Evaluation" in report and "## Training" in report
+    assert (
+        f"### loss\n\n![loss](plots/train_loss.png)\n\n6 logged steps, {curves['loss'][6]:.6g} at step 6."
+        in report
+    )
     cka = json.loads((folder / "step_6" / "cka_val.json").read_text())
     assert cka and all(value == pytest.approx(1.0, abs=1e-4) for value in cka.values())  # the target itself
 

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import REPO
+from conftest import REPO, tiny_training_overrides
 from fake_hub import fake_hub  # noqa: F401
 from huggingface_hub import ModelCard, constants, get_session
 
@@ -79,7 +79,12 @@ def test_evaluation_file_becomes_model_index_entries(tmp_path):
     stand_in = tmp_path / "step_5.json"
     stand_in.write_text(json.dumps({"embedded_heldout_perplexity": 50.0, "note": "x"}))
     [result] = cards.read_evaluation(stand_in, default_dataset="embedded")
-    assert (result.metric_name, result.dataset_name) == ("embedded_heldout_perplexity", "embedded")
+    # Local data is named, without a Hub id.
+    assert (result.metric_name, result.dataset_name, result.dataset_type) == (
+        "embedded_heldout_perplexity",
+        "pico-hf embedded held-out split",
+        "local",
+    )
     broken = tmp_path / "step_6.json"
     broken.write_text("[1, 2]")
     with pytest.raises(ConfigError, match=r"step_6\.json holds list"):
@@ -146,3 +151,67 @@ def test_checkpoint_card_title_and_how_to_use(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[:3] == ["transformers_modules", "TokenizersBackend", "False"]
     assert "custom code" not in result.stderr and "model of type" not in result.stderr
+
+
+BLIMP_SUBTASKS = [f"pico_blimp_phenomenon_{i}" for i in range(cards.MAX_SUBTASKS_IN_CARD + 1)]
+# What the evaluation callback writes with `evaluation.metrics=[paloma, pico_arc_easy, hellaswag, pico_blimp,
+# paloma_wikitext_103, a small group]`: perplexity, then lm-eval's {task: {metric: value}}.
+STEP_RESULTS = {
+    "paloma": 41.234567,
+    "dataset": "pico-lm/pretokenized-paloma-tinsy",
+    "pico_arc_easy": {"acc": 0.3, "acc_norm": 0.25},
+    "hellaswag": {"acc": 0.27, "acc_norm": 0.2625},
+    "pico_blimp": {"acc": 0.524242},
+    **{task: {"acc": 0.5 + i / 100} for i, task in enumerate(BLIMP_SUBTASKS)},
+    "paloma_wikitext_103": {"word_perplexity": 1234.5, "byte_perplexity": 5.5, "bits_per_byte": 2.4594},
+    "blimp": {"acc": 0.61},
+    "blimp_adjunct_island": {"acc": 0.6},
+    "blimp_anaphor_gender_agreement": {"acc": 0.62},
+}
+EXPECTED_DATA = {  # task -> (dataset type, name, config, split) in the model-index
+    "paloma": ("pico-lm/pretokenized-paloma-tinsy", "pico-lm/pretokenized-paloma-tinsy", None, None),
+    "pico_arc_easy": ("allenai/ai2_arc", "ARC-Easy", "ARC-Easy", "validation"),
+    "hellaswag": ("Rowan/hellaswag", "HellaSwag", None, "validation"),
+    "pico_blimp": ("nyu-mll/blimp", "BLiMP", None, "train"),
+    "paloma_wikitext_103": ("allenai/paloma", "Paloma wikitext_103", "wikitext_103", "val"),
+    "blimp": ("nyu-mll/blimp", "BLiMP", None, "train"),
+    "blimp_adjunct_island": ("nyu-mll/blimp", "BLiMP adjunct_island", "adjunct_island", "train"),
+    "blimp_anaphor_gender_agreement": (
+        "nyu-mll/blimp",
+        "BLiMP anaphor_gender_agreement",
+        "anaphor_gender_agreement",
+        "train",
+    ),
+}
+
+
+def test_checkpoint_card_carries_every_score_of_eval_results(tmp_path):
+    from huggingface_hub import metadata_load
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    config, _ = load_config(None, tiny_training_overrides(tmp_path))
+    run_dir = config.run_dir
+    (run_dir / "checkpoints" / "step_4").mkdir(parents=True)
+    config.save_yaml(run_dir / "training_config.yaml")
+    (run_dir / "eval_results").mkdir()
+    (run_dir / "eval_results" / "step_4.json").write_text(json.dumps(STEP_RESULTS))
+    path = cards.write_checkpoint_card(run_dir, 4, "fake-user/tiny", "tiny")
+
+    card = ModelCard.load(path)
+    assert card.data.eval_results  # huggingface_hub parses the model-index back into EvalResults
+    metadata = metadata_load(path)
+    _, parsed = model_index_to_eval_results(metadata["model-index"])
+    found = {result.metric_name: result for result in parsed}
+    expected = {"paloma": STEP_RESULTS["paloma"]}
+    for task, metrics in STEP_RESULTS.items():
+        if isinstance(metrics, dict) and task not in BLIMP_SUBTASKS:  # 9 sub-tasks: the group stands for them
+            expected.update({f"{task}/{metric}": value for metric, value in metrics.items()})
+    assert set(found) == set(expected)
+    for name, value in expected.items():
+        result = found[name]
+        assert result.metric_value == round(value, 4), name
+        task = name.split("/")[0]
+        data = (result.dataset_type, result.dataset_name, result.dataset_config, result.dataset_split)
+        assert data == EXPECTED_DATA[task], name
+        assert result.metric_type == ("perplexity" if task == "paloma" else name.split("/")[1])
+    assert "datasets" not in metadata  # trained on a local file: no Hub id to list

@@ -4,6 +4,7 @@ once it is complete, and its large files upload early (`pico_hf.hub.publish` des
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from ..training.trainer import CheckpointContributor
 from .commits import (
     _STEP_DIR,
+    STAGING_PREFIX,
     HubPublisher,
     HubPushError,
     RunFolders,
@@ -38,6 +40,7 @@ class HubPublishCallback(CheckpointContributor):
         self._ended = False
         self.push_error: HubPushError | None = None
         self._trainer: Any = None
+        self._last_step: int | None = None  # the final checkpoint, pushed once training has ended
 
     def _prepare(self) -> None:
         if not self._prepared:
@@ -51,6 +54,9 @@ class HubPublishCallback(CheckpointContributor):
         if not state.is_world_process_zero:
             return
         self._prepare()
+        # Staging folders of early uploads a killed run left behind (the uploads died with it).
+        for stale in (self.run_dir / self.folders.checkpoints).glob(f"{STAGING_PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)
         # Checkpoints written before this start (a resumed or re-run job): push what the branch lacks of them.
         for step in checkpoint_steps(self.run_dir, self.folders):
             if step <= state.global_step:
@@ -69,7 +75,13 @@ class HubPublishCallback(CheckpointContributor):
             return
         self._prepare()
         match = _STEP_DIR.match(Path(checkpoint_dir).name) if checkpoint_dir is not None else None
-        self._submit(int(match[1]) if match else state.global_step)
+        step = int(match[1]) if match else state.global_step
+        if step >= state.max_steps and not self._ended:
+            # The run's last log (the trainer's summary of the run) comes after its last checkpoint: that
+            # checkpoint's commits are planned when training ends, so its curves are the whole local files.
+            self._last_step = step
+            return
+        self._submit(step)
         if self._ended:  # published while training was being wrapped up: nobody waits for it later
             self.publisher.finish()
 
@@ -88,6 +100,9 @@ class HubPublishCallback(CheckpointContributor):
             self.push_error = error
 
     def _finish(self, state: TrainerState) -> None:
+        if self._last_step is not None:
+            self._prepare()
+            self._submit(self._last_step)
         self.publisher.finish()
         final = max(checkpoint_steps(self.run_dir, self.folders), default=None)
         if final is not None and final == state.global_step >= state.max_steps:  # a finished run only
@@ -107,8 +122,7 @@ class HubPublishCallback(CheckpointContributor):
 class HubEarlyUpload(CheckpointContributor):
     """Starts the upload of a checkpoint's weights and training state as soon as they are written, while the
     contributors after it (learning dynamics, evaluation) still work on the checkpoint; it must come before
-    them among the callbacks. The files are opened here, so renaming the checkpoint into place later does not
-    disturb the upload."""
+    them among the callbacks."""
 
     def __init__(self, publisher: HubPublisher, folders: RunFolders) -> None:
         self.publisher, self.folders = publisher, folders
@@ -126,7 +140,7 @@ class HubEarlyUpload(CheckpointContributor):
         step_dir = Path(checkpoint_dir)
         found = [(p, p.name) for p in sorted(step_dir.iterdir()) if p.is_file() and _visible(p)]
         found += _files_under(step_dir / self.folders.fabric_state, self.folders.fabric_state)
-        self.publisher.upload_early([(local.open("rb"), in_repo) for local, in_repo in found])
+        self.publisher.upload_early(found, staging_parent=step_dir.parent)
 
 
 def hub_early_uploads(callbacks: Sequence[TrainerCallback]) -> list[HubEarlyUpload]:

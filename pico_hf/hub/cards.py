@@ -101,34 +101,120 @@ def training_recipe(tree: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+@dataclass(frozen=True)
+class EvalData:
+    """The data an evaluation measured, as the `model-index` names it: a Hub id (`type`) where the data has one,
+    its config and split; `hub_id` None for local data, which is named without one."""
+
+    name: str
+    hub_id: str | None = None
+    config: str | None = None
+    split: str | None = None
+
+    @property
+    def type(self) -> str:
+        return self.hub_id or LOCAL_DATASET_TYPE
+
+
+# The model-index requires a dataset `type`, normally a Hub id; local data gets this instead (no Hub id has it).
+LOCAL_DATASET_TYPE = "local"
+# lm-eval tasks (pico-hf's `pico_*` copies score the same rows as lm-eval's own) and the Hub data they read.
+LM_EVAL_DATA = {
+    "arc_easy": EvalData("ARC-Easy", "allenai/ai2_arc", "ARC-Easy", "test"),
+    "pico_arc_easy": EvalData("ARC-Easy", "allenai/ai2_arc", "ARC-Easy", "validation"),
+    "hellaswag": EvalData("HellaSwag", "Rowan/hellaswag", split="validation"),
+    "pico_hellaswag": EvalData("HellaSwag", "Rowan/hellaswag", split="validation"),
+    "blimp": EvalData("BLiMP", "nyu-mll/blimp", split="train"),
+    "pico_blimp": EvalData("BLiMP", "nyu-mll/blimp", split="train"),
+    "pico_paloma": EvalData("pico-hf embedded held-out split"),
+}
+PALOMA_HUB_ID = "allenai/paloma"  # lm-eval's paloma_<source> tasks
+# A group's sub-tasks (e.g. BLiMP's 67) go in the card one by one only when there are at most this many;
+# otherwise the group's aggregate stands for them (every score stays in eval_results/step_N.json).
+MAX_SUBTASKS_IN_CARD = 8
+
+
+def perplexity_data(dataset: str) -> EvalData:
+    """The data of the perplexity metric: the configured Paloma set (a Hub id), or local data (the embedded
+    held-out split, a local folder) named without a Hub id."""
+    if dataset == "embedded":
+        return EvalData("pico-hf embedded held-out split")
+    if _is_hub_id(dataset):
+        return EvalData(dataset, dataset)
+    return EvalData(Path(dataset).name or dataset)
+
+
+def lm_eval_data(task: str) -> EvalData:
+    """The data an lm-eval task (or one of its sub-tasks) reads; an unknown task is named as itself, locally."""
+    if task in LM_EVAL_DATA:
+        return LM_EVAL_DATA[task]
+    for group in ("pico_blimp", "blimp"):
+        if task.startswith(f"{group}_"):  # a BLiMP sub-task is a config of the BLiMP dataset
+            sub = task.removeprefix(f"{group}_")
+            return EvalData(f"BLiMP {sub}", "nyu-mll/blimp", sub, "train")
+    if task.startswith("paloma_"):
+        source = task.removeprefix("paloma_")
+        return EvalData(f"Paloma {source}", PALOMA_HUB_ID, source, "val")
+    return EvalData(task)
+
+
+def _card_scores(results: dict[str, Any]) -> list[tuple[str, str, float]]:
+    """(task, metric, value) of every lm-eval score to show: all of them, except the sub-tasks of a group with
+    more than MAX_SUBTASKS_IN_CARD of them (the group's aggregate stands for those)."""
+    tasks = {name: value for name, value in results.items() if isinstance(value, dict)}
+    groups = {name: [t for t in tasks if t.startswith(f"{name}_")] for name in tasks}
+    hidden = {t for subtasks in groups.values() if len(subtasks) > MAX_SUBTASKS_IN_CARD for t in subtasks}
+    return [
+        (task, metric, value)
+        for task, metrics in tasks.items()
+        if task not in hidden
+        for metric, value in metrics.items()
+        if _is_score(value)
+    ]
+
+
+def _is_score(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def read_evaluation(path: Path, default_dataset: str | None) -> list[EvalResult]:
-    """`eval_results/step_N.json` as `model-index` entries: every numeric field is a metric, measured on the
-    file's `dataset` field when it has one, else on `default_dataset` (the configured Paloma set)."""
+    """`eval_results/step_N.json` as `model-index` entries. Every numeric top-level field is a perplexity,
+    measured on the file's `dataset` field when it has one, else on `default_dataset` (the configured Paloma
+    set); every lm-eval score (`{task: {metric: value}}`) is `task/metric`, on the data the task reads
+    (BLiMP: the group's aggregate, and its sub-tasks only when there are few)."""
     try:
         results = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise ConfigError(f"{path} is not a JSON evaluation result: {error}") from error
     if not isinstance(results, dict):
         raise ConfigError(f"{path} holds {type(results).__name__}, expected a JSON object of metrics")
-    dataset = results.get("dataset") or default_dataset or "unknown"
-    found = []
-    for name, value in results.items():
-        if name in DESCRIPTION_KEYS or isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        if not math.isfinite(value):
-            continue
-        found.append(
-            EvalResult(
-                task_type="text-generation",
-                dataset_type=str(dataset),
-                dataset_name=str(dataset),
-                dataset_split=results.get("dataset_split"),
-                metric_type="perplexity" if "perplexity" in name or name == "paloma" else name,
-                metric_name=name,
-                metric_value=round(float(value), 4),
-            )
+    measured_on = perplexity_data(str(results.get("dataset") or default_dataset or "unknown"))
+    if results.get("dataset_split"):
+        measured_on = EvalData(
+            measured_on.name, measured_on.hub_id, measured_on.config, results["dataset_split"]
         )
-    return found
+    scores = [
+        (measured_on, name, "perplexity" if "perplexity" in name or name == "paloma" else name, value)
+        for name, value in results.items()
+        if name not in DESCRIPTION_KEYS and _is_score(value)
+    ]
+    scores += [
+        (lm_eval_data(task), f"{task}/{metric}", metric, value)
+        for task, metric, value in _card_scores(results)
+    ]
+    return [
+        EvalResult(
+            task_type="text-generation",
+            dataset_type=data.type,
+            dataset_name=data.name,
+            dataset_config=data.config,
+            dataset_split=data.split,
+            metric_type=metric_type,
+            metric_name=name,
+            metric_value=round(float(value), 4),
+        )
+        for data, name, metric_type, value in scores
+    ]
 
 
 def _card_data(model_name: str, datasets: list[str], evaluations: list[EvalResult]) -> ModelCardData:

@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
-import io
+import json
 import logging
+import os
 import re
+import shutil
+import struct
+import tempfile
 import threading
 import time
 import warnings
@@ -27,6 +31,9 @@ logger = logging.getLogger("pico_hf.training.hub")  # under the training logger:
 RETRY_DELAYS: tuple[float, ...] = (1.0, 2.0)  # pico-train's backoff: two retries, 1 s then 2 s apart
 CONFIG_FILE = "training_config.yaml"
 MAIN = "main"
+METRICS_FILE = "metrics.jsonl"  # in the run's logs folder, as TENSORBOARD_DIR
+TENSORBOARD_DIR = "tensorboard"
+STAGING_PREFIX = ".hub-upload-"  # hard links of a checkpoint's files while they upload early
 
 # Learning-dynamics entries of one split: `{split}_{activations|weights|gradients}.{safetensors|pt}` files and
 # the `{split}_data/` dataset folder.
@@ -77,6 +84,7 @@ class RunFolders:
     fabric_state: str = "fabric_state"
     learning_dynamics: str = "learning_dynamics"
     eval_results: str = "eval_results"
+    logs: str = "logs"
 
     @classmethod
     def from_checkpointing(cls, checkpointing: Any) -> RunFolders:
@@ -85,6 +93,7 @@ class RunFolders:
             fabric_state=checkpointing.fabric_checkpoint_dir,
             learning_dynamics=checkpointing.learning_dynamics_dir,
             eval_results=checkpointing.evaluation.eval_results_dir,
+            logs=checkpointing.logs_dir,
         )
 
     @classmethod
@@ -98,16 +107,24 @@ class RunFolders:
             learning_dynamics=checkpointing.get("learning_dynamics_dir") or defaults.learning_dynamics,
             eval_results=(checkpointing.get("evaluation") or {}).get("eval_results_dir")
             or defaults.eval_results,
+            logs=checkpointing.get("logs_dir") or defaults.logs,
         )
 
 
 @dataclass(frozen=True)
 class PlannedCommit:
-    """One commit: its title and the files it uploads, as (local file, path in the repo)."""
+    """One commit: its title and the files it uploads, as (local file, path in the repo); a file's content
+    may be given as bytes instead (the run's curves as they were at the commit's step)."""
 
     step: int
     title: str
-    files: tuple[tuple[Path, str], ...]
+    files: tuple[tuple[Path | bytes, str], ...]
+
+    @property
+    def size(self) -> int:
+        return sum(
+            len(local) if isinstance(local, bytes) else local.stat().st_size for local, _ in self.files
+        )
 
 
 def _saved_config(run_dir: Path) -> dict[str, Any]:
@@ -151,6 +168,46 @@ def checkpoint_steps(run_dir: Path, folders: RunFolders = RunFolders()) -> list[
         if match and not entry.is_symlink() and _is_checkpoint(entry):
             steps.append(int(match[1]))
     return sorted(steps)
+
+
+def run_curves(run_dir: Path, step: int, folders: RunFolders = RunFolders()) -> list[tuple[bytes, str]]:
+    """The run's curves as they were at `step`, with their paths in the repo: the rows of
+    `logs/metrics.jsonl` of steps <= `step`, and each TensorBoard event file of `logs/tensorboard/` with the
+    events of steps <= `step`. A resumed run drops the rows of the steps it replays from metrics.jsonl, so
+    at every step this is what the local file held then, and at the last step the local file itself. Files
+    with nothing logged by then are left out."""
+    logs = Path(run_dir) / folders.logs
+    curves = []
+    metrics = logs / METRICS_FILE
+    if metrics.is_file():
+        rows = [line for line in metrics.read_text().splitlines() if line.strip()]
+        kept = "".join(row + "\n" for row in rows if json.loads(row).get("step", 0) <= step)
+        if kept:
+            curves.append((kept.encode(), f"{folders.logs}/{METRICS_FILE}"))
+    events = logs / TENSORBOARD_DIR
+    for path in sorted(events.rglob("events.out.tfevents.*")) if events.is_dir() else []:
+        records = _events_up_to(path.read_bytes(), step)
+        if len(records) > 1:  # more than the file's header (its version record)
+            curves.append((b"".join(records), f"{folders.logs}/{path.relative_to(logs).as_posix()}"))
+    return curves
+
+
+def _events_up_to(events: bytes, step: int) -> list[bytes]:
+    """The records of a TensorBoard event file (TFRecord framing: length u64, its CRC u32, the Event proto,
+    its CRC u32) whose events belong to steps <= `step`, byte for byte; a record still being written at the
+    end is left out."""
+    from tensorboard.compat.proto.event_pb2 import Event
+
+    kept, offset = [], 0
+    while offset + 12 <= len(events):
+        (length,) = struct.unpack_from("<Q", events, offset)
+        end = offset + 12 + length + 4
+        if end > len(events):
+            break
+        if Event.FromString(events[offset + 12 : offset + 12 + length]).step <= step:
+            kept.append(events[offset:end])
+        offset = end
+    return kept
 
 
 def _learning_dynamics_commits(step: int, folder: Path, repo_dir: str) -> list[PlannedCommit]:
@@ -203,7 +260,8 @@ def plan_checkpoint_commits(
     model = [(p, p.name) for p in top_level if not _TOKENIZER_FILES.match(p.name)]
     tokenizer = [(p, p.name) for p in top_level if _TOKENIZER_FILES.match(p.name)]
 
-    commits = [PlannedCommit(step, f"Saving HF Model -- Step {step}", tuple(model))]
+    curves = run_curves(run_dir, step, folders)
+    commits = [PlannedCommit(step, f"Saving HF Model -- Step {step}", (*model, *curves))]
     if step == 0:
         commits.append(PlannedCommit(step, "Saving Tokenizer -- Step 0", tuple(tokenizer)))
         config = run_dir / CONFIG_FILE
@@ -395,7 +453,10 @@ class HubPublisher:
                     self.repo_id,
                     # One commit per title, whatever the number or size of files (upload_folder may split).
                     operations=[
-                        CommitOperationAdd(path_in_repo=in_repo, path_or_fileobj=str(local))
+                        CommitOperationAdd(
+                            path_in_repo=in_repo,
+                            path_or_fileobj=local if isinstance(local, bytes) else str(local),
+                        )
                         for local, in_repo in commit.files
                     ],
                     commit_message=commit.title,
@@ -445,15 +506,35 @@ class HubPublisher:
             return None
         return self.push(commit, branch=branch)
 
-    def upload_early(self, files: Sequence[tuple[io.BufferedReader, str]]) -> None:
-        """Upload the LFS files among `files` (open files, path in the repo) now, in the background worker's
+    def upload_early(self, files: Sequence[tuple[Path, str]], staging_parent: Path) -> None:
+        """Upload the LFS files among `files` (local file, path in the repo) now, in the background worker's
         queue, without committing: the commit that adds them later finds them on the Hub and uploads nothing.
-        Best effort: a failure leaves the upload to the commit, with its retries. The files are closed."""
+        huggingface_hub is handed paths, which its Xet path takes (an open file would make it fall back to
+        plain HTTP). The checkpoint folder is renamed into place while the upload may still run, so the files
+        are hard-linked into a staging folder in `staging_parent` (outside the checkpoint, on the same disk)
+        first, removed once the upload is done. Best effort: a failure leaves the upload to the commit, with
+        its retries."""
+        with self._lock:
+            blocked = self._blocked is not None
+        if blocked or not files:  # the Hub is failing: don't add uploads that would delay the retries
+            return
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=staging_parent))
+        try:
+            staged = []
+            for index, (local, in_repo) in enumerate(files):
+                link = staging / f"{index}-{local.name}"
+                os.link(local, link)  # the same bytes, under a name the rename does not move
+                staged.append((link, in_repo))
+        except OSError as error:
+            shutil.rmtree(staging, ignore_errors=True)
+            logger.debug("Early upload to %s skipped, left to the commit: %s", self.where, error)
+            return
 
         def upload() -> None:
             try:
                 operations = [
-                    CommitOperationAdd(path_in_repo=in_repo, path_or_fileobj=f) for f, in_repo in files
+                    CommitOperationAdd(path_in_repo=in_repo, path_or_fileobj=str(link))
+                    for link, in_repo in staged
                 ]
                 self.api.preupload_lfs_files(self.repo_id, additions=operations, revision=self.branch)
             except Exception as error:
@@ -461,15 +542,8 @@ class HubPublisher:
                     "Early upload to %s failed, left to the commit: %s", self.where, describe_error(error)
                 )
             finally:
-                for handle, _ in files:
-                    handle.close()
+                shutil.rmtree(staging, ignore_errors=True)
 
-        with self._lock:
-            blocked = self._blocked is not None
-        if blocked:  # the Hub is failing: don't add uploads that would delay the retries
-            for handle, _ in files:
-                handle.close()
-            return
         self._futures = [f for f in self._futures if not f.done()]
         self._futures.append(self.api.run_as_future(upload))
 

@@ -5,7 +5,10 @@ after `checkpointing.run_name` (the repo is created if needed and added to `coll
 Every checkpoint `step_N` becomes these commits, in this order (pico-train's titles, and its order: evaluation
 results are written before the learning dynamics of the same step):
 
-    Saving HF Model -- Step N                          config, weights, model code, generation config
+    Saving HF Model -- Step N                          config, weights, model code, generation config,
+                                                       card, and the run's curves up to step N: the rows
+                                                       of logs/metrics.jsonl and the TensorBoard events
+                                                       of steps <= N (logs/tensorboard/)
     Saving Tokenizer -- Step 0                         step 0 only: the tokenizer files
     Saving Training Config -- Step 0                   step 0 only: training_config.yaml
     Saving Fabric Checkpoint -- Step N                 fabric_state/ (the state to resume from)
@@ -146,8 +149,7 @@ def publish_run(
     if dry_run:
         print(f"Would push {len(plan)} commits from {run_dir} to {repo_id} (branch '{branch}'):", file=out)
         for commit in plan:
-            size = sum(local.stat().st_size for local, _ in commit.files)
-            print(f"  {commit.title}  ({_count(commit.files)}, {_human(size)})", file=out)
+            print(f"  {commit.title}  ({_count(commit.files)}, {_human(commit.size)})", file=out)
         if extra is not None:
             print(f"then: {extra.title}  ({_count(extra.files)})", file=out)
         if final is not None:

@@ -84,6 +84,17 @@ class CheckpointSource(ABC):
             "learning_dynamics"
         )
 
+    def record_dirs(self) -> tuple[str, str]:
+        """The run's evaluation results folder and logs folder (`eval_results`, `logs` by default)."""
+        checkpointing = self.training_config().get("checkpointing") or {}
+        evaluation = checkpointing.get("evaluation") or {}
+        return evaluation.get("eval_results_dir") or "eval_results", checkpointing.get("logs_dir") or "logs"
+
+    @abstractmethod
+    def run_records(self) -> Path:
+        """A folder with the run's records beside its checkpoints, as in a run directory: its evaluation
+        results (`eval_results/step_N.json`) and training curves (`logs/metrics.jsonl`), where it has them."""
+
     def model_shape(self) -> ModelShape:
         """d_model and attention heads, from the training config (else a checkpoint's config.json)."""
         errors = []
@@ -129,6 +140,9 @@ class LocalRun(CheckpointSource):
 
     def training_config(self) -> dict[str, Any]:
         return self._config
+
+    def run_records(self) -> Path:
+        return self.run_path
 
     def _step_dirs(self) -> dict[int, Path]:
         steps = {}
@@ -214,6 +228,25 @@ class HubRun(CheckpointSource):
 
     def available_steps(self, split: str) -> list[int]:
         return sorted(step for s, step in self.commits if s == split)
+
+    def run_records(self) -> Path:
+        """The branch head's evaluation results and `logs/metrics.jsonl` (each checkpoint's commits carry
+        them up to its step), downloaded."""
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError
+
+        eval_dir, logs_dir = self.record_dirs()
+        try:
+            return Path(
+                snapshot_download(
+                    self.repo_id,
+                    revision=self.branch,
+                    allow_patterns=[f"{eval_dir}/*.json", f"{logs_dir}/metrics.jsonl"],
+                    cache_dir=self.cache_dir,
+                )
+            )
+        except (HfHubHTTPError, OSError) as error:
+            raise AnalysisError(f"Downloading the records of {self.description} failed: {error}") from error
 
     def load(self, step: int, split: str, data_types: Sequence[str]) -> States:
         from huggingface_hub import snapshot_download

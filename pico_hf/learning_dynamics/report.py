@@ -4,14 +4,17 @@ One PNG per result (`plots/<result_name>_<split>.png`): value against step, a li
 are coloured by layer and styled by component (line style), per-head OV lines are drawn thin and faint
 behind the layer's full OV line, so a 12-layer, 12-head analysis stays readable. `report.md` and a
 self-contained `report.html` (plots embedded) summarise the config, what was skipped, and the last step's
-values. A local run's evaluation results (`eval_results/step_N.json`: Paloma, lm-eval scores) are plotted
-against step beside them, one PNG each (`plots/eval_<name>.png`), in an Evaluation section.
+values. The run's evaluation results (`eval_results/step_N.json`: Paloma, lm-eval scores) are plotted
+against step beside them, one PNG each (`plots/eval_<name>.png`), in an Evaluation section, and its training
+curves (`logs/metrics.jsonl`: loss, learning rate, gradient norm, ...) in a Training section
+(`plots/train_<name>.png`), for a local run and for a run read from the Hub alike.
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -176,17 +179,40 @@ def read_evaluations(run_dir: Path, results_dir: str = "eval_results") -> dict[s
     }
 
 
-def _eval_stem(name: str) -> str:
-    return "eval_" + re.sub(r"[^A-Za-z0-9._-]+", "_", name.split(" (")[0]).strip("_")
+def read_training_curves(metrics_file: Path) -> dict[str, dict[int, float]]:
+    """{name: {step: value}} of every numeric value of the training log rows of `logs/metrics.jsonl` (those
+    with a loss: loss, learning rate, gradient norm, tokens/s, ...); {} when the file does not exist."""
+    curves: dict[str, dict[int, float]] = {}
+    if not Path(metrics_file).is_file():
+        return curves
+    for line in Path(metrics_file).read_text().splitlines():
+        row = json.loads(line) if line.strip() else {}
+        if "loss" not in row:  # evaluation rows have their own section; the run's summary is one value
+            continue
+        for name, value in row.items():
+            if (
+                name not in ("step", "epoch")
+                and isinstance(value, (int, float))
+                and not isinstance(value, bool)
+            ):
+                curves.setdefault(name, {})[int(row["step"])] = float(value)
+    return curves
 
 
-def plot_evaluations(evaluations: Mapping[str, Mapping[int, float]], output_dir: Path) -> dict[str, Path]:
-    """A PNG per evaluation value under `<output_dir>/plots/`, keyed by its name."""
+def _eval_stem(name: str, prefix: str = "eval") -> str:
+    return f"{prefix}_" + re.sub(r"[^A-Za-z0-9._-]+", "_", name.split(" (")[0]).strip("_")
+
+
+def plot_evaluations(
+    evaluations: Mapping[str, Mapping[int, float]], output_dir: Path, prefix: str = "eval"
+) -> dict[str, Path]:
+    """A PNG per evaluation value (or training curve, with prefix "train") under `<output_dir>/plots/`,
+    keyed by its name."""
     return {
         name: plot_result(
-            _eval_stem(name),
+            _eval_stem(name, prefix),
             {step: {name: value} for step, value in series.items()},
-            output_dir / PLOTS_DIR / f"{_eval_stem(name)}.png",
+            output_dir / PLOTS_DIR / f"{_eval_stem(name, prefix)}.png",
         )
         for name, series in evaluations.items()
     }
@@ -269,12 +295,16 @@ def write_report(
     result: AnalysisResult,
     plots: Mapping[str, Path] | None = None,
     evaluations: Mapping[str, Mapping[int, float]] | None = None,
+    curves: Mapping[str, Mapping[int, float]] | None = None,
 ) -> tuple[Path, Path]:
     """Write `report.md` and `report.html` into the analysis folder (plots made if not given); `evaluations`
-    ({name: {step: value}}, see `read_evaluations`) adds an Evaluation section."""
+    ({name: {step: value}}, see `read_evaluations`) adds an Evaluation section, `curves` (see
+    `read_training_curves`) a Training section."""
     plots = dict(plots) if plots is not None else plot_results(result)
     evaluations = dict(evaluations or {})
     eval_plots = plot_evaluations(evaluations, result.output_dir) if evaluations else {}
+    curves = dict(curves or {})
+    curve_plots = plot_evaluations(curves, result.output_dir, prefix="train") if curves else {}
     out = result.output_dir
     name = out.name
     steps = result.steps
@@ -331,6 +361,19 @@ def write_report(
             f'<h3>{html.escape(name)}</h3><img alt="{html.escape(name)}" src="data:image/png;base64,{encoded}">'
             + _html_table(["step", "value"], rows)
         )
+    if curves:
+        md += ["## Training", ""]
+        html_sections.append("<h2>Training</h2>")
+    for name, series in curves.items():
+        path = curve_plots[name]
+        last = max(series)
+        md += [f"### {name}", "", f"![{name}]({path.relative_to(out).as_posix()})", ""]
+        md += [f"{len(series)} logged steps, {_format(series[last])} at step {last}.", ""]
+        encoded = base64.b64encode(path.read_bytes()).decode()
+        html_sections.append(
+            f'<h3>{html.escape(name)}</h3><img alt="{html.escape(name)}" src="data:image/png;base64,{encoded}">'
+            f"<p>{len(series)} logged steps, {html.escape(_format(series[last]))} at step {last}.</p>"
+        )
     md_path = out / REPORT_MD
     md_path.write_text("\n".join(md) + "\n")
 
@@ -368,5 +411,6 @@ __all__ = [
     "plot_result",
     "plot_results",
     "read_evaluations",
+    "read_training_curves",
     "write_report",
 ]
