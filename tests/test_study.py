@@ -685,7 +685,17 @@ def test_shipped_study_configs_build_every_run(study, tmp_path):
 
                 assert (relora.reset_frequency, relora.warm_start_steps) == (15, 5)
                 steps = run.config.training.max_steps
-                assert [s for s in range(1, steps + 1) if is_reset_step(s, relora, steps)] == [20, 35]
+                resets = [
+                    s
+                    for s in range(1, steps + 1)
+                    if is_reset_step(
+                        s,
+                        lora_start=relora.warm_start_steps,
+                        reset_frequency=relora.reset_frequency,
+                        max_steps=steps,
+                    )
+                ]
+                assert resets == [20, 35]
         if arms == 3:  # the schedule control re-warms at the ReLoRA arm's steps, in the quick form too
             (relora, *_), (control, *_) = (
                 [run.config.training for run in config.runs if run.variant == v]
