@@ -704,6 +704,15 @@ def test_shipped_quick_studies_end_to_end(tmp_path, study, variant):
         for seed in (0, 1):
             logged = (study_dir / "runs" / f"relora_seed{seed}" / "logs" / "metrics.jsonl").read_text()
             assert '"relora/resets": 2' in logged  # merges after steps 20 and 35
+    if variant == "maml":
+        for seed in (0, 1):
+            run_dir = study_dir / "runs" / f"maml_seed{seed}"
+            saved = yaml.safe_load((run_dir / "training_config.yaml").read_text())
+            assert saved["training"]["maml"]["objective"] == "paper"
+            lines = [json.loads(x) for x in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+            last = [x for x in lines if "maml/meta_groups" in x][-1]
+            # One group a step, chosen about every other step; --quick's 8-way episodes never fall back.
+            assert last["step"] == 40 and last["maml/meta_groups"] >= 10 and last["maml/fallback_groups"] == 0
     page = (study_dir / "report.html").read_text()
     plots = len(list((study_dir / "plots").glob("*.png")))
     assert page.count('src="data:image/png;base64,') == plots >= 7  # loss, evaluation, five dynamics metrics
