@@ -374,7 +374,7 @@ def _draw_difference(
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.grid(True, alpha=0.3)
     ax.set_xlabel(x_label)
-    ax.set_title(f"- {baseline} (paired by seed, 95% band)", fontsize="small")
+    ax.set_title(f"variant - {baseline} (paired by seed, 95% band)", fontsize="small")
 
 
 def plot_logged_series(runs: Sequence[RunData], variants: Sequence[str], plots_dir: Path) -> Path | None:
