@@ -16,10 +16,10 @@ training time that evaluating every checkpoint costs at the demo config.
    evaluation (what every in-training evaluation pays). Goal: >= 1.0.
 2b. `blimp_scorer` (`--blimp_scorer`): BLiMP documents (pairs) per second of the batched scorer behind the
    `blimp` metric (`pico_hf.evaluation.blimp`, one forward per length-sorted batch of `--scorer_batch_size`
-   sentences) vs lm-eval's own `blimp_*` tasks (batch `--batch_size`, tasks already loaded) on the same model,
-   all 67 sub-datasets, the first `--scorer_pairs` pairs of each, interleaved as in 1.
-   `ratio_scorer_over_lm_eval`: median of the per-round ratios of evaluation time; `same_scores`: the 67
-   per-sub-task accuracies are equal. Goal: >= 4.
+   sentences) vs lm-eval's own `blimp_*` tasks (at each of `--lm_eval_batch_sizes`, tasks already loaded) on
+   the same model, all 67 sub-datasets, the first `--scorer_pairs` pairs of each, interleaved as in 1.
+   `ratio_scorer_over_lm_eval`: median of the per-round ratios of evaluation time against lm-eval's fastest
+   batch size (`lm_eval_fastest`); `same_scores`: the 67 per-sub-task accuracies are equal. Goal: >= 4.
 3. `in_training_evaluation`: a short run of recipes/configs/demo.yaml (learning dynamics off, to isolate
    evaluation) with evaluation on, checkpointing every 2 steps so training steps and evaluations alternate
    closely. The share is projected onto the demo's schedule (150 steps, 4 checkpoints): evaluations x
@@ -44,7 +44,7 @@ Prints one JSON object.
         [--limit 20] [--repeats 3] [--train_steps 8] [--save_every 2] [--max_samples N] [--device cpu]
         [--blimp_uids all|UID,UID] [--blimp_limit 50] [--metrics paloma] [--lm_eval_limit N]
         [--skip_lm_eval] [--skip_blimp] [--skip_training] [--blimp_pairs 20]
-        [--blimp_scorer] [--scorer_pairs 20] [--scorer_batch_size 128]
+        [--blimp_scorer] [--scorer_pairs 20] [--scorer_batch_size 128] [--lm_eval_batch_sizes 8,32]
         [--data_parallel] [--dp_tasks pico_arc_easy,pico_blimp] [--dp_limit 10]
 """
 
@@ -227,8 +227,15 @@ def blimp_throughput(
 
 
 def blimp_scorer_throughput(
-    model_dir: str, pairs_per_task: int, repeats: int, batch_size: int, scorer_batch_size: int, device: str
+    model_dir: str,
+    pairs_per_task: int,
+    repeats: int,
+    lm_eval_batch_sizes: list[int],
+    scorer_batch_size: int,
+    device: str,
 ) -> dict[str, Any]:
+    """The batched scorer vs lm-eval's blimp tasks at each of `lm_eval_batch_sizes`, interleaved (each round
+    runs every side once, in a rotated order); the ratio is taken against lm-eval's fastest batch size."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
@@ -236,8 +243,14 @@ def blimp_scorer_throughput(
 
     model, tokenizer = load_model(model_dir, device=device)
     pairs = load_blimp_pairs(tokenizer, pairs_per_task)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size)
-    seconds: dict[str, list[float]] = {"scorer": [], "lm_eval": []}
+    lms = {
+        f"lm_eval_batch_{size}": HFLM(
+            pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=size
+        )
+        for size in lm_eval_batch_sizes
+    }
+    sides = ["scorer", *lms]
+    seconds: dict[str, list[float]] = {side: [] for side in sides}
     scores: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         manager = task_manager([lm_eval_blimp_tasks(Path(tmp), pairs.tasks)], include_defaults=False)
@@ -254,7 +267,7 @@ def blimp_scorer_throughput(
             loaded = list(manager.load(names)["tasks"].values())  # data loading stays outside the timing
             start = time.perf_counter()
             results = simple_evaluate(
-                model=lm,
+                model=lms[side],
                 tasks=loaded,
                 limit=pairs_per_task,
                 bootstrap_iters=0,
@@ -267,20 +280,24 @@ def blimp_scorer_throughput(
 
         run("scorer")  # warm-up: first-time allocations
         for round_index in range(repeats):
-            for side in ("scorer", "lm_eval") if round_index % 2 == 0 else ("lm_eval", "scorer"):
+            shift = round_index % len(sides)
+            for side in sides[shift:] + sides[:shift]:
                 seconds[side].append(run(side))
-    docs_per_s = {side: pairs.num_pairs / statistics.median(times) for side, times in seconds.items()}
-    round_ratios = [ref / ours for ours, ref in zip(seconds["scorer"], seconds["lm_eval"], strict=True)]
+    median_s = {side: statistics.median(times) for side, times in seconds.items()}
+    docs_per_s = {side: pairs.num_pairs / value for side, value in median_s.items()}
+    fastest = min(lms, key=median_s.__getitem__)
+    round_ratios = [ref / ours for ours, ref in zip(seconds["scorer"], seconds[fastest], strict=True)]
     return {
         "model": model_dir,
         "sub_datasets": len(pairs.tasks),
         "documents": pairs.num_pairs,
         "tokens": sum(len(ids) for ids in pairs.sentences),
-        "batch_size": {"scorer": scorer_batch_size, "lm_eval": batch_size},
+        "scorer_batch_size": scorer_batch_size,
         "docs_per_s": {side: round(value, 2) for side, value in docs_per_s.items()},
+        "lm_eval_fastest": fastest,
         "ratio_scorer_over_lm_eval": round(statistics.median(round_ratios), 3),
         "round_ratios": [round(r, 3) for r in round_ratios],
-        "same_scores": scores["scorer"] == scores["lm_eval"],
+        "same_scores": all(scores[side] == scores["scorer"] for side in lms),
         "goal": "ratio_scorer_over_lm_eval >= 4",
     }
 
@@ -513,6 +530,11 @@ def main() -> None:
     parser.add_argument("--scorer_pairs", type=int, default=20, help="pairs per sub-task of --blimp_scorer")
     parser.add_argument("--scorer_batch_size", type=int, default=128, help="sentences per scorer forward")
     parser.add_argument(
+        "--lm_eval_batch_sizes",
+        default="8,32",
+        help="lm-eval batch sizes --blimp_scorer compares against (its fastest counts)",
+    )
+    parser.add_argument(
         "--data_parallel",
         action="store_true",
         help="also time lm-eval tasks on 2 processes: shared out vs on process 0 alone",
@@ -555,7 +577,7 @@ def main() -> None:
                 model_dir,
                 args.scorer_pairs,
                 args.repeats,
-                args.batch_size,
+                [int(size) for size in args.lm_eval_batch_sizes.split(",")],
                 args.scorer_batch_size,
                 args.device,
             )

@@ -11,14 +11,25 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import REPO, assert_bitwise_equal, final_weights
 from scipy import stats
 
 from pico_hf.study import StudyError, load_study_config, run_state, run_study, write_study_report
 from pico_hf.study.config import take_seeds
-from pico_hf.study.report import mean_std, paired_difference, read_eval_results, read_training_log
+from pico_hf.study.report import (
+    RunData,
+    idle_modes,
+    mean_std,
+    paired_difference,
+    read_eval_results,
+    read_logged_series,
+    read_training_log,
+)
 from pico_hf.training.config import ConfigError
+from pico_hf.training.maml import MAMLObjective
+from pico_hf.training.modes.maml import MAMLConfig
 
 STUDY_SCRIPT = REPO / "recipes" / "study.py"
 
@@ -282,6 +293,59 @@ def test_readers_take_any_numeric_key_and_the_last_logged_loss(tmp_path):
     ]
     (logs / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     assert read_training_log(tmp_path) == ({1: 5.0, 2: 4.5}, [300.0], 16)
+
+
+def logged_run(tmp_path, spec, training, lines):
+    """A RunData read back from a `logs/metrics.jsonl` of `lines`, its saved config's `training` section given."""
+    run_dir = tmp_path / spec.name
+    (run_dir / "logs").mkdir(parents=True)
+    (run_dir / "logs" / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return RunData(spec, "trained", {}, {}, {}, {}, [], 0, None, None,
+                   logged=read_logged_series(run_dir), saved_config={"training": training})  # fmt: skip
+
+
+def maml_log_lines(hybrid_ratio, fall_back=False):
+    """The training log lines of 4 steps of 2 groups, as MAMLObjective writes them (each step a log line)."""
+    config = MAMLConfig(objective="paper", episode_sequences=2, n_way=3, k_shot=3, hybrid_ratio=hybrid_ratio)
+    maml = MAMLObjective(config, d_model=8, vocab_size=32, mask_token=1, seed=0, global_batch=4)
+    lines = []
+    for step in range(4):
+        maml.begin_step(step)
+        if fall_back:  # one token in every sequence: no group has the 3 distinct tokens of an episode
+            for group, chosen in enumerate(maml.meta_groups):
+                assert chosen and maml._episode(torch.full((2, 16), 5), group) is None
+        maml.end_step(torch.device("cpu"))
+        logs = {"loss": 3.0}
+        maml.update_log(logs)
+        lines.append({"step": step + 1, **logs})
+    return lines
+
+
+def test_idle_modes_flag_relora_without_merge_and_maml_without_meta_group(tmp_path):
+    runs = load(tmp_path).runs
+    relora = {"max_steps": 40, "relora": {"enabled": True, "warm_start_steps": 10, "reset_frequency": 50}}
+    merged = [{"step": 20, "loss": 3.0}, {"step": 20, "relora/resets": 1, "relora/fraction_zeroed": 0.99}]
+    maml = {"max_steps": 4, "maml": {"enabled": True}}
+    assert idle_modes([logged_run(tmp_path / "a", runs[0], relora, merged)]) == []
+    assert idle_modes([logged_run(tmp_path / "b", runs[0], relora, merged[:1])]) == [
+        "baseline_seed0: ReLoRA never merged in 40 steps (warm start 10, a merge every 50 steps): it trained as "
+        "LoRA adapters, not ReLoRA"
+    ]
+    some_meta = maml_log_lines(0.5)
+    assert 0 < some_meta[-1]["maml/meta_groups"] < 8  # the seed chooses some groups of the 8, not all
+    assert idle_modes([logged_run(tmp_path / "c", runs[1], maml, some_meta)]) == []
+    assert idle_modes([logged_run(tmp_path / "d", runs[1], maml, maml_log_lines(0.0))]) == [
+        "baseline_seed1: MAML trained no meta group (0 chosen, 0 fell back to language modelling): it trained as "
+        "the baseline does"
+    ]
+    assert idle_modes([logged_run(tmp_path / "e", runs[1], maml, maml_log_lines(1.0, fall_back=True))]) == [
+        "baseline_seed1: MAML trained no meta group (8 chosen, 8 fell back to language modelling): it trained as "
+        "the baseline does"
+    ]
+    # Neither mode enabled (the baseline), or no saved config (a run that never started): nothing to flag.
+    assert (
+        idle_modes([logged_run(tmp_path / "f", runs[0], {"max_steps": 4}, [{"step": 1, "loss": 3.0}])]) == []
+    )
 
 
 # --- a tiny real study: reuse, resume, and the report ------------------------------------------------------
@@ -641,6 +705,15 @@ def test_shipped_quick_studies_end_to_end(tmp_path, study, variants):
         for seed in (0, 1):
             logged = (study_dir / "runs" / f"relora_seed{seed}" / "logs" / "metrics.jsonl").read_text()
             assert '"relora/resets": 2' in logged  # merges after steps 20 and 35
+    if variant == "maml":
+        for seed in (0, 1):
+            run_dir = study_dir / "runs" / f"maml_seed{seed}"
+            saved = yaml.safe_load((run_dir / "training_config.yaml").read_text())
+            assert saved["training"]["maml"]["objective"] == "paper"
+            lines = [json.loads(x) for x in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+            last = [x for x in lines if "maml/meta_groups" in x][-1]
+            # One group a step, chosen about every other step; --quick's 8-way episodes never fall back.
+            assert last["step"] == 40 and last["maml/meta_groups"] >= 10 and last["maml/fallback_groups"] == 0
     page = (study_dir / "report.html").read_text()
     plots = len(list((study_dir / "plots").glob("*.png")))
     assert page.count('src="data:image/png;base64,') == plots >= 7  # loss, evaluation, five dynamics metrics

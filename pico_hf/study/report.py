@@ -374,7 +374,7 @@ def _draw_difference(
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.grid(True, alpha=0.3)
     ax.set_xlabel(x_label)
-    ax.set_title(f"- {baseline} (paired by seed, 95% band)", fontsize="small")
+    ax.set_title(f"variant - {baseline} (paired by seed, 95% band)", fontsize="small")
 
 
 def plot_logged_series(runs: Sequence[RunData], variants: Sequence[str], plots_dir: Path) -> Path | None:
@@ -681,7 +681,7 @@ def config_rows(study: StudyConfig, runs: Sequence[RunData]) -> tuple[list[str],
 
 
 def idle_modes(runs: Sequence[RunData]) -> list[str]:
-    """Runs whose training mode did nothing: ReLoRA that never merged, MAML without a meta step."""
+    """Runs whose training mode did nothing: ReLoRA that never merged, MAML that trained no meta group."""
     flags = []
     for run in runs:
         config = run.saved_config
@@ -696,9 +696,15 @@ def idle_modes(runs: Sequence[RunData]) -> list[str]:
                 "it trained as LoRA adapters, not ReLoRA"
             )
         if training.get("maml", {}).get("enabled"):
-            meta = run.logged.get("maml/meta_steps", {})
-            if not meta or max(meta.values()) == 0:
-                flags.append(f"{run.spec.name}: MAML made no meta step: it trained as the baseline does")
+            # Running counts since step 0: the last logged value is the run's total. A chosen meta group whose
+            # sequences hold too few distinct tokens for an episode falls back to language modelling.
+            chosen = max(run.logged.get("maml/meta_groups", {0: 0.0}).values())
+            fell_back = max(run.logged.get("maml/fallback_groups", {0: 0.0}).values())
+            if chosen - fell_back <= 0:
+                flags.append(
+                    f"{run.spec.name}: MAML trained no meta group ({chosen:.0f} chosen, {fell_back:.0f} fell back "
+                    "to language modelling): it trained as the baseline does"
+                )
     return flags
 
 

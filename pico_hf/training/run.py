@@ -332,7 +332,22 @@ class PicoProgressCallback(ProgressCallback):
     """The Trainer's progress bar; per-component learning-dynamics values go to the log files and TensorBoard,
     not the console, which shows how many were logged."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        # This callback comes last, so values other callbacks log in `on_train_begin` (the step-0 held-out
+        # loss) arrive before its bar exists: they are shown once it does. None once training has begun.
+        self.early_logs: list[dict[str, Any]] | None = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        early, self.early_logs = self.early_logs or [], None
+        for logs in early:
+            self.on_log(args, state, control, logs=logs, **kwargs)
+
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.early_logs is not None and state.is_world_process_zero:
+            self.early_logs.append(dict(logs or {}))
+            return
         component_values = [key for key in logs or {} if key.startswith("learning_dynamics/")]
         if component_values:
             logs = {
