@@ -29,13 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..training.config import ConfigError, PicoTrainingConfig
 from ..training.rundir import RunLayout
 from .callback import isolated_evaluation, write_results
-from .perplexity import MAX_LOGITS_ELEMENTS, encode_texts, load_texts, plan_batches, resolve_dataset
+from .perplexity import MAX_LOGITS_ELEMENTS, encode_texts, load_texts, plan_batches, resolve_dataset, row_nlls
 
 logger = logging.getLogger(__name__)
 
@@ -51,27 +50,10 @@ def batch_nll_sums(
     max_logits_elements: int = MAX_LOGITS_ELEMENTS,
 ) -> list[tuple[float, int]]:
     """(sum of next-token NLLs, tokens predicted) for each row of token ids, in one right-padded batch."""
-    parameter = next(model.parameters())
-    width = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
-        attention_mask[i, : len(row)] = 1
-    input_ids, attention_mask = input_ids.to(parameter.device), attention_mask.to(parameter.device)
-    vocab = int(model.config.vocab_size)
-    rows_per_forward = max(1, max_logits_elements // (width * vocab))
     sums: list[tuple[float, int]] = []
-    for start in range(0, len(rows), rows_per_forward):
-        ids = input_ids[start : start + rows_per_forward]
-        mask = attention_mask[start : start + rows_per_forward]
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
-        nll = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
-        ).view(ids.shape[0], -1)
-        shift_mask = mask[:, 1:]
-        totals = (nll * shift_mask.to(nll.dtype)).sum(1).tolist()
-        sums += list(zip(totals, shift_mask.sum(1).tolist(), strict=True))
+    for nll, mask in row_nlls(model, rows, pad_token_id, max_logits_elements):
+        totals = (nll * mask.to(nll.dtype)).sum(1).tolist()
+        sums += list(zip(totals, mask.sum(1).tolist(), strict=True))
     return sums
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import glob
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,13 +110,14 @@ def _vocab_size(model: torch.nn.Module) -> int:
 
 
 @torch.no_grad()
-def batch_perplexities(
+def row_nlls(
     model: torch.nn.Module,
     rows: Sequence[Sequence[int]],
     pad_token_id: int = 0,
     max_logits_elements: int = MAX_LOGITS_ELEMENTS,
-) -> list[float]:
-    """exp(mean NLL of tokens 2..n) for each row of token ids, in one right-padded batch."""
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Next-token NLLs of rows of token ids, right-padded into one batch and run in as many forwards as keep the
+    logits under `max_logits_elements`: yields (nll, mask), each (b, T-1), per forward."""
     device = _model_device(model)
     width = max(len(row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
@@ -127,7 +128,6 @@ def batch_perplexities(
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
 
     rows_per_forward = max(1, max_logits_elements // (width * _vocab_size(model)))
-    perplexities: list[float] = []
     for start in range(0, len(rows), rows_per_forward):
         ids = input_ids[start : start + rows_per_forward]
         mask = attention_mask[start : start + rows_per_forward]
@@ -136,9 +136,22 @@ def batch_perplexities(
         nll = F.cross_entropy(
             shift_logits.reshape(-1, shift_logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
         ).view(ids.shape[0], -1)  # (b, T-1)
-        shift_mask = mask[:, 1:].to(nll.dtype)
+        del logits, shift_logits
+        yield nll, mask[:, 1:]
+
+
+@torch.no_grad()
+def batch_perplexities(
+    model: torch.nn.Module,
+    rows: Sequence[Sequence[int]],
+    pad_token_id: int = 0,
+    max_logits_elements: int = MAX_LOGITS_ELEMENTS,
+) -> list[float]:
+    """exp(mean NLL of tokens 2..n) for each row of token ids, in one right-padded batch."""
+    perplexities: list[float] = []
+    for nll, mask in row_nlls(model, rows, pad_token_id, max_logits_elements):
+        shift_mask = mask.to(nll.dtype)
         perplexities += torch.exp((nll * shift_mask).sum(1) / shift_mask.sum(1)).tolist()
-        del logits, shift_logits, nll
     return perplexities
 
 
