@@ -10,7 +10,7 @@ from conftest import StopAfter, assert_bitwise_equal, final_weights, train
 from transformers import TrainerCallback
 
 from pico_hf.training.config import ConfigError, describe_sections, load_config
-from pico_hf.training.modes import TrainingMode, register_mode, registered_modes
+from pico_hf.training.modes import TrainingMode, register_mode, registered_modes, unregister_mode
 
 TOY_STATE = "toy_state.json"
 
@@ -31,7 +31,6 @@ class ToyLog(TrainerCallback):
             logs["toy/micro_batches"] = self.mode.micro_batches
 
 
-@register_mode
 class ToyMode(TrainingMode):
     """Counts the micro-batches it computed the loss of: training state that a resume must restore."""
 
@@ -66,6 +65,16 @@ class ToyMode(TrainingMode):
     def resume(self, state_dir, model, weights):
         self.micro_batches = json.loads((state_dir / TOY_STATE).read_text())["micro_batches"]
         return weights
+
+
+@pytest.fixture(autouse=True)
+def toy_mode():
+    """The toy mode is registered while this file's tests run only: a mode registered at import would add its
+    section to every config made later in the same process (another file's runs would not match their saved
+    configs)."""
+    register_mode(ToyMode)
+    yield ToyMode
+    unregister_mode(ToyMode.key)
 
 
 TOY = {"training.toy.enabled": "true", "training.max_steps": 4}

@@ -6,7 +6,15 @@ the config, the run builder and `PicoTrainer` call its hooks without naming it.
 """
 
 from .base import TrainingMode
-from .registry import build_mode, check_modes, enabled_modes, mode_sections, register_mode, registered_modes
+from .registry import (
+    build_mode,
+    check_modes,
+    enabled_modes,
+    mode_sections,
+    register_mode,
+    registered_modes,
+    unregister_mode,
+)
 
 __all__ = [
     "TrainingMode",
@@ -16,4 +24,5 @@ __all__ = [
     "mode_sections",
     "register_mode",
     "registered_modes",
+    "unregister_mode",
 ]

@@ -36,6 +36,11 @@ def register_mode(mode: type[TrainingMode]) -> type[TrainingMode]:
     return mode
 
 
+def unregister_mode(key: str) -> None:
+    """Remove the mode of `training.<key>` (a mode registered for a while, e.g. by a test, and then dropped)."""
+    _MODES.pop(key, None)
+
+
 def _name(mode: type) -> str:
     return f"{mode.__module__}.{mode.__qualname__}"
 
