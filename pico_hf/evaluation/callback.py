@@ -288,6 +288,20 @@ def check_evaluation_config(config: PicoTrainingConfig) -> list[str]:
     return metrics
 
 
+def check_paloma_batches(paloma: Any, max_seq_len: int, use: str = "") -> None:
+    """`evaluation.paloma`'s text length and batch size, which the perplexity and the held-out curve both read;
+    `use` says, in the message, what cuts its texts at `max_length`."""
+    if paloma.max_length > max_seq_len:
+        raise ConfigError(
+            f"evaluation.paloma.max_length ({paloma.max_length}) is longer than model.max_seq_len "
+            f"({max_seq_len}); {use}set evaluation.paloma.max_length={max_seq_len}"
+        )
+    if paloma.max_length < 2:
+        raise ConfigError(f"evaluation.paloma.max_length must be at least 2, got {paloma.max_length}")
+    if paloma.batch_size < 1:
+        raise ConfigError(f"evaluation.paloma.batch_size must be positive, got {paloma.batch_size}")
+
+
 def _checked_evaluation(config: PicoTrainingConfig, warn: bool) -> tuple[list[str], TaskSelection]:
     """The metrics to run and the lm-eval tasks among them, the `evaluation` section checked (tasks resolved
     once: indexing lm-eval's task files takes seconds)."""
@@ -305,15 +319,7 @@ def _checked_evaluation(config: PicoTrainingConfig, warn: bool) -> tuple[list[st
     if PALOMA not in metrics:
         return metrics, selection
     paloma = config.evaluation.paloma
-    if paloma.max_length > config.model.max_seq_len:
-        raise ConfigError(
-            f"evaluation.paloma.max_length ({paloma.max_length}) is longer than model.max_seq_len "
-            f"({config.model.max_seq_len}); set evaluation.paloma.max_length={config.model.max_seq_len}"
-        )
-    if paloma.max_length < 2:
-        raise ConfigError(f"evaluation.paloma.max_length must be at least 2, got {paloma.max_length}")
-    if paloma.batch_size < 1:
-        raise ConfigError(f"evaluation.paloma.batch_size must be positive, got {paloma.batch_size}")
+    check_paloma_batches(paloma, config.model.max_seq_len)
     if paloma.max_samples is not None and paloma.max_samples < 1:
         raise ConfigError(f"evaluation.paloma.max_samples must be positive or null, got {paloma.max_samples}")
     return metrics, selection

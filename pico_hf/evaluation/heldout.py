@@ -33,7 +33,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from ..training.config import ConfigError, PicoTrainingConfig
 from ..training.rundir import RunLayout
-from .callback import isolated_evaluation, write_results
+from .callback import check_paloma_batches, isolated_evaluation, write_results
 from .perplexity import MAX_LOGITS_ELEMENTS, encode_texts, load_texts, plan_batches, resolve_dataset, row_nlls
 
 logger = logging.getLogger(__name__)
@@ -169,17 +169,9 @@ def check_heldout_config(config: PicoTrainingConfig) -> None:
         raise ConfigError(
             f"evaluation.heldout_max_samples must be a positive integer or null, got {samples!r}"
         )
-    paloma = evaluation.paloma
-    if paloma.max_length > config.model.max_seq_len:
-        raise ConfigError(
-            f"evaluation.paloma.max_length ({paloma.max_length}) is longer than model.max_seq_len "
-            f"({config.model.max_seq_len}); the held-out curve cuts its texts there: set "
-            f"evaluation.paloma.max_length={config.model.max_seq_len}"
-        )
-    if paloma.max_length < 2:
-        raise ConfigError(f"evaluation.paloma.max_length must be at least 2, got {paloma.max_length}")
-    if paloma.batch_size < 1:
-        raise ConfigError(f"evaluation.paloma.batch_size must be positive, got {paloma.batch_size}")
+    check_paloma_batches(
+        evaluation.paloma, config.model.max_seq_len, "the held-out curve cuts its texts there: "
+    )
 
 
 def build_heldout_callbacks(config: PicoTrainingConfig, run: RunLayout) -> list[HeldoutLossCallback]:
