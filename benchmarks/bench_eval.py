@@ -20,6 +20,9 @@ training time that evaluating every checkpoint costs at the demo config.
    the same model, all 67 sub-datasets, the first `--scorer_pairs` pairs of each, interleaved as in 1.
    `ratio_scorer_over_lm_eval`: median of the per-round ratios of evaluation time against lm-eval's fastest
    batch size (`lm_eval_fastest`); `same_scores`: the 67 per-sub-task accuracies are equal. Goal: >= 4.
+   `ratio_bound`: lm-eval's time over the head floor's (`head_floor_s`: the output projection and log-softmax
+   of every distinct context, `distinct_contexts`, alone, timed in the same rounds), the most any scorer that
+   keeps lm-eval's float32 arithmetic over the whole vocabulary could reach on this machine.
 3. `in_training_evaluation`: a short run of recipes/configs/demo.yaml (learning dynamics off, to isolate
    evaluation) with evaluation on, checkpointing every 2 steps so training steps and evaluations alternate
    closely. The share is projected onto the demo's schedule (150 steps, 4 checkpoints): evaluations x
@@ -65,11 +68,13 @@ from typing import Any
 
 import datasets
 import torch
+import torch.nn.functional as F
 import transformers
 from transformers import TrainerCallback
 
 from pico_hf import PicoDecoderConfig, PicoDecoderForCausalLM
 from pico_hf.convert import main as convert
+from pico_hf.evaluation.blimp import MAX_LOGITS_ELEMENTS
 from pico_hf.evaluation.callback import EvaluationCallback, build_evaluation_callbacks, isolated_evaluation
 from pico_hf.evaluation.harness import (
     lm_eval_blimp_tasks,
@@ -243,13 +248,28 @@ def blimp_scorer_throughput(
 
     model, tokenizer = load_model(model_dir, device=device)
     pairs = load_blimp_pairs(tokenizer, pairs_per_task)
+    # The floor under any scorer that keeps lm-eval's float32 arithmetic: each distinct context (over all
+    # sentences, a pair's shared opening words once) projected onto the vocabulary and log-softmaxed, as the
+    # scorer chunks it; random features of the model's width, the decoder left out.
+    head = model.get_output_embeddings()
+    contexts = len({tuple(s[: end + 1]) for s in pairs.sentences for end in range(len(s) - 1)})
+    features = torch.randn(contexts, head.in_features, device=head.weight.device, dtype=head.weight.dtype)
+    chunk = max(1, MAX_LOGITS_ELEMENTS // head.out_features)
+
+    def head_floor() -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for first in range(0, contexts, chunk):
+                F.log_softmax(head(features[first : first + chunk]).float(), dim=-1)
+        return time.perf_counter() - start
+
     lms = {
         f"lm_eval_batch_{size}": HFLM(
             pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=size
         )
         for size in lm_eval_batch_sizes
     }
-    sides = ["scorer", *lms]
+    sides = ["scorer", "head_floor", *lms]
     seconds: dict[str, list[float]] = {side: [] for side in sides}
     scores: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -257,6 +277,8 @@ def blimp_scorer_throughput(
         names = [f"blimp_{uid}" for uid in pairs.tasks]
 
         def run(side: str) -> float:
+            if side == "head_floor":
+                return head_floor()
             if side == "scorer":
                 start = time.perf_counter()
                 with isolated_evaluation(model):
@@ -287,6 +309,8 @@ def blimp_scorer_throughput(
     docs_per_s = {side: pairs.num_pairs / value for side, value in median_s.items()}
     fastest = min(lms, key=median_s.__getitem__)
     round_ratios = [ref / ours for ours, ref in zip(seconds["scorer"], seconds[fastest], strict=True)]
+    bounds = [ref / floor for floor, ref in zip(seconds["head_floor"], seconds[fastest], strict=True)]
+    del docs_per_s["head_floor"]
     return {
         "model": model_dir,
         "sub_datasets": len(pairs.tasks),
@@ -299,6 +323,11 @@ def blimp_scorer_throughput(
         "round_ratios": [round(r, 3) for r in round_ratios],
         "same_scores": all(scores[side] == scores["scorer"] for side in lms),
         "goal": "ratio_scorer_over_lm_eval >= 4",
+        # lm-eval's time over the head floor's: no exact float32 scorer can exceed this ratio.
+        "distinct_contexts": contexts,
+        "head_floor_s": round(median_s["head_floor"], 3),
+        "ratio_bound": round(statistics.median(bounds), 3),
+        "round_bounds": [round(b, 3) for b in bounds],
     }
 
 

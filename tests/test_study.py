@@ -19,10 +19,13 @@ from scipy import stats
 from pico_hf.study import StudyError, load_study_config, run_state, run_study, write_study_report
 from pico_hf.study.config import take_seeds
 from pico_hf.study.report import (
+    Quantity,
     RunData,
     idle_modes,
     mean_std,
     paired_difference,
+    plot_group,
+    plot_quantities,
     read_eval_results,
     read_logged_series,
     read_training_log,
@@ -629,6 +632,42 @@ def test_a_run_folder_from_another_config_is_an_error(tiny_study, tmp_path):
         run_study(changed, in_process=True, log=lambda line: None)
 
 
+def test_an_evaluation_groups_sub_tasks_share_one_figure(tmp_path):
+    def quantity(name: str, kind: str = "evaluation") -> Quantity:
+        series = {v: {s: {0: 0.5 + s / 10, 10: 0.6 + s / 10} for s in (0, 1)} for v in ("baseline", "v")}
+        return Quantity(name, name, kind, series, [0, 10])
+
+    quantities = [
+        quantity("eval/blimp/acc"),
+        quantity("eval/blimp_wh_vs_that_no_gap/acc"),
+        quantity("eval/blimp_wh_vs_that_no_gap_long_distance/acc"),  # its name extends a sub-task's
+        quantity("eval/embedded_heldout_perplexity"),
+        quantity("eval/heldout_loss"),
+        quantity("cka_val/layers.0.mlp", "learning dynamics"),
+        quantity("cka_val/layers.11.mlp", "learning dynamics"),
+    ]
+    names = {q.name for q in quantities}
+    assert [plot_group(q, names) for q in quantities] == [
+        "eval/blimp/acc",
+        "eval/blimp_*/acc",
+        "eval/blimp_*/acc",
+        "eval/embedded_heldout_perplexity",
+        "eval/heldout_loss",
+        "cka_val",
+        "cka_val",
+    ]
+    (tmp_path / "plots").mkdir()
+    paths = plot_quantities(quantities, ["baseline", "v"], tmp_path / "plots", "baseline")
+    assert {group: path.name for group, path in paths.items()} == {
+        "eval/blimp/acc": "eval_blimp_acc.png",
+        "eval/blimp_*/acc": "eval_blimp_subtasks_acc.png",
+        "eval/embedded_heldout_perplexity": "eval_embedded_heldout_perplexity.png",
+        "eval/heldout_loss": "eval_heldout_loss.png",
+        "cka_val": "cka_val.png",
+    }
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == sorted(p.name for p in paths.values())
+
+
 # --- the shipped quick study, end to end -------------------------------------------------------------------
 
 
@@ -847,7 +886,10 @@ def test_verdicts_of_a_small_study(tmp_path):
         "slow-lr_seed2",
     ]
     assert statuses["baseline_seed0"] == statuses["slow-lr_seed1"] == "reused"
+    stale = three.study_dir / "plots" / "eval_gone.png"  # a figure the new report no longer draws
+    stale.write_bytes(b"")
     write_study_report(three, outcomes)
+    assert not stale.exists() and (three.study_dir / "plots" / "train_loss.png").is_file()
     summary = json.loads((three.study_dir / "summary.json").read_text())
     verdicts = {v["variant"]: v for v in summary["verdicts"]}
     assert verdicts["same"]["verdict"] == "no detectable difference" and verdicts["same"]["difference"] == 0

@@ -21,7 +21,7 @@ import json
 import math
 import re
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -343,6 +343,8 @@ def _draw(ax, quantity: Quantity, colours: Mapping[str, tuple], x_label: str = "
     finite = [v for v in values if math.isfinite(v)]
     if finite and min(finite) > 0 and max(finite) / min(finite) > 1e3:
         ax.set_yscale("log")
+    if quantity.name.endswith("/acc"):  # an accuracy's band stays within what an accuracy can be
+        ax.set_ylim(-0.02, 1.02)
     ax.grid(True, alpha=0.3)
     ax.set_xlabel(x_label)
 
@@ -431,6 +433,23 @@ def in_tokens(quantities: Sequence[Quantity], runs: Sequence[RunData]) -> list[Q
     ]
 
 
+def plot_group(quantity: Quantity, names: Container[str]) -> str:
+    """The figure a quantity is drawn in: a learning-dynamics result's components share one (a panel each), so
+    do an evaluation group's sub-tasks (`eval/blimp_<uid>/acc` beside `eval/blimp/acc`: 67 panels in one
+    figure, not 67 figures); anything else has its own."""
+    if quantity.kind == "learning dynamics":
+        return quantity.name.split("/", 1)[0]
+    match = re.fullmatch(r"eval/([^/]+)/([^/]+)", quantity.name)
+    if quantity.kind == "evaluation" and match:
+        task, metric = match.groups()
+        parts = task.split("_")
+        for cut in range(1, len(parts)):  # the top group: blimp, not the sub-task blimp_wh_vs_that_no_gap
+            group = "_".join(parts[:cut])
+            if f"eval/{group}/{metric}" in names:
+                return f"eval/{group}_*/{metric}"
+    return quantity.name
+
+
 def plot_quantities(
     quantities: Sequence[Quantity],
     variants: Sequence[str],
@@ -438,20 +457,25 @@ def plot_quantities(
     baseline: str | None = None,
     x_label: str = "step",
 ) -> dict[str, Path]:
-    """One PNG per training/evaluation quantity (with a panel of the paired difference from the baseline), and
-    one per learning-dynamics result (a panel per component). Returns {plot title: path}."""
+    """One PNG per training/evaluation quantity (with a panel of the paired difference from the baseline), one
+    per learning-dynamics result (a panel per component) and one per evaluation group's sub-tasks (a panel
+    each). Returns {plot group (`plot_group`): path}."""
     colours = variant_colours(variants)
     plots_dir.mkdir(parents=True, exist_ok=True)
+    names = {quantity.name for quantity in quantities}
     groups: dict[str, list[Quantity]] = {}
     for quantity in quantities:
-        group = quantity.name if quantity.kind != "learning dynamics" else quantity.name.split("/", 1)[0]
-        groups.setdefault(group, []).append(quantity)
+        groups.setdefault(plot_group(quantity, names), []).append(quantity)
     paths = {}
     for group, members in groups.items():
         with_difference = len(members) == 1 and baseline in members[0].series and len(members[0].series) > 1
-        columns = 2 if with_difference else min(len(members), 3)
+        many = len(members) > 12  # sub-tasks: small panels, many to a row
+        columns = 2 if with_difference else min(len(members), 8 if many else 3)
         rows = 1 if with_difference else math.ceil(len(members) / columns)
-        fig = Figure(figsize=(4.2 * columns + 1.8, 3.2 * rows), dpi=100, layout="constrained")
+        width, height = (2.6, 2.1) if many else (4.2, 3.2)
+        fig = Figure(
+            figsize=(width * columns + 1.8, height * rows), dpi=100 if not many else 70, layout="constrained"
+        )
         FigureCanvasAgg(fig)
         if with_difference:
             assert baseline is not None
@@ -459,12 +483,21 @@ def plot_quantities(
         for index, quantity in enumerate(members):
             ax = fig.add_subplot(rows, columns, index + 1)
             _draw(ax, quantity, colours, x_label)
-            title = quantity.label if len(members) == 1 else quantity.name.split("/", 1)[1]
-            ax.set_title(title, fontsize="small")
+            if len(members) == 1:
+                title = quantity.label
+            elif quantity.kind == "learning dynamics":
+                title = quantity.name.split("/", 1)[1]
+            else:  # a sub-task: its name less the group's
+                title = quantity.name.split("/")[1].removeprefix(group.split("/")[1].removesuffix("*"))
+            ax.set_title(title, fontsize="small" if not many else "x-small")
+            if many:
+                ax.tick_params(labelsize="x-small")
+                ax.set_xlabel("")
         if len(members) > 1:
             fig.suptitle(group)
         _legend(fig, [v for v in variants if any(v in q.series for q in members)], colours)
-        path = plots_dir / (re.sub(r"[^A-Za-z0-9._-]+", "_", group).strip("_") + ".png")
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", group.replace("*", "subtasks")).strip("_")
+        path = plots_dir / f"{stem}.png"
         fig.savefig(path)
         paths[group] = path
     return paths
@@ -902,6 +935,8 @@ def write_study_report(
     warnings = [*warnings, *cross_warnings]
     cross = cross_run_quantities(cross_values)
     plots.update(plot_quantities(cross, variants, out / PLOTS_DIR))
+    for stale in set((out / PLOTS_DIR).glob("*.png")) - set(plots.values()):  # an earlier report's figures
+        stale.unlink()
     summary = summary_dict(study, runs, quantities, confidence, conclusions)
     summary["cross_run"] = [v.summary() for v in cross_values]
     (out / SUMMARY_JSON).write_text(json.dumps(summary, indent=1))
@@ -986,8 +1021,9 @@ def write_study_report(
         md += [f"### {title}", ""]
         body_html.append(f"<h3>{html.escape(title)}</h3>")
         shown: set[str] = set()
+        names = {q.name for q in quantities}
         for quantity in members:
-            group = quantity.name if kind != "learning dynamics" else quantity.name.split("/", 1)[0]
+            group = plot_group(quantity, names)
             if group in plots and group not in shown:
                 shown.add(group)
                 md += [f"![{group}]({plots[group].relative_to(out).as_posix()})", ""]
