@@ -865,7 +865,11 @@ def test_verdicts_of_a_small_study(tmp_path):
     assert outcomes[-1].exit_status == 1
     assert any("model.vocab_size" in line for line in outcomes[-1].log_tail)
     write_study_report(two, outcomes)
-    summary = json.loads((two.study_dir / "summary.json").read_text())
+
+    def reject(constant: str) -> None:
+        raise AssertionError(f"summary.json holds {constant}, which JSON does not allow")
+
+    summary = json.loads((two.study_dir / "summary.json").read_text(), parse_constant=reject)
     assert [(v["variant"], v["verdict"]) for v in summary["verdicts"]] == [
         ("same", "too few seeds"),
         ("slow-lr", "too few seeds"),

@@ -906,6 +906,18 @@ def _exploratory_sentence(counts: tuple[int, int, int], confidence: float) -> st
     )
 
 
+def strict_json(value: Any) -> Any:
+    """`value` with every non-finite float (an interval over one seed, a p outside a family) as None: JSON has
+    no NaN, and strict readers (a browser's JSON.parse, jq) reject Python's."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def write_study_report(
     study: StudyConfig,
     outcomes: Sequence[RunOutcome] | None = None,
@@ -939,7 +951,7 @@ def write_study_report(
         stale.unlink()
     summary = summary_dict(study, runs, quantities, confidence, conclusions)
     summary["cross_run"] = [v.summary() for v in cross_values]
-    (out / SUMMARY_JSON).write_text(json.dumps(summary, indent=1))
+    (out / SUMMARY_JSON).write_text(json.dumps(strict_json(summary), indent=1, allow_nan=False))
 
     header = _table_header(confidence)
     overview = [
