@@ -811,6 +811,7 @@ def test_shipped_study_configs_build_every_run(study, tmp_path):
                 ]
                 assert resets == [20, 35]
         if arms == 3:  # the schedule control re-warms at the ReLoRA arm's steps, in the quick form too
+            assert config.contrasts == (("relora", "full-rank-jagged"),)
             (relora, *_), (control, *_) = (
                 [run.config.training for run in config.runs if run.variant == v]
                 for v in ("relora", "full-rank-jagged")
@@ -848,6 +849,7 @@ def test_verdicts_of_a_small_study(tmp_path):
                     "broken": {"model.vocab_size": 1000},  # passes the config checks, not the run's start
                 },
                 "seeds": 2,
+                "contrasts": [["slow-lr", "same"]],  # a verdict of one variant against another
                 "evaluation": {
                     "metrics": [],
                     "heldout_every_n_steps": 2,
@@ -870,9 +872,10 @@ def test_verdicts_of_a_small_study(tmp_path):
         raise AssertionError(f"summary.json holds {constant}, which JSON does not allow")
 
     summary = json.loads((two.study_dir / "summary.json").read_text(), parse_constant=reject)
-    assert [(v["variant"], v["verdict"]) for v in summary["verdicts"]] == [
-        ("same", "too few seeds"),
-        ("slow-lr", "too few seeds"),
+    assert [(v["variant"], v["reference"], v["verdict"]) for v in summary["verdicts"]] == [
+        ("same", "baseline", "too few seeds"),
+        ("slow-lr", "baseline", "too few seeds"),
+        ("slow-lr", "same", "too few seeds"),
     ]
     assert [f["run"] for f in summary["failures"]] == ["broken_seed0", "broken_seed1"]
     md = (two.study_dir / "report.md").read_text()
@@ -895,10 +898,21 @@ def test_verdicts_of_a_small_study(tmp_path):
     write_study_report(three, outcomes)
     assert not stale.exists() and (three.study_dir / "plots" / "train_loss.png").is_file()
     summary = json.loads((three.study_dir / "summary.json").read_text())
-    verdicts = {v["variant"]: v for v in summary["verdicts"]}
+    verdicts = {v["variant"]: v for v in summary["verdicts"] if v["reference"] == "baseline"}
+    contrast = summary["verdicts"][-1]
     assert verdicts["same"]["verdict"] == "no detectable difference" and verdicts["same"]["difference"] == 0
     assert verdicts["slow-lr"]["verdict"] == "worse", verdicts["slow-lr"]
-    assert verdicts["slow-lr"]["p_holm"] == pytest.approx(min(1.0, 2 * verdicts["slow-lr"]["p"]))
+    # Holm over all three comparisons, the contrast included: the smallest p times 3, the next times 2, ...
+    ps = sorted(v["p"] for v in summary["verdicts"])
+    expected = [min(1.0, p * (3 - i)) for i, p in enumerate(ps)]
+    expected = [max(expected[: i + 1]) for i in range(3)]
+    assert sorted(v["p_holm"] for v in summary["verdicts"]) == pytest.approx(expected)
+    # slow-lr against `same` (which trains as the baseline does) is slow-lr against the baseline.
+    assert contrast["variant"] == "slow-lr" and contrast["reference"] == "same"
+    assert contrast["difference"] == pytest.approx(verdicts["slow-lr"]["difference"])
+    assert contrast["verdict"] == "worse"
+    md = (three.study_dir / "report.md").read_text()
+    assert "| slow-lr vs same | eval_heldout_loss | step 8 |" in md
     losses = {
         spec.name: json.loads((spec.run_dir / "eval_results" / "heldout_loss.json").read_text())["loss"]["8"]
         for spec in three.runs

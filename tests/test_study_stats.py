@@ -122,6 +122,7 @@ def test_unequal_budgets_are_compared_at_equal_tokens():
         primary=("eval_heldout_loss",),
         baseline="base",
         variants={"base": (), "big": ()},
+        contrasts=(),
         allow_unequal_budget=True,
     )
     (verdict,), missing = compare_at_end(study, [quantity], runs)

@@ -11,6 +11,7 @@
     analysis: ../analysis/demo.yaml        # a pico-analyze config (path or inline); `target_checkpoint: final`
     quick: {overrides: {...}, seeds: 2}    # what `--quick` changes; its overrides apply last, over the variants'
     primary: [eval_heldout_loss]           # the quantities the verdicts are about (the default)
+    contrasts: [[relora, full-rank-jagged]]  # further verdicts: a variant against another (a control arm)
     allow_unequal_budget: false            # true: variants may change the steps, batch or sequence length
 
 Overrides are the keys and values `recipes/train.py` takes on its command line (`model.norm_eps=1e-3`), as a
@@ -41,6 +42,7 @@ STUDY_KEYS = (
     "evaluation",
     "analysis",
     "primary",
+    "contrasts",
     "allow_unequal_budget",
 )
 QUICK_KEYS = ("overrides", "seeds", "analysis")
@@ -102,6 +104,9 @@ class StudyConfig:
     runs: tuple[RunSpec, ...]
     quick_overrides: tuple[str, ...] = ()
     primary: tuple[str, ...] = DEFAULT_PRIMARY
+    contrasts: tuple[
+        tuple[str, str], ...
+    ] = ()  # (variant, reference) verdicts besides each against the baseline
     allow_unequal_budget: bool = False
 
     @property
@@ -131,6 +136,7 @@ class StudyConfig:
             "quick": self.quick,
             "quick_overrides": list(self.quick_overrides),
             "primary": list(self.primary),
+            "contrasts": [list(pair) for pair in self.contrasts],
             "allow_unequal_budget": self.allow_unequal_budget,
         }
 
@@ -139,6 +145,34 @@ class StudyConfig:
         overrides = [*self.overrides, *self.evaluation, *self.quick_overrides]
         overrides += [o for values in self.variants.values() for o in values]
         return list(dict.fromkeys(parse_override(o)[0] for o in overrides))
+
+
+def _contrasts(raw: Any, variants: Mapping[str, Any], baseline: str) -> tuple[tuple[str, str], ...]:
+    """`contrasts: [[variant, reference], ...]`: pairs of distinct variants, neither pair the baseline's own."""
+    if not isinstance(raw, list):
+        raise ConfigError(f"contrasts must be a list of [variant, reference] pairs, got {raw!r}")
+    pairs: list[tuple[str, str]] = []
+    for index, pair in enumerate(raw):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, str) for v in pair)):
+            raise ConfigError(
+                f"contrasts[{index}] must be a [variant, reference] pair of names, got {pair!r}"
+            )
+        unknown = [v for v in pair if v not in variants]
+        if unknown:
+            raise ConfigError(
+                f"contrasts[{index}] names {unknown[0]!r}, not one of the variants {list(variants)}"
+            )
+        variant, reference = pair
+        if variant == reference:
+            raise ConfigError(f"contrasts[{index}] compares {variant!r} with itself")
+        if reference == baseline:
+            raise ConfigError(
+                f"contrasts[{index}]: every variant is already compared with the baseline {baseline!r}"
+            )
+        if (variant, reference) in pairs:
+            raise ConfigError(f"contrasts[{index}] repeats [{variant}, {reference}]")
+        pairs.append((variant, reference))
+    return tuple(pairs)
 
 
 def _overrides(value: Any, where: str) -> list[str]:
@@ -300,6 +334,7 @@ def _parse(raw: Any, path: Path, seeds: int | None, quick: bool, output_dir: Pat
     baseline = str(raw.get("baseline") or next(iter(variants)))
     if baseline not in variants:
         raise ConfigError(f"baseline {baseline!r} is not one of the variants {list(variants)}")
+    contrasts = _contrasts(raw.get("contrasts", []), variants, baseline)
 
     seed_values = seed_list(
         quick_section.get("seeds") if quick and "seeds" in quick_section else raw.get("seeds", 1)
@@ -356,6 +391,7 @@ def _parse(raw: Any, path: Path, seeds: int | None, quick: bool, output_dir: Pat
         runs=tuple(runs),
         quick_overrides=tuple(quick_overrides),
         primary=tuple(primary),
+        contrasts=contrasts,
         allow_unequal_budget=allow_unequal,
     )
 

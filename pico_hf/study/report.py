@@ -627,7 +627,7 @@ VERDICT_HEADER = [
     "variant",
     "metric",
     "at",
-    "baseline mean",
+    "reference mean",
     "variant mean",
     "difference",
     "relative",
@@ -647,10 +647,15 @@ POWER_HEADER = [
 TARGET_HEADER = ["variant", "metric", "target", "steps (tokens) per seed", "speed-up [95% CI]", "reached"]
 
 
-def _verdict_rows(verdicts: Sequence[Verdict]) -> list[list[str]]:
+def _compared(v: Verdict, baseline: str) -> str:
+    """The variant, or `variant vs reference` for a contrast."""
+    return v.variant if v.reference == baseline else f"{v.variant} vs {v.reference}"
+
+
+def _verdict_rows(verdicts: Sequence[Verdict], baseline: str) -> list[list[str]]:
     return [
         [
-            v.variant,
+            _compared(v, baseline),
             v.metric,
             f"step {v.step}" if v.step is not None else f"{v.tokens} tokens",
             _num(v.baseline_mean),
@@ -666,10 +671,10 @@ def _verdict_rows(verdicts: Sequence[Verdict]) -> list[list[str]]:
     ]
 
 
-def _power_rows(verdicts: Sequence[Verdict]) -> list[list[str]]:
+def _power_rows(verdicts: Sequence[Verdict], baseline: str) -> list[list[str]]:
     return [
         [
-            v.variant,
+            _compared(v, baseline),
             v.metric,
             str(v.seeds),
             _num(v.sd),
@@ -886,10 +891,18 @@ def _verdict_explanation(study: StudyConfig, confidence: float) -> str:
         if study.allow_unequal_budget
         else "at the last step"
     )
+    contrasts = (
+        " and of each contrast (`variant vs reference`: "
+        + ", ".join(f"{v} vs {r}" for v, r in study.contrasts)
+        + ")"
+        if study.contrasts
+        else ""
+    )
     return (
-        f"Each primary metric ({', '.join(study.primary)}) of each variant against the baseline {where}: the "
-        f"per-seed difference (variant - baseline, paired by seed), its {confidence:.0%} Student-t interval, "
-        "the paired t-test's p and Holm's adjustment over every variant x primary comparison. "
+        f"Each primary metric ({', '.join(study.primary)}) of each variant against the baseline{contrasts} "
+        f"{where}: the per-seed difference (variant - reference, the baseline unless named, paired by seed), its "
+        f"{confidence:.0%} Student-t interval, the paired t-test's p and Holm's adjustment over every comparison "
+        "x primary metric. "
         "`better`/`worse`: Holm-adjusted p < 0.05 in the metric's known direction (losses and perplexities "
         "lower, accuracies higher); `differs`: p < 0.05 for a metric with no direction; `too few seeds`: "
         f"fewer than {stats.MIN_SEEDS}."
@@ -976,7 +989,7 @@ def write_study_report(
         ("Learning dynamics", "learning dynamics"),
     ]
     notes = headline(study, conclusions)
-    verdict_rows = _verdict_rows(conclusions.verdicts)
+    verdict_rows = _verdict_rows(conclusions.verdicts, study.baseline)
     config_header, config_table = config_rows(study, runs)
 
     md = [f"# Study: {study.name}", ""]
@@ -984,7 +997,12 @@ def write_study_report(
     md += ["", "## Verdicts", "", _verdict_explanation(study, confidence), ""]
     md += [_md_table(VERDICT_HEADER, verdict_rows) if verdict_rows else "No comparison.", ""]
     if conclusions.verdicts:
-        md += ["### Power", "", _md_table(POWER_HEADER, _power_rows(conclusions.verdicts)), ""]
+        md += [
+            "### Power",
+            "",
+            _md_table(POWER_HEADER, _power_rows(conclusions.verdicts, study.baseline)),
+            "",
+        ]
     if conclusions.targets:
         md += [
             "### Steps to the baseline's final value",
@@ -1095,7 +1113,7 @@ def write_study_report(
         else "<p>No comparison.</p>"
     )
     power_html = (
-        "<h3>Power</h3>" + _html_table(POWER_HEADER, _power_rows(conclusions.verdicts))
+        "<h3>Power</h3>" + _html_table(POWER_HEADER, _power_rows(conclusions.verdicts, study.baseline))
         if conclusions.verdicts
         else ""
     )

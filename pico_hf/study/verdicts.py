@@ -1,8 +1,9 @@
 """What a study concludes: a verdict per variant x primary metric, steps-to-target, and the exploratory rest.
 
-A verdict compares a variant with the baseline on one primary metric at the end of training (the last step, or
-with `allow_unequal_budget` the most tokens both trained on, each seed's curve interpolated there): the paired
-t-test over seeds, Holm-adjusted over every variant x primary comparison of the study. `better`/`worse` where
+A verdict compares a variant with the baseline (or, for a pair in the study's `contrasts`, with another
+variant: ReLoRA against full rank on ReLoRA's schedule) on one primary metric at the end of training (the last
+step, or with `allow_unequal_budget` the most tokens both trained on, each seed's curve interpolated there): the
+paired t-test over seeds, Holm-adjusted over every comparison x primary metric of the study. `better`/`worse` where
 the metric's direction is known (losses and perplexities lower, accuracies higher) and the adjusted p is below
 0.05, `differs` where it has none, `no detectable difference` otherwise, `too few seeds` below 3 seeds.
 Every other comparison (other steps, every other quantity) is exploratory: its q-value (Benjamini-Hochberg over
@@ -28,13 +29,14 @@ Curve = dict[float, float]  # x (step or tokens) -> value
 @dataclass
 class Verdict:
     variant: str
+    reference: str  # the baseline, or a contrast's reference variant
     metric: str
     step: int | None  # the step compared (None when compared at equal tokens)
     tokens: int | None  # the tokens every compared run had trained on there
     baseline_mean: float
     variant_mean: float
     difference: float
-    relative: float  # difference / baseline mean
+    relative: float  # difference / reference mean (`baseline_mean`: the reference's)
     ci: list[float]
     p: float
     p_holm: float
@@ -95,18 +97,21 @@ def curves(quantity: Quantity, variant: str, runs: Sequence[RunData], by_tokens:
 def compare_at_end(
     study: StudyConfig, quantities: Sequence[Quantity], runs: Sequence[RunData]
 ) -> tuple[list[Verdict], list[str]]:
-    """A verdict per variant x primary metric; and the primary metrics no run logged."""
+    """A verdict per comparison (each variant against the baseline, then the contrasts) x primary metric; and
+    the primary metrics no run logged."""
     missing, rows = [], []
     by_tokens = study.allow_unequal_budget
+    comparisons = [(v, study.baseline) for v in study.variants if v != study.baseline]
+    comparisons += list(study.contrasts)
     for metric in study.primary:
         quantity = find_quantity(metric, quantities)
         if quantity is None or study.baseline not in quantity.series:
             missing.append(metric)
             continue
-        base = curves(quantity, study.baseline, runs, by_tokens)
-        for variant in study.variants:
-            if variant == study.baseline or variant not in quantity.series:
+        for variant, reference in comparisons:
+            if variant not in quantity.series or reference not in quantity.series:
                 continue
+            base = curves(quantity, reference, runs, by_tokens)
             mine = curves(quantity, variant, runs, by_tokens)
             end = min(max(c) for c in [*base.values(), *mine.values()])  # the last x every run has
             base_values = {seed: stats.interpolate(c, end) for seed, c in base.items()}
@@ -121,6 +126,7 @@ def compare_at_end(
                     test,
                     Verdict(
                         variant=variant,
+                        reference=reference,
                         metric=metric,
                         step=None if by_tokens else int(end),
                         tokens=int(end) if by_tokens else None,
