@@ -306,11 +306,10 @@ def blimp_scorer_throughput(
             for side in sides[shift:] + sides[:shift]:
                 seconds[side].append(run(side))
     median_s = {side: statistics.median(times) for side, times in seconds.items()}
-    docs_per_s = {side: pairs.num_pairs / value for side, value in median_s.items()}
+    docs_per_s = {side: pairs.num_pairs / median_s[side] for side in ["scorer", *lms]}
     fastest = min(lms, key=median_s.__getitem__)
     round_ratios = [ref / ours for ours, ref in zip(seconds["scorer"], seconds[fastest], strict=True)]
     bounds = [ref / floor for floor, ref in zip(seconds["head_floor"], seconds[fastest], strict=True)]
-    del docs_per_s["head_floor"]
     return {
         "model": model_dir,
         "sub_datasets": len(pairs.tasks),

@@ -171,6 +171,32 @@ def load(tmp_path, **changes):
             "variant 'wide': model.max_seq_len=64 changes the training budget",
         ),
         ({"primary": []}, "primary must be a non-empty list of quantity names, got []"),
+        ({"contrasts": {"eps": "baseline"}}, "contrasts must be a list of [variant, reference] pairs"),
+        ({"contrasts": [["eps"]]}, "contrasts[0] must be a [variant, reference] pair of names, got ['eps']"),
+        (
+            {"contrasts": [["eps", "nope"]]},
+            "contrasts[0] names 'nope', not one of the variants ['baseline', 'eps']",
+        ),
+        ({"contrasts": [["eps", "eps"]]}, "contrasts[0] compares 'eps' with itself"),
+        (
+            {
+                "variants": {
+                    "baseline": {},
+                    "eps": {"model.norm_eps": 0.02},
+                    "tiny": {"model.norm_eps": 0.5},
+                },
+                "contrasts": [["eps", "tiny"], ["eps", "tiny"]],
+            },
+            "contrasts[1] repeats [eps, tiny]",
+        ),
+        (
+            {"contrasts": [["eps", "baseline"]]},
+            "contrasts[0]: every variant is already compared with the baseline 'baseline'",
+        ),
+        (
+            {"contrasts": [["baseline", "eps"]]},
+            "contrasts[0]: every variant is already compared with the baseline 'baseline'",
+        ),
         ({"allow_unequal_budget": "yes"}, "allow_unequal_budget must be true or false, got 'yes'"),
         (
             {"evaluation": {"metrics": [], "heldout_every_n_steps": 0}},

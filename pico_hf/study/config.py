@@ -104,9 +104,8 @@ class StudyConfig:
     runs: tuple[RunSpec, ...]
     quick_overrides: tuple[str, ...] = ()
     primary: tuple[str, ...] = DEFAULT_PRIMARY
-    contrasts: tuple[
-        tuple[str, str], ...
-    ] = ()  # (variant, reference) verdicts besides each against the baseline
+    # (variant, reference) pairs judged besides each variant against the baseline
+    contrasts: tuple[tuple[str, str], ...] = ()
     allow_unequal_budget: bool = False
 
     @property
@@ -165,7 +164,7 @@ def _contrasts(raw: Any, variants: Mapping[str, Any], baseline: str) -> tuple[tu
         variant, reference = pair
         if variant == reference:
             raise ConfigError(f"contrasts[{index}] compares {variant!r} with itself")
-        if reference == baseline:
+        if baseline in pair:  # [relora, baseline] or its mirror [baseline, relora]
             raise ConfigError(
                 f"contrasts[{index}]: every variant is already compared with the baseline {baseline!r}"
             )

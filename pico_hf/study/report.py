@@ -1044,6 +1044,7 @@ def write_study_report(
     ]
 
     body_html = []
+    names = {q.name for q in quantities}
     for title, kind in sections:
         members = [q for q in quantities if q.kind == kind]
         if not members:
@@ -1051,7 +1052,6 @@ def write_study_report(
         md += [f"### {title}", ""]
         body_html.append(f"<h3>{html.escape(title)}</h3>")
         shown: set[str] = set()
-        names = {q.name for q in quantities}
         for quantity in members:
             group = plot_group(quantity, names)
             if group in plots and group not in shown:
